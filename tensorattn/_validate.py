@@ -1,0 +1,127 @@
+"""Input checks shared by every public entry point.
+
+Every error names the argument, what was expected and what was given, so that a user never has to
+guess which of five tensors was wrong. Checks that would force a device synchronisation
+(non-finite values) are opt-in via ``check_finite``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+
+def _desc(x: torch.Tensor) -> str:
+    return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
+
+
+def check_tensor(name: str, x, *, ndim: Optional[int] = None, floating: bool = True) -> None:
+    """Type, rank and dtype of one tensor argument."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got {x.dim()} ({_desc(x)})")
+    if floating and not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
+
+
+def check_same(names: Sequence[str], xs: Sequence[torch.Tensor], *, dtype: bool = True) -> None:
+    """All tensors on one device (and of one dtype when ``dtype``)."""
+    d0, t0 = names[0], xs[0]
+    for n, x in zip(names[1:], xs[1:]):
+        if x.device != t0.device:
+            raise ValueError(f"{n} is on device {x.device} but {d0} is on {t0.device}; "
+                             "all inputs must be on one device")
+        if dtype and x.dtype != t0.dtype:
+            raise TypeError(f"{n} has dtype {x.dtype} but {d0} has {t0.dtype}; all inputs must share a dtype")
+
+
+def check_finite(names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
+    """Reject NaN/Inf inputs, which would poison every output row they reach (forces a sync)."""
+    for n, x in zip(names, xs):
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(f"{n} contains {bad} non-finite value(s) (NaN or Inf); expected finite values")
+
+
+def normalize_window(window, seq_len: Optional[int] = None) -> Optional[Tuple[int, int]]:
+    """``None`` | int w | (w1, w2) -> ``None`` | (w1, w2) with w1, w2 >= 1."""
+    if window is None:
+        return None
+    if isinstance(window, bool):
+        raise TypeError(f"window must be None, an int or a pair (w1, w2) of ints, got {window!r}")
+    if isinstance(window, int):
+        window = (window, window)
+    try:
+        w1, w2 = window
+    except (TypeError, ValueError):
+        raise TypeError(f"window must be None, an int or a pair (w1, w2) of ints, got {window!r}") from None
+    for nm, w in (("window[0] (w1)", w1), ("window[1] (w2)", w2)):
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise TypeError(f"{nm} must be an int, got {type(w).__name__} {w!r}")
+        if w < 1:
+            raise ValueError(f"{nm} must be >= 1 (the query's own position is always visible), got {w}")
+    return int(w1), int(w2)
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """Default 1/sqrt(head_dim); an explicit scale must be a finite real number."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a scalar, got a tensor of shape {tuple(scale.shape)}")
+        scale = float(scale)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def check_attn_inputs(q, k1, k2, v1, v2, *, causal: bool = False, window=None, same_dtype: bool = True):
+    """Validate the five [B, T, H, D] inputs of tensor attention.
+
+    Returns ``(B, T, Hq, Hkv, D, Dv, S1, S2, window)`` with the window normalised.
+
+    Rules: q, k1, k2 share the head dim D; v1, v2 share Dv (which may differ from D);
+    k1/v1 share a length S1 and k2/v2 a length S2; K/V share a head count Hkv that divides Hq (GQA);
+    a causal mask or a window needs S1 == S2 == T.
+    """
+    names = ("q", "k1", "k2", "v1", "v2")
+    xs = (q, k1, k2, v1, v2)
+    for n, x in zip(names, xs):
+        check_tensor(n, x, ndim=4)
+    check_same(names, xs, dtype=same_dtype)
+    B, T, Hq, D = q.shape
+    for n, x in zip(names[1:], xs[1:]):
+        if x.shape[0] != B:
+            raise ValueError(f"{n} has batch size {x.shape[0]} but q has {B} (layout [B, T, H, D])")
+    for n, x in (("k1", k1), ("k2", k2)):
+        if x.shape[3] != D:
+            raise ValueError(f"{n} has head dim {x.shape[3]} but q has {D}; q, k1 and k2 must share the last dim")
+    Dv = v1.shape[3]
+    if v2.shape[3] != Dv:
+        raise ValueError(f"v2 has head dim {v2.shape[3]} but v1 has {Dv}; v1 and v2 must share the last dim")
+    Hkv = k1.shape[2]
+    for n, x in (("k2", k2), ("v1", v1), ("v2", v2)):
+        if x.shape[2] != Hkv:
+            raise ValueError(f"{n} has {x.shape[2]} heads but k1 has {Hkv}; k1, k2, v1 and v2 must share a head count")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"the number of query heads ({Hq}, q.shape[2]) must be a multiple of the number of "
+                         f"key/value heads ({Hkv}, k1.shape[2]) for grouped-query attention")
+    S1, S2 = k1.shape[1], k2.shape[1]
+    if v1.shape[1] != S1:
+        raise ValueError(f"v1 has length {v1.shape[1]} but k1 has {S1}; k1 and v1 must have one length")
+    if v2.shape[1] != S2:
+        raise ValueError(f"v2 has length {v2.shape[1]} but k2 has {S2}; k2 and v2 must have one length")
+    if S1 == 0 or S2 == 0:
+        raise ValueError(f"k1 and k2 must have at least one position, got lengths {S1} and {S2}")
+    win = normalize_window(window)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if (causal or win is not None) and not (S1 == T and S2 == T):
+        raise ValueError(f"causal masking and windows need k1/v1 and k2/v2 as long as q: got T={T}, "
+                         f"len(k1)={S1}, len(k2)={S2}")
+    return B, T, Hq, Hkv, D, Dv, S1, S2, win
