@@ -1,0 +1,157 @@
+"""The one benchmark harness: timing (warm-up, median and spread), peak memory, machine info and reports.
+
+Rules (STYLE.md): warm up before timing; report the median and the spread; an out-of-memory error
+becomes NaN in the table, never a crash; every report carries the device and the versions; timings
+are only compared within one run on one device. Reports are JSON plus a markdown table, written
+atomically.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ._io import atomic_write_json, atomic_write_text
+
+
+def machine_info(device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """Device name and library versions, stored in every report."""
+    info: Dict[str, Any] = {
+        "time_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton  # noqa: F401
+
+        info["triton"] = triton.__version__
+    except Exception:  # pragma: no cover - triton is optional
+        info["triton"] = None
+    dev = torch.device(device) if device is not None else None
+    if (dev is None or dev.type == "cuda") and torch.cuda.is_available():
+        idx = dev.index if dev is not None and dev.index is not None else torch.cuda.current_device()
+        p = torch.cuda.get_device_properties(idx)
+        info.update(device=torch.cuda.get_device_name(idx), device_type="cuda", cuda=torch.version.cuda,
+                    sm_count=p.multi_processor_count, gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                    capability=f"{p.major}.{p.minor}")
+    else:
+        info.update(device=f"CPU ({info['cpu']}, {torch.get_num_threads()} threads)", device_type="cpu")
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], Any], *, device="cpu", warmup: int = 3, rep: int = 10,
+            min_time_s: float = 0.0, max_time_s: float = 30.0) -> Dict[str, float]:
+    """Median and spread of ``fn()`` in milliseconds after ``warmup`` calls.
+
+    On CUDA it times with events around each call (device time); on the CPU with ``perf_counter``.
+    Repeats ``rep`` times, or fewer if ``max_time_s`` runs out, and at least until ``min_time_s``.
+    """
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: List[float] = []
+    t_start = time.perf_counter()
+    while True:
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        spent = time.perf_counter() - t_start
+        if (len(times) >= rep and spent >= min_time_s) or spent >= max_time_s:
+            break
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * (len(times) - 1) + 0.5))]  # noqa: E731
+    return {"ms": statistics.median(times), "ms_p20": q(0.2), "ms_p80": q(0.8), "ms_min": times[0], "reps": len(times)}
+
+
+def peak_memory(fn: Callable[[], Any], *, device="cpu") -> float:
+    """Peak bytes allocated during one ``fn()`` beyond what was allocated before (CUDA), in GiB.
+
+    On the CPU it reports the growth of the process's peak resident set (coarse; NaN if unavailable).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    try:
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fn()
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return (after - before) / 2**20  # ru_maxrss is KiB on Linux
+    except Exception:  # pragma: no cover
+        return float("nan")
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def guarded(fn: Callable[[], Dict[str, Any]], device="cpu") -> Dict[str, Any]:
+    """Run one measurement; an out-of-memory error becomes ``{"oom": True}`` with NaN figures."""
+    try:
+        return fn()
+    except (RuntimeError, MemoryError) as e:
+        if not is_oom(e) and not isinstance(e, MemoryError):
+            raise
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        return {"oom": True, "ms": float("nan")}
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "NaN"
+        if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+            return f"{x:.{digits - 1}e}"
+        return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:,.{max(0, digits - len(str(int(abs(x)))))}f}"
+    return str(x)
+
+
+def markdown_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> str:
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    body = "".join("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |\n" for r in rows)
+    return head + body
+
+
+def write_report(stem, *, title: str, rows: Sequence[Dict[str, Any]], columns: Sequence[str],
+                 meta: Dict[str, Any], notes: str = "") -> Dict[str, str]:
+    """Write ``stem.json`` (meta + rows) and ``stem.md`` (device, versions, command, table) atomically."""
+    stem = str(stem)
+    atomic_write_json(stem + ".json", {"meta": meta, "rows": list(rows)})
+    lines = [f"# {title}", ""]
+    for key in ("device", "command", "time_utc", "torch", "triton", "cuda", "python"):
+        if meta.get(key) is not None:
+            lines.append(f"- {key}: `{meta[key]}`" if key == "command" else f"- {key}: {meta[key]}")
+    lines += ["", markdown_table(rows, columns)]
+    if notes:
+        lines += ["", notes.strip(), ""]
+    atomic_write_text(stem + ".md", "\n".join(lines))
+    return {"json": stem + ".json", "md": stem + ".md"}
