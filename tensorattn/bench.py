@@ -1,0 +1,23 @@
+"""``tensorattn bench <suite> [options]``: benchmarks of the attention ops through the one harness
+(:mod:`tensorattn._bench`). Suites: ``exact`` (tensor_attn kernels), ``poly`` (poly_tensor_attn).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import List, Optional
+
+SUITES = {
+    "exact": ("tensorattn.bench_exact", "exact tensor attention: forward/backward time, TFLOP/s, memory"),
+    "poly": ("tensorattn.bench_poly", "polynomial (fast) tensor attention against exact and matrix baselines"),
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUITES:
+        print("usage: tensorattn bench <suite> [options]\n\nsuites:")
+        for k, (_, h) in SUITES.items():
+            print(f"  {k:<6} {h}")
+        return 0 if (not argv or argv[0] in ("-h", "--help")) else 2
+    return int(importlib.import_module(SUITES[argv[0]][0]).main(argv[1:]) or 0)

@@ -1,0 +1,53 @@
+"""Backend choice, shared by every op (after xformers' ``fmha/dispatch.py``).
+
+A backend declares what it supports through ``not_supported_reasons(**problem)``, which returns a list of
+human-readable strings (empty = supported). ``choose`` returns the first backend, in priority order,
+that supports a problem; a forced choice that does not fit, or a problem no backend fits, raises a
+``ValueError`` that lists every backend's reasons.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Dict, List, Sequence
+
+
+class Backend:
+    """Base class: subclasses set ``name`` and override ``not_supported_reasons``."""
+
+    name: str = "?"
+
+    def not_supported_reasons(self, **problem: Any) -> List[str]:  # pragma: no cover - interface
+        return []
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name}>"
+
+
+def triton_available() -> bool:
+    """Triton is importable and can run: on a CUDA device, or on the CPU under TRITON_INTERPRET=1."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def choose(backends: Sequence[Backend], requested: str, problem: Dict[str, Any], *, op: str) -> Backend:
+    """Pick a backend. ``requested`` is ``"auto"`` or a backend's name."""
+    by_name = {b.name: b for b in backends}
+    if requested != "auto":
+        if requested not in by_name:
+            raise ValueError(f"backend must be 'auto' or one of {sorted(by_name)} for {op}, got {requested!r}")
+        reasons = by_name[requested].not_supported_reasons(**problem)
+        if reasons:
+            raise ValueError(f"backend {requested!r} cannot run this {op} call: " + "; ".join(reasons))
+        return by_name[requested]
+    all_reasons = {}
+    for b in backends:
+        reasons = b.not_supported_reasons(**problem)
+        if not reasons:
+            return b
+        all_reasons[b.name] = reasons
+    detail = "\n".join(f"  {n}: " + "; ".join(r) for n, r in all_reasons.items())
+    raise ValueError(f"no backend can run this {op} call:\n{detail}")
