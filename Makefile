@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test` (the whole test suite).
+# Both create .venv and install tensorattn into it first. On a machine without an NVIDIA GPU, torch is pinned
+# to the CPU build (torch==2.13.0), so no multi-GB CUDA build is ever pulled there.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+OUT ?= reports/quick
+
+.PHONY: demo test check venv clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	@if nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing torch with CUDA"; $(PY) -m pip install -q 'torch>=2.4'; \
+	else \
+		echo "no NVIDIA GPU: installing the CPU build torch==2.13.0"; $(PY) -m pip install -q torch==2.13.0; \
+	fi
+	$(PY) -m pip install -q -e '.[test,plots,data]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/tensorattn check
+
+check: demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
