@@ -1,0 +1,179 @@
+"""Exact tensor attention as an autograd op, with three backends.
+
+``tensor_attn`` computes exactly what :func:`tensorattn.naive.naive_tensor_attn` defines (one joint softmax
+over the visible key pairs ``(j1, j2)`` of each query, trilinear scores, output ``sum p * v1 * v2``; causal
+masks, 2-D sliding windows and grouped-query attention), and differentiates it with respect to all five
+inputs.
+
+Backends (after xformers: each declares what it supports and says why not):
+
+* ``triton``: fused Triton forward and backward kernels (:mod:`tensorattn.triton.exact_fwd`,
+  :mod:`tensorattn.triton.exact_bwd`); CUDA, or the CPU under ``TRITON_INTERPRET=1``.
+* ``torch``: streaming pure PyTorch (:func:`tensorattn.exact_torch.torch_fwd`), any device;
+  memory ``O(T * D)`` per head beyond the inputs.
+* ``naive``: the reference forward plus the closed-form backward; only when asked for by name.
+
+``backend="auto"`` takes the first of ``triton``, ``torch`` that supports the call. Every path
+accumulates in float32 (float64 for float64 inputs) and returns the input dtype. The log-sum-exp that
+the forward saves for the backward is in natural log, ``[B, Hq, T]``, float32 (float64 for float64).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import exact_torch
+from ._validate import check_attn_inputs, check_scale
+from .dispatch import Backend, choose, triton_available, triton_interpret
+
+__all__ = ["tensor_attn", "TensorAttnFunction", "BACKENDS", "AUTO_BACKENDS", "choose_backend"]
+
+
+class NaiveBackend(Backend):
+    """Reference forward (:func:`naive_tensor_attn`) and closed-form backward; any device, any float dtype."""
+
+    name = "naive"
+
+    def not_supported_reasons(self, **problem: Any) -> List[str]:
+        return []
+
+    def fwd(self, q, k1, k2, v1, v2, *, scale, causal, window):
+        return exact_torch.naive_fwd(q, k1, k2, v1, v2, scale=scale, causal=causal, window=window)
+
+    def bwd(self, do, q, k1, k2, v1, v2, o, lse, *, scale, causal, window):
+        return exact_torch.naive_bwd(do, q, k1, k2, v1, v2, o, lse, scale=scale, causal=causal, window=window)
+
+
+class TorchBackend(Backend):
+    """Streaming pure-PyTorch forward and backward; any device, any float dtype."""
+
+    name = "torch"
+
+    def not_supported_reasons(self, **problem: Any) -> List[str]:
+        return []
+
+    def fwd(self, q, k1, k2, v1, v2, *, scale, causal, window):
+        return exact_torch.torch_fwd(q, k1, k2, v1, v2, scale=scale, causal=causal, window=window)
+
+    def bwd(self, do, q, k1, k2, v1, v2, o, lse, *, scale, causal, window):
+        return exact_torch.torch_bwd(do, q, k1, k2, v1, v2, o, lse, scale=scale, causal=causal, window=window)
+
+
+class TritonBackend(Backend):
+    """Fused Triton kernels: float32/bfloat16/float16, head dims up to 128, CUDA (or TRITON_INTERPRET=1 on CPU)."""
+
+    name = "triton"
+    DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+    MAX_HEAD_DIM = 128
+
+    def not_supported_reasons(self, *, device: torch.device, dtype: torch.dtype, head_dim: int, head_dim_v: int,
+                              **problem: Any) -> List[str]:
+        reasons = []
+        if not triton_available():
+            reasons.append("triton is not installed")
+        if device.type == "cuda":
+            pass
+        elif device.type == "cpu":
+            if not triton_interpret():
+                reasons.append("inputs are on the CPU and TRITON_INTERPRET=1 is not set (the kernels need CUDA)")
+        else:
+            reasons.append(f"device type {device.type!r} is not supported (needs cuda)")
+        if dtype not in self.DTYPES:
+            reasons.append(f"dtype {dtype} is not supported (float32, bfloat16, float16)")
+        if max(head_dim, head_dim_v) > self.MAX_HEAD_DIM:
+            reasons.append(f"head dims ({head_dim}, {head_dim_v}) exceed {self.MAX_HEAD_DIM}")
+        return reasons
+
+    @staticmethod
+    def _mods():
+        return (importlib.import_module("tensorattn.triton.exact_fwd"),
+                importlib.import_module("tensorattn.triton.exact_bwd"))
+
+    def fwd(self, q, k1, k2, v1, v2, *, scale, causal, window):
+        return self._mods()[0].exact_fwd(q, k1, k2, v1, v2, scale=scale, causal=causal, window=window)
+
+    def bwd(self, do, q, k1, k2, v1, v2, o, lse, *, scale, causal, window):
+        return self._mods()[1].exact_bwd(do, q, k1, k2, v1, v2, o, lse, scale=scale, causal=causal, window=window)
+
+
+BACKENDS: Dict[str, Backend] = {b.name: b for b in (TritonBackend(), TorchBackend(), NaiveBackend())}
+AUTO_BACKENDS = ("triton", "torch")
+
+
+def choose_backend(requested: str, problem: Dict[str, Any]) -> Backend:
+    """The backend for ``problem`` (a dict with device, dtype, head_dim, head_dim_v, ...).
+
+    ``"auto"`` tries :data:`AUTO_BACKENDS` in order; a name forces that backend and raises a
+    ``ValueError`` with its reasons if it cannot run the call.
+    """
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be a str ('auto', 'triton', 'torch' or 'naive'), got {type(requested).__name__}")
+    pool = [BACKENDS[n] for n in AUTO_BACKENDS] if requested == "auto" else list(BACKENDS.values())
+    return choose(pool, requested, problem, op="tensor_attn")
+
+
+class TensorAttnFunction(torch.autograd.Function):
+    """Autograd wrapper: saves the inputs, the output and the natural-log LSE; the backward recomputes P."""
+
+    @staticmethod
+    def forward(ctx, q, k1, k2, v1, v2, scale: float, causal: bool, window, backend: Backend):
+        o, lse = backend.fwd(q, k1, k2, v1, v2, scale=scale, causal=causal, window=window)
+        ctx.save_for_backward(q, k1, k2, v1, v2, o, lse)
+        ctx.scale, ctx.causal, ctx.window, ctx.backend = scale, causal, window, backend
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k1, k2, v1, v2, o, lse = ctx.saved_tensors
+        grads = ctx.backend.bwd(do.contiguous(), q, k1, k2, v1, v2, o, lse, scale=ctx.scale, causal=ctx.causal,
+                                window=ctx.window)
+        return (*grads, None, None, None, None)
+
+
+def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, *,
+                scale: Optional[float] = None, causal: bool = False, window=None, backend: str = "auto") -> torch.Tensor:
+    """Exact tensor (2-simplicial) attention with autograd.
+
+    For each query ``i`` and visible key pair ``(j1, j2)``::
+
+        s[i, j1, j2] = scale * sum_d q[i, d] * k1[j1, d] * k2[j2, d]
+        o[i]         = sum_{j1, j2} softmax_{(j1, j2)}(s[i])[j1, j2] * v1[j1] * v2[j2]
+
+    Visibility: everything without a mask; ``causal``: ``j1 <= i`` and ``j2 <= i``; ``window=(w1, w2)``:
+    ``i - w1 < j1 <= i`` and ``i - w2 < j2 <= i`` (implies causal; an int ``w`` means ``(w, w)``).
+    Query head ``h`` reads key/value head ``h // (Hq // Hkv)``. Identical to
+    :func:`tensorattn.naive_tensor_attn`, which is the reference.
+
+    Args:
+        q: ``[B, T, Hq, D]`` queries.
+        k1, v1: ``[B, S1, Hkv, D]`` and ``[B, S1, Hkv, Dv]``.
+        k2, v2: ``[B, S2, Hkv, D]`` and ``[B, S2, Hkv, Dv]``. ``S1 == S2 == T`` with a mask; ``Hq % Hkv == 0``.
+        scale: multiplies the trilinear score; default ``1 / sqrt(D)``.
+        causal: causal mask on both key streams.
+        window: ``None``, ``w`` or ``(w1, w2)`` with ``w1, w2 >= 1``.
+        backend: ``"auto"`` (triton on CUDA, else torch), ``"triton"``, ``"torch"`` or ``"naive"``.
+
+    Returns:
+        ``o``: ``[B, T, Hq, Dv]`` in the input dtype (accumulated in float32; float64 for float64 inputs).
+
+    Raises:
+        TypeError, ValueError: bad inputs (naming the argument), or a forced backend that cannot run the
+            call (the message lists its reasons).
+
+    Examples:
+        >>> q = k1 = k2 = v1 = v2 = torch.randn(1, 16, 2, 8)
+        >>> tensor_attn(q, k1, k2, v1, v2, window=(4, 2)).shape
+        torch.Size([1, 16, 2, 8])
+    """
+    B, T, Hq, Hkv, D, Dv, S1, S2, win = check_attn_inputs(q, k1, k2, v1, v2, causal=causal, window=window)
+    scale = check_scale(scale, D)
+    if win is not None:
+        # a window at least as long as the sequence is the causal mask; the fused kernels take the causal path
+        win = None if (win[0] >= T and win[1] >= T) else win
+        causal = True
+    problem = dict(device=q.device, dtype=q.dtype, head_dim=D, head_dim_v=Dv, seq_len=T, seq_len_k1=S1,
+                   seq_len_k2=S2, heads_q=Hq, heads_kv=Hkv, causal=causal, window=win)
+    be = choose_backend(backend, problem)
+    return TensorAttnFunction.apply(q, k1, k2, v1, v2, scale, causal, win, be)

@@ -1,0 +1,238 @@
+"""Exact tensor attention in pure PyTorch: a streaming forward/backward and the naive closed-form backward.
+
+Both follow :mod:`tensorattn.naive` (scores ``scale * <q_i, k1_j1 * k2_j2>``, one joint softmax over the
+visible pairs, output ``sum p * v1_j1 * v2_j2``). Nothing here imports Triton.
+
+Streaming (``torch_fwd`` / ``torch_bwd``): queries are processed in blocks; for each block the visible key
+ranges (the whole sequence, the causal prefix, or the two windows) are cut into chunks ``c1 x c2`` and an
+online softmax runs over the chunks. The backward recomputes the probabilities from the saved natural-log
+log-sum-exp. Memory beyond the inputs is the outputs/gradients (``O(T * D)`` per head) plus one chunk of
+``[B, Hq, bq, c1, c2]`` scores, bounded by ``block_elems``; there is no buffer of ``T^2`` or ``T^3`` entries.
+
+Closed-form backward (``naive_bwd``): with ``P`` the probabilities, ``dP[i,j1,j2] = <dO_i, v1_j1 * v2_j2>``
+and ``Delta_i = <dO_i, O_i>``, the score gradient is ``dS = P * (dP - Delta)``; then
+
+    dq_i   = scale * sum_{j1,j2} dS * k1_j1 * k2_j2       dv1_j1 = sum_{i,j2} P * dO_i * v2_j2
+    dk1_j1 = scale * sum_{i,j2}  dS * q_i  * k2_j2        dv2_j2 = sum_{i,j1} P * dO_i * v1_j1
+    dk2_j2 = scale * sum_{i,j1}  dS * q_i  * k1_j1
+
+computed by einsum over the full ``[S1, S2]`` score matrix of a block of queries.
+
+All paths accumulate in float32 (float64 for float64 inputs) and return tensors in the input dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .naive import acc_dtype, naive_tensor_attn, visibility_mask
+
+__all__ = ["torch_fwd", "torch_bwd", "naive_fwd", "naive_bwd", "key_range"]
+
+# Score entries of one chunk [B, Hq, bq, c1, c2] (4M floats = 16 MiB in float32).
+_BLOCK_ELEMS = 1 << 22
+
+
+def key_range(t0: int, t1: int, s: int, *, causal: bool, w: Optional[int]) -> Tuple[int, int]:
+    """Key positions ``[lo, hi)`` visible from at least one query in ``[t0, t1)`` for one key stream."""
+    if w is not None:
+        return max(0, t0 - w + 1), min(s, t1)
+    if causal:
+        return 0, min(s, t1)
+    return 0, s
+
+
+def _heads(q, k1, k2, v1, v2):
+    """[B, T, H, D] -> [B, Hkv, G, T, D] for q and [B, Hkv, 1, S, D] for K/V (views, no copies of K/V)."""
+    B, T, Hq, D = q.shape
+    Hkv = k1.shape[2]
+    G = Hq // Hkv
+    acc = acc_dtype(q.dtype)
+    qh = q.to(acc).view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
+    kv = [x.to(acc).transpose(1, 2).unsqueeze(2) for x in (k1, k2, v1, v2)]  # [B, Hkv, 1, S, D]
+    return (qh, *kv)
+
+
+def _chunks(B: int, Hq: int, bq: int, n1: int, n2: int, block_elems: int) -> Tuple[int, int]:
+    """Chunk sizes (c1, c2) so that one [B, Hq, bq, c1, c2] score chunk holds at most ``block_elems``."""
+    per_row = max(1, block_elems // max(1, B * Hq * bq))
+    c2 = max(1, min(n2, per_row))
+    c1 = max(1, min(n1, per_row // c2))
+    return c1, c2
+
+
+def _mask(t0, t1, lo1, hi1, lo2, hi2, *, causal, window, device):
+    """Visibility of the chunk [t0:t1] x [lo1:hi1] x [lo2:hi2], or None when everything is visible."""
+    if not causal and window is None:
+        return None
+    i = torch.arange(t0, t1, device=device)
+    j1 = torch.arange(lo1, hi1, device=device)
+    j2 = torch.arange(lo2, hi2, device=device)
+    m1 = j1[None, :] <= i[:, None]
+    m2 = j2[None, :] <= i[:, None]
+    if window is not None:
+        m1 = m1 & (j1[None, :] > i[:, None] - window[0])
+        m2 = m2 & (j2[None, :] > i[:, None] - window[1])
+    return m1[:, :, None] & m2[:, None, :]  # [bq, c1, c2]
+
+
+def torch_fwd(q, k1, k2, v1, v2, *, scale: float, causal: bool, window, block_q: int = 64,
+              block_elems: int = _BLOCK_ELEMS):
+    """Streaming forward. Inputs are validated ``[B, T, H, D]`` tensors; ``window`` is ``None`` or ``(w1, w2)``.
+
+    Returns ``(o [B, T, Hq, Dv] in the input dtype, lse [B, Hq, T] natural log, accumulation dtype)``.
+    """
+    B, T, Hq, D = q.shape
+    S1, S2, Hkv, Dv = k1.shape[1], k2.shape[1], k1.shape[2], v1.shape[3]
+    G = Hq // Hkv
+    causal = causal or window is not None
+    w1, w2 = window if window is not None else (None, None)
+    qh, k1h, k2h, v1h, v2h = _heads(q, k1, k2, v1, v2)
+    acc = qh.dtype
+    out = torch.empty(B, Hkv, G, T, Dv, dtype=acc, device=q.device)
+    lse = torch.empty(B, Hkv, G, T, dtype=acc, device=q.device)
+    for t0 in range(0, T, block_q):
+        t1 = min(T, t0 + block_q)
+        bq = t1 - t0
+        lo1, hi1 = key_range(t0, t1, S1, causal=causal, w=w1)
+        lo2, hi2 = key_range(t0, t1, S2, causal=causal, w=w2)
+        c1, c2 = _chunks(B, Hq, bq, hi1 - lo1, hi2 - lo2, block_elems)
+        qb = qh[:, :, :, t0:t1]  # [B, Hkv, G, bq, D]
+        m = torch.full((B, Hkv, G, bq), float("-inf"), dtype=acc, device=q.device)
+        l = torch.zeros(B, Hkv, G, bq, dtype=acc, device=q.device)
+        o = torch.zeros(B, Hkv, G, bq, Dv, dtype=acc, device=q.device)
+        for a0 in range(lo1, hi1, c1):
+            a1 = min(hi1, a0 + c1)
+            qk1 = qb[:, :, :, :, None, :] * k1h[:, :, :, None, a0:a1, :]  # [B, Hkv, G, bq, n1, D]
+            for b0 in range(lo2, hi2, c2):
+                b1 = min(hi2, b0 + c2)
+                vis = _mask(t0, t1, a0, a1, b0, b1, causal=causal, window=window, device=q.device)
+                if vis is not None and not bool(vis.any()):
+                    continue
+                s = torch.matmul(qk1, k2h[:, :, :, None, b0:b1, :].transpose(-1, -2)) * scale  # [.., bq, n1, n2]
+                if vis is not None:
+                    s = s.masked_fill(~vis, float("-inf"))
+                m_new = torch.maximum(m, s.amax(dim=(-1, -2)))
+                m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+                p = torch.exp(s - m_safe[..., None, None])  # masked entries -> exp(-inf) = 0
+                alpha = torch.exp(m - m_safe)
+                l = l * alpha + p.sum(dim=(-1, -2))
+                pv2 = torch.matmul(p, v2h[:, :, :, None, b0:b1, :])  # [B, Hkv, G, bq, n1, Dv]
+                o = o * alpha[..., None] + (pv2 * v1h[:, :, :, None, a0:a1, :]).sum(-2)
+                m = m_new
+        out[:, :, :, t0:t1] = o / l[..., None]
+        lse[:, :, :, t0:t1] = m + torch.log(l)
+    o = out.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, Dv).to(q.dtype)
+    return o, lse.reshape(B, Hq, T)
+
+
+def torch_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, window, block_q: int = 64,
+              block_elems: int = _BLOCK_ELEMS):
+    """Streaming backward: recompute ``P = exp(s - lse)`` chunk by chunk (``lse`` natural log, ``[B, Hq, T]``).
+
+    Returns ``(dq, dk1, dk2, dv1, dv2)`` in the input dtype.
+    """
+    B, T, Hq, D = q.shape
+    S1, S2, Hkv, Dv = k1.shape[1], k2.shape[1], k1.shape[2], v1.shape[3]
+    G = Hq // Hkv
+    causal = causal or window is not None
+    w1, w2 = window if window is not None else (None, None)
+    qh, k1h, k2h, v1h, v2h = _heads(q, k1, k2, v1, v2)
+    acc = qh.dtype
+    doh = do.to(acc).view(B, T, Hkv, G, Dv).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dv]
+    oh = o.to(acc).view(B, T, Hkv, G, Dv).permute(0, 2, 3, 1, 4)
+    delta = (doh * oh).sum(-1)  # [B, Hkv, G, T]
+    lse = lse.to(acc).view(B, Hkv, G, T)
+    dq = torch.zeros(B, Hkv, G, T, D, dtype=acc, device=q.device)
+    dk1 = torch.zeros(B, Hkv, 1, S1, D, dtype=acc, device=q.device)
+    dk2 = torch.zeros(B, Hkv, 1, S2, D, dtype=acc, device=q.device)
+    dv1 = torch.zeros(B, Hkv, 1, S1, Dv, dtype=acc, device=q.device)
+    dv2 = torch.zeros(B, Hkv, 1, S2, Dv, dtype=acc, device=q.device)
+    for t0 in range(0, T, block_q):
+        t1 = min(T, t0 + block_q)
+        bq = t1 - t0
+        lo1, hi1 = key_range(t0, t1, S1, causal=causal, w=w1)
+        lo2, hi2 = key_range(t0, t1, S2, causal=causal, w=w2)
+        c1, c2 = _chunks(B, Hq, bq, hi1 - lo1, hi2 - lo2, block_elems)
+        qb, dob = qh[:, :, :, t0:t1], doh[:, :, :, t0:t1]  # [B, Hkv, G, bq, D|Dv]
+        lb, db = lse[:, :, :, t0:t1, None, None], delta[:, :, :, t0:t1, None, None]
+        for a0 in range(lo1, hi1, c1):
+            a1 = min(hi1, a0 + c1)
+            k1c, v1c = k1h[:, :, :, None, a0:a1], v1h[:, :, :, None, a0:a1]  # [B, Hkv, 1, 1, n1, D]
+            qk1 = qb[:, :, :, :, None, :] * k1c  # [B, Hkv, G, bq, n1, D]
+            dov1 = dob[:, :, :, :, None, :] * v1c  # [B, Hkv, G, bq, n1, Dv]
+            for b0 in range(lo2, hi2, c2):
+                b1 = min(hi2, b0 + c2)
+                vis = _mask(t0, t1, a0, a1, b0, b1, causal=causal, window=window, device=q.device)
+                if vis is not None and not bool(vis.any()):
+                    continue
+                k2c, v2c = k2h[:, :, :, None, b0:b1], v2h[:, :, :, None, b0:b1]  # [B, Hkv, 1, 1, n2, D]
+                s = torch.matmul(qk1, k2c.transpose(-1, -2)) * scale  # [B, Hkv, G, bq, n1, n2]
+                if vis is not None:
+                    s = s.masked_fill(~vis, float("-inf"))
+                p = torch.exp(s - lb)
+                dp = torch.matmul(dov1, v2c.transpose(-1, -2))
+                ds = p * (dp - db) * scale
+                t = torch.matmul(ds, k2c)  # [B, Hkv, G, bq, n1, D]: sum_j2 dS k2
+                u = torch.matmul(p, v2c)  # [B, Hkv, G, bq, n1, Dv]: sum_j2 P v2
+                dq[:, :, :, t0:t1] += (t * k1c).sum(-2)
+                dk1[:, :, :, a0:a1] += (t * qb[:, :, :, :, None, :]).sum(dim=(2, 3)).unsqueeze(2)
+                dv1[:, :, :, a0:a1] += (u * dob[:, :, :, :, None, :]).sum(dim=(2, 3)).unsqueeze(2)
+                n1, n2 = a1 - a0, b1 - b0
+                ds_f = ds.reshape(B, Hkv, G * bq * n1, n2)
+                p_f = p.reshape(B, Hkv, G * bq * n1, n2)
+                dk2[:, :, 0, b0:b1] += torch.matmul(ds_f.transpose(-1, -2), qk1.reshape(B, Hkv, G * bq * n1, D))
+                dv2[:, :, 0, b0:b1] += torch.matmul(p_f.transpose(-1, -2), dov1.reshape(B, Hkv, G * bq * n1, Dv))
+    dq = dq.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D).to(q.dtype)
+    back = lambda x, ref: x[:, :, 0].transpose(1, 2).to(ref.dtype)  # noqa: E731  [B, S, Hkv, D]
+    return dq, back(dk1, k1), back(dk2, k2), back(dv1, v1), back(dv2, v2)
+
+
+def naive_fwd(q, k1, k2, v1, v2, *, scale: float, causal: bool, window):
+    """The reference forward (:func:`naive_tensor_attn`); returns ``(o, lse)`` with ``lse`` natural log."""
+    return naive_tensor_attn(q, k1, k2, v1, v2, scale=scale, causal=causal, window=window, return_lse=True)
+
+
+def naive_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, window, block_elems: int = _BLOCK_ELEMS):
+    """Closed-form backward over the full ``[S1, S2]`` score matrix of each block of queries (einsum).
+
+    ``dS = P * (dP - rowsum(dO * O))`` with ``P`` recomputed from the natural-log ``lse`` ``[B, Hq, T]``.
+    Returns ``(dq, dk1, dk2, dv1, dv2)`` in the input dtype; accumulates in float32 (float64 for float64).
+    """
+    B, T, Hq, D = q.shape
+    S1, S2, Hkv = k1.shape[1], k2.shape[1], k1.shape[2]
+    G = Hq // Hkv
+    acc = acc_dtype(q.dtype)
+    expand = lambda x: x.to(acc).transpose(1, 2).repeat_interleave(G, dim=1)  # noqa: E731  [B, Hq, S, D]
+    qh, doh, oh = q.to(acc).transpose(1, 2), do.to(acc).transpose(1, 2), o.to(acc).transpose(1, 2)
+    k1h, k2h, v1h, v2h = expand(k1), expand(k2), expand(v1), expand(v2)
+    lse = lse.to(acc)
+    delta = (doh * oh).sum(-1)  # [B, Hq, T]
+    masked = causal or window is not None
+    dq = torch.zeros_like(qh)
+    dk1, dk2 = torch.zeros_like(k1h), torch.zeros_like(k2h)
+    dv1, dv2 = torch.zeros_like(v1h), torch.zeros_like(v2h)
+    bq = max(1, min(T, block_elems // max(1, B * Hq * S1 * S2)))
+    for t0 in range(0, T, bq):
+        t1 = min(T, t0 + bq)
+        qb, dob = qh[:, :, t0:t1], doh[:, :, t0:t1]
+        s = torch.einsum("bhid,bhjd,bhkd->bhijk", qb, k1h, k2h) * scale
+        if masked:
+            vis = visibility_mask(torch.arange(t0, t1, device=q.device), S1, S2, causal=causal, window=window)
+            s = s.masked_fill(~vis, float("-inf"))
+        p = torch.exp(s - lse[:, :, t0:t1, None, None])  # [B, Hq, bq, S1, S2]
+        dp = torch.einsum("bhie,bhje,bhke->bhijk", dob, v1h, v2h)
+        ds = p * (dp - delta[:, :, t0:t1, None, None])
+        dq[:, :, t0:t1] = scale * torch.einsum("bhijk,bhjd,bhkd->bhid", ds, k1h, k2h)
+        dk1 += scale * torch.einsum("bhijk,bhid,bhkd->bhjd", ds, qb, k2h)
+        dk2 += scale * torch.einsum("bhijk,bhid,bhjd->bhkd", ds, qb, k1h)
+        dv1 += torch.einsum("bhijk,bhie,bhke->bhje", p, dob, v2h)
+        dv2 += torch.einsum("bhijk,bhie,bhje->bhke", p, dob, v1h)
+
+    def back(x, ref):  # [B, Hq, S, D] -> sum over each kv head's group -> [B, S, Hkv, D]
+        x = x.view(B, Hkv, G, x.shape[2], x.shape[3]).sum(2)
+        return x.transpose(1, 2).to(ref.dtype)
+
+    return dq.transpose(1, 2).to(q.dtype), back(dk1, k1), back(dk2, k2), back(dv1, v1), back(dv2, v2)
+
