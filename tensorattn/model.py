@@ -1,0 +1,226 @@
+"""Small models built from the attention layers (nanoGPT-like, one file).
+
+* :class:`Transformer`: a stack of pre-LayerNorm blocks whose attention is chosen per layer by a
+  pattern string (``S`` softmax, ``T`` exact tensor, ``P`` polynomial/fast tensor), e.g. ``"SSST"``
+  repeated. Causal, it is a character language model; non-causal with per-token outputs, it is the
+  Match3 classifier.
+* :class:`MultiViewClassifier`: several feature views of one object, each cut into tokens; views are
+  mixed by cross-view tensor attention, by matrix cross-attention, or (baseline) not at all: the raw
+  features are concatenated into an MLP.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .layers import PolyTensorAttention, SoftmaxAttention, TensorAttention, _init_like_gpt
+
+__all__ = ["Transformer", "MultiViewClassifier", "parse_pattern"]
+
+_LETTERS = {"S": "softmax", "T": "exact tensor", "P": "fast (polynomial) tensor"}
+
+
+def parse_pattern(pattern: str, n_layer: int) -> str:
+    """Expand ``pattern`` (letters S, T, P) by repetition to ``n_layer`` letters.
+
+    ``n_layer`` must be a multiple of ``len(pattern)``: ``("SSST", 8) -> "SSSTSSST"``.
+    """
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"pattern must be a non-empty string of the letters {sorted(_LETTERS)}, got {pattern!r}")
+    bad = sorted(set(pattern) - set(_LETTERS))
+    if bad:
+        raise ValueError(f"pattern {pattern!r} has unknown letter(s) {bad}; expected letters from "
+                         + ", ".join(f"{k} ({v})" for k, v in _LETTERS.items()))
+    if isinstance(n_layer, bool) or not isinstance(n_layer, int) or n_layer < 1 or n_layer % len(pattern):
+        raise ValueError(f"n_layer must be a positive multiple of len(pattern) = {len(pattern)} (pattern "
+                         f"{pattern!r}), got {n_layer!r}")
+    return pattern * (n_layer // len(pattern))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, out: Optional[int] = None):
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(hidden, dim if out is None else out)
+
+    def forward(self, x):
+        return self.proj(self.act(self.fc(x)))
+
+
+class Block(nn.Module):
+    """``x + attn(LN(x))`` then ``x + MLP(LN(x))``."""
+
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: int):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(dim), attn
+        self.ln2, self.mlp = nn.LayerNorm(dim), MLP(dim, mlp_ratio * dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    """Token model with a per-layer attention pattern; returns logits ``[B, T, n_out]``.
+
+    Layer ``l`` uses :class:`SoftmaxAttention`, :class:`TensorAttention` or :class:`PolyTensorAttention`
+    as letter ``l`` of the expanded pattern says (``S``, ``T``, ``P``). To compare patterns at equal
+    parameter count, give tensor layers a smaller inner width: a tensor layer has ``6 · dim · H_t · D_t``
+    attention weights, a softmax layer ``4 · dim · H · D``, so ``H_t · D_t = 2/3 · H · D`` matches them.
+
+    Args:
+        vocab_size: input token ids are in ``[0, vocab_size)``.
+        n_out: output classes per position (default ``vocab_size``: next-token prediction).
+        block_size: the longest sequence (size of the learned position table).
+        dim: model width. n_layer: number of blocks. pattern: letters S/T/P, repeated to ``n_layer``.
+        n_heads, head_dim, n_kv_heads: softmax layers' heads, head dim (default ``dim // n_heads``) and
+            key/value heads (GQA).
+        t_heads, t_head_dim, t_kv_heads: the same for tensor layers (T and P), defaulting to the softmax ones.
+        window: window ``w`` (or ``(w1, w2)``) of exact tensor layers; ``None``: all causal pairs.
+            Softmax and fast layers ignore it (they are linear or quadratic in T anyway).
+        p_key_dim: key dim Dk of fast layers (default ``t_head_dim``). p_degree: their polynomial degree.
+        causal: causal attention (language model) or full attention (sequence labelling).
+        pos: ``"learned"`` (absolute position table), ``"rope"`` (rotary in every layer) or ``"none"``
+            (permutation-equivariant, as Match3 needs).
+        mlp_ratio: MLP hidden width over ``dim``.
+        backend, p_backend: backends of the exact and the fast tensor op.
+    """
+
+    def __init__(self, vocab_size: int, *, n_out: Optional[int] = None, block_size: int, dim: int, n_layer: int,
+                 pattern: str = "S", n_heads: int, head_dim: Optional[int] = None, n_kv_heads: Optional[int] = None,
+                 t_heads: Optional[int] = None, t_head_dim: Optional[int] = None, t_kv_heads: Optional[int] = None,
+                 window=None, p_key_dim: Optional[int] = None, p_degree: int = 2, causal: bool = True,
+                 pos: str = "learned", mlp_ratio: int = 4, backend: str = "auto", p_backend: str = "auto"):
+        super().__init__()
+        if pos not in ("learned", "rope", "none"):
+            raise ValueError(f"pos must be 'learned', 'rope' or 'none', got {pos!r}")
+        self.layout = parse_pattern(pattern, n_layer)
+        self.block_size, self.pos = block_size, pos
+        head_dim = dim // n_heads if head_dim is None else head_dim
+        t_heads = n_heads if t_heads is None else t_heads
+        t_head_dim = head_dim if t_head_dim is None else t_head_dim
+        t_kv_heads = (n_kv_heads if t_heads == n_heads else None) if t_kv_heads is None else t_kv_heads
+        rope = pos == "rope"
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos_emb = nn.Embedding(block_size, dim) if pos == "learned" else None
+        blocks = []
+        for letter in self.layout:
+            if letter == "S":
+                attn = SoftmaxAttention(dim, n_heads, head_dim=head_dim, n_kv_heads=n_kv_heads, causal=causal,
+                                        rope=rope)
+            elif letter == "T":
+                attn = TensorAttention(dim, t_heads, head_dim=t_head_dim, n_kv_heads=t_kv_heads, causal=causal,
+                                       window=window, rope=rope, backend=backend)
+            else:
+                attn = PolyTensorAttention(dim, t_heads, head_dim=t_head_dim, key_dim=p_key_dim,
+                                           n_kv_heads=t_kv_heads, degree=p_degree, causal=causal, rope=rope,
+                                           backend=p_backend)
+            blocks.append(Block(dim, attn, mlp_ratio))
+        self.blocks = nn.ModuleList(blocks)
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size if n_out is None else n_out, bias=False)
+        _init_like_gpt(self)
+        # GPT-2: shrink the residual-branch output projections by depth so the stream keeps its scale
+        for b in self.blocks:
+            nn.init.normal_(b.attn.o.weight, 0.0, 0.02 / (2 * n_layer) ** 0.5)
+            nn.init.normal_(b.mlp.proj.weight, 0.0, 0.02 / (2 * n_layer) ** 0.5)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """``idx``: ``[B, T]`` token ids, ``T <= block_size``. Returns logits ``[B, T, n_out]``."""
+        B, T = idx.shape
+        if T > self.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
+        x = self.tok(idx)  # [B, T, dim]
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.ln_f(x))
+
+
+class MultiViewClassifier(nn.Module):
+    """Classifier over ``V >= 3`` feature views of one object (e.g. pixels, Fourier, Zernike of a digit).
+
+    View ``v`` (``F_v`` features) is zero-padded and cut into ``n_tokens`` chunks, each embedded by a
+    per-view linear map plus a learned per-view token position, giving ``[B, n_tokens, dim]``. Then:
+
+    * ``mixer="tensor"``: for each view ``a`` the tokens of ``a`` query pairs of tokens, one from view
+      ``b = a+1`` and one from view ``c = a+2`` (mod V), with a :class:`TensorAttention` layer
+      (``x, y, z`` = views a, b, c): the score of a pair is a three-way product across three views.
+    * ``mixer="softmax"``: the tokens of view ``a`` attend to the concatenated tokens of views ``b`` and
+      ``c`` with :class:`SoftmaxAttention` (pairwise interactions only).
+    * ``mixer="concat"``: no tokens, no attention: the raw features of all views are concatenated into
+      a two-layer MLP (the usual multi-view baseline).
+
+    Attention mixers add the result to the view's tokens (residual), mean-pool each view, concatenate
+    the views and classify with an MLP of width ``hidden``.
+
+    Args:
+        view_dims: features per view ``[F_1, ..., F_V]``.
+        n_classes: number of classes.
+        mixer: ``"tensor"``, ``"softmax"`` or ``"concat"``.
+        n_tokens: tokens per view. dim: token width. n_heads: attention heads.
+        head_dim: per-head dim of the softmax mixer. t_head_dim: per-head dim of the tensor mixer
+            (use ``2/3`` of ``head_dim`` for an equal parameter count).
+        hidden: width of the classifier MLP (and of the concat baseline's two hidden layers).
+    """
+
+    def __init__(self, view_dims: Sequence[int], n_classes: int, *, mixer: str = "tensor", n_tokens: int = 8,
+                 dim: int = 32, n_heads: int = 2, head_dim: Optional[int] = None, t_head_dim: Optional[int] = None,
+                 hidden: int = 128):
+        super().__init__()
+        if mixer not in ("tensor", "softmax", "concat"):
+            raise ValueError(f"mixer must be 'tensor', 'softmax' or 'concat', got {mixer!r}")
+        view_dims = [int(d) for d in view_dims]
+        if len(view_dims) < 3 and mixer != "concat":
+            raise ValueError(f"cross-view attention needs at least 3 views, got {len(view_dims)}")
+        self.mixer, self.view_dims, self.n_tokens = mixer, view_dims, n_tokens
+        V = len(view_dims)
+        if mixer == "concat":
+            self.mlp = nn.Sequential(nn.Linear(sum(view_dims), hidden), nn.GELU(), nn.Linear(hidden, hidden),
+                                     nn.GELU(), nn.Linear(hidden, n_classes))
+        else:
+            self.chunk = [-(-d // n_tokens) for d in view_dims]  # ceil(F_v / n_tokens)
+            self.embed = nn.ModuleList(nn.Linear(c, dim) for c in self.chunk)
+            self.tok_pos = nn.Parameter(torch.zeros(V, n_tokens, dim))
+            self.norm = nn.ModuleList(nn.LayerNorm(dim) for _ in range(V))
+            if mixer == "tensor":
+                self.mix = nn.ModuleList(TensorAttention(dim, n_heads, head_dim=t_head_dim) for _ in range(V))
+            else:
+                self.mix = nn.ModuleList(SoftmaxAttention(dim, n_heads, head_dim=head_dim) for _ in range(V))
+            self.head = nn.Sequential(nn.LayerNorm(V * dim), nn.Linear(V * dim, hidden), nn.GELU(),
+                                      nn.Linear(hidden, n_classes))
+        _init_like_gpt(self)
+
+    def tokens(self, views: List[torch.Tensor]) -> List[torch.Tensor]:
+        out = []
+        for v, (x, c) in enumerate(zip(views, self.chunk)):
+            pad = c * self.n_tokens - x.shape[1]
+            x = nn.functional.pad(x, (0, pad)).view(x.shape[0], self.n_tokens, c)  # [B, n_tokens, chunk]
+            out.append(self.embed[v](x) + self.tok_pos[v])  # [B, n_tokens, dim]
+        return out
+
+    def forward(self, views: List[torch.Tensor]) -> torch.Tensor:
+        """``views``: list of ``[B, F_v]`` tensors. Returns logits ``[B, n_classes]``."""
+        if len(views) != len(self.view_dims):
+            raise ValueError(f"expected {len(self.view_dims)} views, got {len(views)}")
+        for v, (x, d) in enumerate(zip(views, self.view_dims)):
+            if x.dim() != 2 or x.shape[1] != d:
+                raise ValueError(f"view {v} must be [B, {d}], got {tuple(x.shape)}")
+        if self.mixer == "concat":
+            return self.mlp(torch.cat(views, dim=1))
+        V = len(views)
+        toks = self.tokens(views)
+        normed = [self.norm[v](t) for v, t in enumerate(toks)]
+        pooled = []
+        for a in range(V):
+            b, c = (a + 1) % V, (a + 2) % V
+            if self.mixer == "tensor":
+                h = toks[a] + self.mix[a](normed[a], normed[b], normed[c])  # [B, n_tokens, dim]
+            else:
+                h = toks[a] + self.mix[a](normed[a], torch.cat((normed[b], normed[c]), dim=1))
+            pooled.append(h.mean(1))  # [B, dim]
+        return self.head(torch.cat(pooled, dim=1))

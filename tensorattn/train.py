@@ -1,0 +1,533 @@
+"""Training: a dataclass config (TOML file plus ``key=value`` overrides) and one ``train(config)`` function.
+
+Run it as::
+
+    tensorattn train --config configs/match3_tensor.toml seed=1 out_dir=runs/m3_T_seed1
+    python -m tensorattn train --config configs/kjv_ssst_exact.toml device=cuda steps=200
+
+Tasks: ``match3`` (synthetic, per-token labels, fresh batches every step), ``kjv`` (character LM on the
+King James Bible, held-out books as validation, reported in bits per character) and ``mfeat`` (UCI
+Multiple Features digits, several views, test accuracy). Features: CPU or CUDA, bf16 autocast on CUDA,
+AdamW with gradient clipping and a cosine schedule with linear warm-up, periodic evaluation, a tqdm
+progress bar, metrics as JSON lines (``metrics.jsonl``), atomic resumable checkpoints (``ckpt.pt``)
+and a fixed seed. A run resumed from its checkpoint produces the same metrics as an uninterrupted one:
+batches come from a ``torch.Generator`` whose state is checkpointed, evaluation uses its own fixed one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from ._io import atomic_write, atomic_write_json
+from .layers import param_count
+
+__all__ = ["TrainConfig", "load_config", "train", "main", "build_task"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. Integers documented with "0 = ..." take 0 to mean the stated default."""
+
+    # --- run
+    task: str = "match3"  # "match3" | "kjv" | "mfeat"
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda" | "cuda:N"
+    amp: str = "auto"  # "auto" (bf16 on cuda, none on cpu) | "bf16" | "none"
+    threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    resume: bool = True  # continue from out_dir/ckpt.pt when it exists
+    stop_at: int = 0  # stop (with a checkpoint) after this step; 0 = run to `steps`
+    progress: bool = True  # tqdm progress bar
+    # --- optimisation
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # the cosine schedule's floor
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = no clipping
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    # --- sequence model (match3, kjv)
+    pattern: str = "S"  # S softmax, T exact tensor, P fast tensor; repeated to n_layer
+    n_layer: int = 1
+    dim: int = 64
+    n_heads: int = 4
+    head_dim: int = 0  # 0 = dim // n_heads
+    n_kv_heads: int = 0  # 0 = n_heads
+    t_heads: int = 0  # 0 = n_heads
+    t_head_dim: int = 0  # 0 = head_dim
+    t_kv_heads: int = 0  # 0 = t_heads
+    window: int = 0  # exact tensor layers' window; 0 = all causal pairs
+    p_key_dim: int = 0  # fast layers' key dim Dk; 0 = t_head_dim
+    p_degree: int = 2
+    backend: str = "auto"
+    p_backend: str = "auto"
+    mlp_ratio: int = 4
+    pos: str = "learned"  # "learned" | "rope" | "none" (match3 always uses "none")
+    block_size: int = 128
+    # --- data
+    match3_n: int = 16
+    match3_m: int = 0  # 0 = round(0.7 * match3_n ** 2)
+    kjv_val_books: List[str] = field(default_factory=lambda: ["Ruth", "Jonah", "Mark", "James"])
+    mfeat_views: List[str] = field(default_factory=lambda: ["pix", "fou", "zer"])
+    mfeat_tokens: int = 8
+    mixer: str = "tensor"  # mfeat: "tensor" | "softmax" | "concat"
+    hidden: int = 128  # mfeat classifier width
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the key for any value out of its range."""
+        choices = {"task": ("match3", "kjv", "mfeat"), "amp": ("auto", "bf16", "none"),
+                   "pos": ("learned", "rope", "none"), "mixer": ("tensor", "softmax", "concat")}
+        for k, allowed in choices.items():
+            if getattr(self, k) not in allowed:
+                raise ValueError(f"config key {k!r} must be one of {list(allowed)}, got {getattr(self, k)!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        positive = ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "n_layer", "dim", "n_heads",
+                    "p_degree", "mlp_ratio", "block_size", "match3_n", "mfeat_tokens", "hidden")
+        for k in positive:
+            if getattr(self, k) < 1:
+                raise ValueError(f"config key {k!r} must be >= 1, got {getattr(self, k)}")
+        nonneg = ("seed", "threads", "stop_at", "warmup_steps", "head_dim", "n_kv_heads", "t_heads", "t_head_dim",
+                  "t_kv_heads", "window", "p_key_dim", "match3_m")
+        for k in nonneg:
+            if getattr(self, k) < 0:
+                raise ValueError(f"config key {k!r} must be >= 0, got {getattr(self, k)}")
+        for k in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            v = getattr(self, k)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"config key {k!r} must be a finite number >= 0, got {v}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"config key 'min_lr' ({self.min_lr}) must not exceed 'lr' ({self.lr})")
+        for k in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, k) < 1.0:
+                raise ValueError(f"config key {k!r} must be in [0, 1), got {getattr(self, k)}")
+        if self.stop_at > self.steps:
+            raise ValueError(f"config key 'stop_at' ({self.stop_at}) must be <= 'steps' ({self.steps}) or 0")
+        if self.task in ("match3", "kjv"):
+            from .model import parse_pattern
+
+            try:
+                parse_pattern(self.pattern, self.n_layer)
+            except ValueError as e:
+                raise ValueError(f"config keys 'pattern'/'n_layer': {e}") from None
+        return self
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Check ``value`` against the field's type; ints are accepted for floats. Raises TypeError."""
+    t = _TYPES[key]
+    if t is bool:
+        ok = isinstance(value, bool)
+    elif t is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif t is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif t is str:
+        ok = isinstance(value, str)
+    else:  # List[str]
+        if isinstance(value, str):  # a bare override such as kjv_val_books=Ruth,Mark
+            value = [s.strip() for s in value.split(",") if s.strip()]
+        ok = isinstance(value, list) and all(isinstance(s, str) for s in value)
+    if not ok:
+        tname = getattr(t, "__name__", None) or str(t).replace("typing.", "")
+        raise TypeError(f"config key {key!r} ({source}) must be of type {tname}, got "
+                        f"{type(value).__name__} {value!r}")
+    return value
+
+
+def _unknown(key: str, source: str) -> ValueError:
+    near = difflib.get_close_matches(key, list(_FIELDS), n=3)
+    hint = f"; did you mean {' or '.join(map(repr, near))}?" if near else f"; valid keys: {', '.join(_FIELDS)}"
+    return ValueError(f"unknown config key {key!r} ({source}){hint}")
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (``3``, ``1e-3``, ``true``, ``"a"``, ``["x", "y"]``), else the bare text as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A validated config from a TOML file (top-level keys only) and ``key=value`` overrides (applied last)."""
+    values: Dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+        for k, v in data.items():
+            if k not in _FIELDS:
+                raise _unknown(k, f"in {p}")
+            values[k] = _coerce(k, v, f"in {p}")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must have the form key=value")
+        k, text = item.split("=", 1)
+        k = k.strip()
+        if k not in _FIELDS:
+            raise _unknown(k, f"override {item!r}")
+        v = _parse_value(text.strip())
+        if _TYPES[k] is str and not isinstance(v, str):
+            v = text.strip()  # e.g. out_dir=2024 or pattern=SSST stays a string
+        values[k] = _coerce(k, v, f"override {item!r}")
+    return TrainConfig(**values).validate()
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+class Task:
+    """What differs between tasks: the model, the batches, the loss and the evaluation."""
+
+    tokens_per_batch: int
+
+    def build_model(self) -> torch.nn.Module: ...
+
+    def train_batch(self, gen: torch.Generator): ...
+
+    def loss(self, model, batch) -> torch.Tensor: ...
+
+    @torch.no_grad()
+    def evaluate(self, model, autocast) -> Dict[str, float]: ...
+
+
+def _seq_model(cfg: TrainConfig, vocab: int, n_out: int, causal: bool, pos: str, block: int):
+    from .model import Transformer
+
+    nz = lambda v: v or None  # noqa: E731  (0 means "use the default")
+    return Transformer(vocab, n_out=n_out, block_size=block, dim=cfg.dim, n_layer=cfg.n_layer, pattern=cfg.pattern,
+                       n_heads=cfg.n_heads, head_dim=nz(cfg.head_dim), n_kv_heads=nz(cfg.n_kv_heads),
+                       t_heads=nz(cfg.t_heads), t_head_dim=nz(cfg.t_head_dim), t_kv_heads=nz(cfg.t_kv_heads),
+                       window=nz(cfg.window), p_key_dim=nz(cfg.p_key_dim), p_degree=cfg.p_degree, causal=causal,
+                       pos=pos, mlp_ratio=cfg.mlp_ratio, backend=cfg.backend, p_backend=cfg.p_backend)
+
+
+class Match3Task(Task):
+    """Per-token binary labels; a fresh batch every step; a fixed validation set (same for every seed)."""
+
+    def __init__(self, cfg: TrainConfig, device):
+        from .data import match3_batch
+
+        self.cfg, self.device = cfg, device
+        self.n = cfg.match3_n
+        self.m = cfg.match3_m or round(0.7 * self.n ** 2)
+        self.tokens_per_batch = cfg.batch_size * self.n
+        g = torch.Generator().manual_seed(1234)
+        self.val = [match3_batch(self.n, self.m, cfg.batch_size, g) for _ in range(cfg.eval_batches)]
+        self._sample = match3_batch
+
+    def build_model(self):
+        return _seq_model(self.cfg, self.m, 2, causal=False, pos="none", block=self.n)
+
+    def train_batch(self, gen):
+        return self._sample(self.n, self.m, self.cfg.batch_size, gen)
+
+    def loss(self, model, batch):
+        x, y = (t.to(self.device) for t in batch)
+        return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+
+    @torch.no_grad()
+    def evaluate(self, model, autocast):
+        tot_loss = tot_acc = 0.0
+        for x, y in self.val:
+            x, y = x.to(self.device), y.to(self.device)
+            with autocast():
+                logits = model(x).float()
+            tot_loss += F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+            tot_acc += (logits.argmax(-1) == y).float().mean().item()
+        k = len(self.val)
+        return {"val_loss": tot_loss / k, "val_acc": tot_acc / k}
+
+
+_KJV_CACHE: Dict[tuple, Any] = {}
+
+
+class KJVTask(Task):
+    """Next-character prediction; validation on held-out books, in bits per character."""
+
+    def __init__(self, cfg: TrainConfig, device):
+        from .data import CharData, load_kjv
+
+        self.cfg, self.device = cfg, device
+        key = tuple(cfg.kjv_val_books)
+        if key not in _KJV_CACHE:  # parsing 4 MB of text once per process is enough
+            _KJV_CACHE[key] = CharData(*load_kjv(cfg.kjv_val_books))
+        self.data = _KJV_CACHE[key]
+        self.tokens_per_batch = cfg.batch_size * cfg.block_size
+        g = torch.Generator().manual_seed(1234)
+        self.val = [self.data.batch("val", cfg.batch_size, cfg.block_size, g) for _ in range(cfg.eval_batches)]
+
+    def build_model(self):
+        return _seq_model(self.cfg, self.data.vocab_size, self.data.vocab_size, causal=True, pos=self.cfg.pos,
+                          block=self.cfg.block_size)
+
+    def train_batch(self, gen):
+        return self.data.batch("train", self.cfg.batch_size, self.cfg.block_size, gen)
+
+    def loss(self, model, batch):
+        x, y = (t.to(self.device) for t in batch)
+        return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+
+    @torch.no_grad()
+    def evaluate(self, model, autocast):
+        tot = 0.0
+        for x, y in self.val:
+            x, y = x.to(self.device), y.to(self.device)
+            with autocast():
+                logits = model(x).float()
+            tot += F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+        loss = tot / len(self.val)
+        return {"val_loss": loss, "val_bpc": loss / math.log(2)}
+
+
+class MfeatTask(Task):
+    """Multi-view digit classification; minibatches drawn from the training split, test accuracy."""
+
+    def __init__(self, cfg: TrainConfig, device):
+        from .data import load_mfeat
+
+        self.cfg, self.device = cfg, device
+        self.d = load_mfeat(cfg.mfeat_views)
+        self.tokens_per_batch = cfg.batch_size
+        self.n_train = len(self.d["y_train"])
+
+    def build_model(self):
+        from .model import MultiViewClassifier
+
+        c = self.cfg
+        return MultiViewClassifier(self.d["dims"], 10, mixer=c.mixer, n_tokens=c.mfeat_tokens, dim=c.dim,
+                                   n_heads=c.n_heads, head_dim=c.head_dim or None, t_head_dim=c.t_head_dim or None,
+                                   hidden=c.hidden)
+
+    def train_batch(self, gen):
+        idx = torch.randint(0, self.n_train, (self.cfg.batch_size,), generator=gen)
+        return [v[idx] for v in self.d["train"]], self.d["y_train"][idx]
+
+    def loss(self, model, batch):
+        views, y = batch
+        return F.cross_entropy(model([v.to(self.device) for v in views]).float(), y.to(self.device))
+
+    @torch.no_grad()
+    def evaluate(self, model, autocast):
+        with autocast():
+            logits = model([v.to(self.device) for v in self.d["test"]]).float()
+        y = self.d["y_test"].to(self.device)
+        return {"val_loss": F.cross_entropy(logits, y).item(), "test_acc": (logits.argmax(-1) == y).float().mean().item()}
+
+
+def build_task(cfg: TrainConfig, device="cpu") -> Task:
+    return {"match3": Match3Task, "kjv": KJVTask, "mfeat": MfeatTask}[cfg.task](cfg, torch.device(device))
+
+
+# ---------------------------------------------------------------------------------------------- training
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac))) * (cfg.lr - cfg.min_lr)
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"config key 'device' is {cfg.device!r} but CUDA is not available here")
+    return dev
+
+
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    # weight decay on matrices only (nanoGPT): not on norms, biases or position tables of one row per token
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "tok_pos" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "tok_pos" not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+# keys that may differ between an interrupted run and its resumption
+_RESUMABLE = {"resume", "stop_at", "progress", "out_dir", "device", "threads"}
+
+
+def _save_ckpt(path: Path, state: Dict[str, Any]) -> None:
+    atomic_write(path, lambda f: torch.save(state, f), binary=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint a run resumes from (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    atomic_write(path, lambda f: f.write("".join(ln + "\n" for ln in keep)))
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Train as ``cfg`` says; write ``config.json``, ``metrics.jsonl``, ``ckpt.pt`` and ``summary.json`` in
+    ``cfg.out_dir``; return the summary (final metrics, parameter count, throughput, machine).
+
+    With ``resume`` and an existing ``ckpt.pt`` it continues from the checkpoint's step; the config must
+    then match the checkpoint's except for the keys in ``_RESUMABLE`` and ``steps``-independent ones
+    named in the error.
+    """
+    from ._bench import machine_info
+
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _device(cfg)
+    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = out / "ckpt.pt", out / "metrics.jsonl"
+
+    torch.manual_seed(cfg.seed)
+    task = build_task(cfg, device)
+    model = task.build_model().to(device)
+    opt = _optimizer(cfg, model)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # training batches only
+    step, acc_loss, acc_n, train_time, tokens = 0, 0.0, 0, 0.0, 0
+    last: Dict[str, Any] = {}  # the latest value of every logged metric
+
+    if cfg.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        old = ck["config"]
+        diff = [k for k in _FIELDS if k not in _RESUMABLE and old.get(k) != getattr(cfg, k)]
+        if diff:
+            raise ValueError(f"cannot resume {ckpt_path}: config key(s) {diff} differ from the checkpoint's "
+                             f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use another out_dir or resume=false")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        gen.set_state(ck["gen"])
+        torch.set_rng_state(ck["torch_rng"])
+        step, acc_loss, acc_n = ck["step"], ck["acc_loss"], ck["acc_n"]
+        train_time, tokens = ck["train_time"], ck["tokens"]
+        _truncate_metrics(metrics_path, step)
+        for ln in metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.exists() else []:
+            last.update(json.loads(ln))
+    elif metrics_path.exists():
+        metrics_path.unlink()  # a fresh run starts a fresh log
+    atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
+
+    def checkpoint():
+        _save_ckpt(ckpt_path, {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                               "torch_rng": torch.get_rng_state(), "step": step, "acc_loss": acc_loss,
+                               "acc_n": acc_n, "train_time": train_time, "tokens": tokens,
+                               "config": dataclasses.asdict(cfg)})
+
+    def log(rec: Dict[str, Any]) -> None:
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    n_params = param_count(model)
+    end = cfg.stop_at or cfg.steps
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.task}:{cfg.pattern if cfg.task != 'mfeat' else cfg.mixer}",
+                   dynamic_ncols=True, file=sys.stderr)
+    model.train()
+    while step < end:
+        lr = lr_at(cfg, step)
+        for gr in opt.param_groups:
+            gr["lr"] = lr
+        batch = task.train_batch(gen)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with autocast():
+            loss = task.loss(model, batch)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lval = loss.item()  # also synchronises, so the timing below is the step's real time
+        train_time += time.perf_counter() - t0
+        tokens += task.tokens_per_batch
+        step += 1
+        acc_loss += lval
+        acc_n += 1
+        if not math.isfinite(lval):
+            raise FloatingPointError(f"training loss is {lval} at step {step}; lower 'lr' or check the data")
+        rec: Dict[str, Any] = {}
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rec.update(step=step, lr=lr, train_loss=acc_loss / acc_n, grad_norm=float(gnorm), tokens=tokens,
+                       tokens_per_s=tokens / max(train_time, 1e-9))
+            acc_loss, acc_n = 0.0, 0
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            model.eval()
+            rec.update(step=step, **task.evaluate(model, autocast))
+            model.train()
+        if rec:
+            log(rec)
+            last.update(rec)
+            if bar is not None:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k.startswith(("train_loss", "val_"))})
+        if step % cfg.eval_every == 0 or step == cfg.steps or step == cfg.stop_at:
+            checkpoint()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    summary = {"step": step, "finished": step >= cfg.steps, "params": n_params, "tokens": tokens,
+               "train_time_s": train_time, "tokens_per_s": tokens / max(train_time, 1e-9),
+               "final": {k: v for k, v in last.items() if k.startswith(("val_", "test_", "train_loss"))},
+               "config": dataclasses.asdict(cfg), "machine": machine_info(device)}
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``tensorattn train --config FILE [key=value ...]``."""
+    ap = argparse.ArgumentParser(prog="tensorattn train", description=__doc__.split("\n\n")[0],
+                                 epilog="keys: " + ", ".join(_FIELDS))
+    ap.add_argument("--config", help="TOML file with top-level keys of TrainConfig")
+    ap.add_argument("overrides", nargs="*", help="key=value, applied after the file (TOML values; bare text is a string)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"tensorattn train: {e}", file=sys.stderr)
+        return 2
+    s = train(cfg)
+    print(json.dumps({"out_dir": cfg.out_dir, "params": s["params"], "tokens_per_s": round(s["tokens_per_s"]),
+                      **s["final"]}))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
