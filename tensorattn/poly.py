@@ -1,0 +1,545 @@
+"""Fast (polynomial) tensor attention: a differentiable, causal or non-causal, linear-time op.
+
+Semantics
+---------
+Exact tensor attention (:func:`tensorattn.naive.naive_tensor_attn`) weighs every visible key pair
+``(j1, j2)`` of query ``i`` by ``exp(z)`` with ``z = scale * <q_i, k1_j1 ∘ k2_j2>``. This op replaces
+``exp`` by its degree-``g`` Taylor polynomial ``P(z) = sum_{t<=g} z^t / t!`` (SPEC §4.1) and keeps
+everything else (same visibility, same ``[B, T, H, D]`` layout, same GQA rule)::
+
+    o[i, e] = sum_{visible (j1, j2)} P(z[i, j1, j2]) * v1[j1, e] * v2[j2, e]
+              / (eps + sum_{visible (j1, j2)} P(z[i, j1, j2]))
+
+Only even degrees are allowed: an even Taylor polynomial of exp is > 0 on all of R (``T2 >= 1/2``,
+``T4 >= 0.27``, SPEC §6), so the normaliser is at least ``min P > 0`` times the number of visible
+pairs, whatever the logits. ``eps = 1e-6`` (:data:`EPS`) only guards against a normaliser lost to
+underflow; it is included in the reference :func:`naive_poly_tensor_attn` too, so the two compute the
+same function.
+
+How it is computed (never the ``T x S1 x S2`` scores)
+---------------------------------------------------
+Feature map: exact monomials (:mod:`tensorattn.features`), rank ``k = C(Dk + g, g)`` (153 for Dk=16,
+g=2; 2145 for Dk=64, g=2; 4845 for Dk=16, g=4). With ``U1 = φ_q(scale q)`` (weights ``1/β!``),
+``U2 = φ(k1)``, ``U3 = φ(k2)``: ``P(z[i,j1,j2]) = sum_m U1[i,m] U2[j1,m] U3[j2,m]`` exactly. Append a
+column of ones to v1 and v2 (``Dv' = Dv + 1``): the last output column is then the normaliser.
+
+* non-causal: ``A2 = U2^T [v1, 1]``, ``A3 = U3^T [v2, 1]`` (``[k, Dv']`` each) and
+  ``num = U1 (A2 ∘ A3)`` (SPEC §4.2, identity I2), chunk by chunk over the rows.
+* causal (SPEC §6, chunked): for query ``i`` in chunk ``c`` (positions ``c0 .. c0+C-1``) the visible
+  pairs ``{j1 <= i} x {j2 <= i}`` split into four blocks by whether each key lies before the chunk (B)
+  or inside it at or before ``i`` (W)::
+
+      (B,B): U1[i] · (A2 ∘ A3)                                  A2, A3: running states before c
+      (B,W): sum_{j2 in W(i)} v2[j2] ∘ ((U1[i] ∘ U3[j2]) A2)    C x C pairs, one matrix product
+      (W,B): sum_{j1 in W(i)} v1[j1] ∘ ((U1[i] ∘ U2[j1]) A3)
+      (W,W): sum_{j1, j2 in W(i)} P(z[i,j1,j2]) v1[j1] ∘ v2[j2] the exact polynomial, C^3 per chunk
+
+  then ``A2 += U2_c^T [v1_c, 1]``, ``A3 += U3_c^T [v2_c, 1]``. Nothing larger than a chunk is stored:
+  the states are ``2 k Dv'`` floats per (batch, kv head). Time ``O(T (C k Dv + C^2 (Dk + Dv)))``.
+* backward (SPEC §4.5, by hand): the gradient of ``o = num / den`` w.r.t. ``num'`` is
+  ``G = [dO / den, -<dO, o> / den]``; a reverse pass over chunks carries ``dA2, dA3`` (the gradient
+  of the later chunks w.r.t. the states) and recovers ``A2(c), A3(c)`` by subtracting each chunk's
+  update from checkpoints saved every ``ckpt`` chunks by the forward pass (so the subtraction never
+  runs for more than ``ckpt`` chunks: no drift). Feature Jacobians are applied chunk by chunk.
+
+Accumulation dtype: float32 (float64 for float64 inputs) everywhere: features, states, products.
+
+Decoding (:class:`PolyTensorAttnState`, :func:`poly_tensor_attn_step`): the causal form as a
+recurrence; the state is ``A2, A3`` of shape ``[B, Hkv, k, Dv + 1]`` float32, i.e.
+``2 * k * (Dv + 1)`` floats per (batch, kv head), independent of the sequence length
+(Dk=16, Dv=64, g=2: 2 * 153 * 65 * 4 B = 78 KiB).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from ._validate import check_attn_inputs, check_scale, check_tensor
+from .dispatch import Backend, choose, triton_available, triton_interpret
+from .features import monomial_features, multinomial_weights, rank, taylor_coefficients
+
+__all__ = [
+    "poly_tensor_attn",
+    "naive_poly_tensor_attn",
+    "PolyTensorAttnState",
+    "poly_tensor_attn_step",
+    "poly_rank",
+    "BACKENDS",
+    "EPS",
+    "MAX_RANK",
+]
+
+#: Added to the normaliser (which is >= min P > 0 for even Taylor degrees) before dividing.
+EPS = 1e-6
+#: The largest feature rank k = C(Dk + g, g) accepted (memory of the states is 2 k (Dv + 1) floats).
+MAX_RANK = 1 << 15
+_TORCH_CHUNK = 32
+_TORCH_CKPT = 16
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks and small helpers
+# --------------------------------------------------------------------------------------------------
+def _check_degree(degree) -> int:
+    if isinstance(degree, bool) or not isinstance(degree, int):
+        raise TypeError(f"degree must be an int (an even Taylor degree: 2, 4, ...), got {type(degree).__name__}")
+    if degree < 2 or degree % 2:
+        raise ValueError(f"degree must be an even integer >= 2 (odd Taylor polynomials of exp go negative, so "
+                         f"the normaliser could vanish; SPEC §6), got {degree}")
+    return degree
+
+
+def poly_rank(head_dim: int, degree: int) -> int:
+    """Feature rank ``k = C(head_dim + degree, degree)`` of the exact monomial map used here."""
+    return rank(head_dim, degree)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _heads_first(x: torch.Tensor, groups: int, acc: torch.dtype) -> torch.Tensor:
+    # [B, S, Hkv, D] -> [B, Hq, S, D] in the accumulation dtype; query head h reads kv head h // groups
+    x = x.transpose(1, 2).to(acc)
+    return x.repeat_interleave(groups, dim=1) if groups > 1 else x
+
+
+def _with_ones(v: torch.Tensor) -> torch.Tensor:
+    # [..., S, Dv] -> [..., S, Dv + 1]: the ones column turns the numerator into the normaliser
+    return torch.cat([v, torch.ones_like(v[..., :1])], -1)
+
+
+def _poly(z: torch.Tensor, degree: int) -> torch.Tensor:
+    """Taylor polynomial of exp, Horner's rule."""
+    c = taylor_coefficients(degree).tolist()
+    out = torch.full_like(z, c[-1])
+    for t in range(degree - 1, -1, -1):
+        out = out * z + c[t]
+    return out
+
+
+def _qweights(d: int, degree: int, dtype, device) -> torch.Tensor:
+    """Query feature weights γ_|β| |β|!/β! = 1/β! for the Taylor coefficients γ_t = 1/t!."""
+    deg, mult = multinomial_weights(d, degree)
+    fact = torch.tensor([1.0 / math.factorial(int(t)) for t in deg.tolist()], dtype=torch.float64)
+    return (mult * fact).to(dtype=dtype, device=device)
+
+
+class _Feat:
+    """The three feature maps: U1 = φ(scale q) / β!, U2 = φ(k1), U3 = φ(k2)."""
+
+    def __init__(self, d: int, degree: int, scale: float, dtype, device):
+        self.degree, self.scale = degree, scale
+        self.w = _qweights(d, degree, dtype, device)  # [k]
+
+    def q(self, x):
+        return monomial_features(x * self.scale, self.degree) * self.w
+
+    def k(self, x):
+        return monomial_features(x, self.degree)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference: materialises the [T, S1, S2] polynomial scores (tests only)
+# --------------------------------------------------------------------------------------------------
+def naive_poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False, scale=None, eps: float = EPS):
+    """Plain reference of :func:`poly_tensor_attn`: the same math, with the scores materialised.
+
+    ``o[i] = sum P(z) v1[j1] ∘ v2[j2] / (eps + sum P(z))`` over the visible pairs, ``P`` the degree-``g``
+    Taylor polynomial of exp, ``z = scale <q_i, k1_j1 ∘ k2_j2>``. Memory ``Θ(B H T S1 S2)``: tiny shapes only.
+
+    Args:
+        q: ``[B, T, Hq, Dk]``; k1, k2: ``[B, S1, Hkv, Dk]``, ``[B, S2, Hkv, Dk]``;
+        v1, v2: ``[B, S1, Hkv, Dv]``, ``[B, S2, Hkv, Dv]``.
+        degree: even Taylor degree. causal: ``j1 <= i`` and ``j2 <= i``. scale: default ``1/sqrt(Dk)``.
+
+    Returns:
+        ``[B, T, Hq, Dv]`` in q's dtype; accumulates in float32 (float64 for float64 inputs).
+    """
+    B, T, Hq, Hkv, D, Dv, S1, S2, _ = check_attn_inputs(q, k1, k2, v1, v2, causal=causal)
+    degree = _check_degree(degree)
+    scale = check_scale(scale, D)
+    acc, g = _acc(q.dtype), Hq // Hkv
+    qh = q.transpose(1, 2).to(acc)
+    k1h, k2h, v1h, v2h = (_heads_first(x, g, acc) for x in (k1, k2, v1, v2))
+    z = scale * torch.einsum("bhid,bhjd,bhkd->bhijk", qh, k1h, k2h)  # [B, H, T, S1, S2]
+    p = _poly(z, degree)
+    if causal:
+        i = torch.arange(T, device=q.device)
+        vis = (i[None, :] <= i[:, None])[:, :, None] & (i[None, :] <= i[:, None])[:, None, :]
+        p = p * vis
+    num = torch.einsum("bhijk,bhje,bhke->bhie", p, v1h, v2h)
+    den = p.sum((-1, -2))[..., None] + eps
+    return (num / den).transpose(1, 2).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Torch path: chunked forward and hand-written backward ([B, H, T, D] inside)
+# --------------------------------------------------------------------------------------------------
+def _ww_num(qc, k1c, k2c, v1c, v2c, degree, scale, mask):
+    """(W,W) block: exact polynomial over the pairs inside one chunk. [B,H,C,*] -> [B,H,C,Dv']."""
+    z = scale * torch.einsum("bhid,bhjd,bhkd->bhijk", qc, k1c, k2c)  # [B, H, C, C, C]
+    p = _poly(z, degree) * (mask[:, :, None] & mask[:, None, :])
+    return torch.einsum("bhijk,bhje,bhke->bhie", p, v1c, v2c)
+
+
+def _causal_fwd(qh, k1h, k2h, v1h, v2h, feat: _Feat, chunk: int, ckpt: int):
+    """Returns num' ``[B, H, T, Dv']`` and the state checkpoints (list of (A2, A3) every ckpt chunks)."""
+    B, H, T, _ = qh.shape
+    k = feat.w.numel()
+    Dp = v1h.shape[-1]
+    A2 = qh.new_zeros(B, H, k, Dp)
+    A3 = qh.new_zeros(B, H, k, Dp)
+    num = qh.new_empty(B, H, T, Dp)
+    ckpts = []
+    n_chunks = -(-T // chunk)
+    for c in range(n_chunks):
+        if c % ckpt == 0:
+            ckpts.append((A2.clone(), A3.clone()))
+        s0, s1 = c * chunk, min(T, (c + 1) * chunk)
+        n = s1 - s0
+        mask = torch.ones(n, n, dtype=torch.bool, device=qh.device).tril()  # [i, j]: j <= i
+        qc, k1c, k2c, v1c, v2c = (x[:, :, s0:s1] for x in (qh, k1h, k2h, v1h, v2h))
+        U1, U2, U3 = feat.q(qc), feat.k(k1c), feat.k(k2c)  # [B, H, n, k]
+        out = U1 @ (A2 * A3)  # (B,B)
+        m = mask.to(qh.dtype)[:, :, None]
+        X13 = U1[:, :, :, None, :] * U3[:, :, None, :, :]  # [B, H, i, j2, k]
+        out = out + ((X13 @ A2[:, :, None]) * v2c[:, :, None] * m).sum(3)  # (B,W)
+        X12 = U1[:, :, :, None, :] * U2[:, :, None, :, :]  # [B, H, i, j1, k]
+        out = out + ((X12 @ A3[:, :, None]) * v1c[:, :, None] * m).sum(3)  # (W,B)
+        out = out + _ww_num(qc, k1c, k2c, v1c, v2c, feat.degree, feat.scale, mask)  # (W,W)
+        num[:, :, s0:s1] = out
+        A2 = A2 + U2.transpose(-1, -2) @ v1c
+        A3 = A3 + U3.transpose(-1, -2) @ v2c
+    ckpts.append((A2, A3))  # final state, used as the start of the reverse pass
+    return num, ckpts
+
+
+def _causal_bwd(qh, k1h, k2h, v1h, v2h, G, feat: _Feat, chunk: int, ckpt: int, ckpts):
+    """Gradients w.r.t. qh, k1h, k2h, v1h', v2h' (the ones column included) given G = dLoss/dnum'."""
+    B, H, T, _ = qh.shape
+    n_chunks = -(-T // chunk)
+    dq, dk1, dk2 = torch.zeros_like(qh), torch.zeros_like(k1h), torch.zeros_like(k2h)
+    dv1, dv2 = torch.zeros_like(v1h), torch.zeros_like(v2h)
+    A2n, A3n = ckpts[-1]  # A(c + 1), starting at the final state
+    dA2 = torch.zeros_like(A2n)
+    dA3 = torch.zeros_like(A3n)
+    for c in range(n_chunks - 1, -1, -1):
+        s0, s1 = c * chunk, min(T, (c + 1) * chunk)
+        n = s1 - s0
+        mask = torch.ones(n, n, dtype=torch.bool, device=qh.device).tril()
+        m = mask.to(qh.dtype)
+        with torch.enable_grad():
+            xs = [x[:, :, s0:s1].detach().requires_grad_(True) for x in (qh, k1h, k2h, v1h, v2h)]
+            qc, k1c, k2c, v1c, v2c = xs
+            U1, U2, U3 = feat.q(qc), feat.k(k1c), feat.k(k2c)
+            ww = _ww_num(qc, k1c, k2c, v1c, v2c, feat.degree, feat.scale, mask)
+        Gc = G[:, :, s0:s1]  # [B, H, n, Dv']
+        u1, u2, u3, v1d, v2d = U1.detach(), U2.detach(), U3.detach(), v1c.detach(), v2c.detach()
+        # states before this chunk: exact checkpoint or one subtraction from the state after it
+        if c % ckpt == 0:
+            A2, A3 = ckpts[c // ckpt]
+        else:
+            A2 = A2n - u2.transpose(-1, -2) @ v1d
+            A3 = A3n - u3.transpose(-1, -2) @ v2d
+        # keys of this chunk seen through the states by all later queries
+        dU2 = v1d @ dA2.transpose(-1, -2)
+        dV1 = u2 @ dA2
+        dU3 = v2d @ dA3.transpose(-1, -2)
+        dV2 = u3 @ dA3
+        # (B,B)
+        dU1 = Gc @ (A2 * A3).transpose(-1, -2)
+        R = u1.transpose(-1, -2) @ Gc  # [B, H, k, Dv']
+        dA2 = dA2 + R * A3
+        dA3 = dA3 + R * A2
+        # (B,W): sum_{j2<=i} v2[j2] ∘ ((U1[i] ∘ U3[j2]) A2)
+        X = u1[:, :, :, None, :] * u3[:, :, None, :, :]  # [B, H, i, j2, k]
+        Z = Gc[:, :, :, None, :] * v2d[:, :, None, :, :] * m[:, :, None]  # [B, H, i, j2, Dv']
+        Y = Z @ A2[:, :, None].transpose(-1, -2)  # [B, H, i, j2, k]
+        dU1 = dU1 + (Y * u3[:, :, None]).sum(3)
+        dU3 = dU3 + (Y * u1[:, :, :, None]).sum(2)
+        dV2 = dV2 + ((X @ A2[:, :, None]) * Gc[:, :, :, None] * m[:, :, None]).sum(2)
+        dA2 = dA2 + torch.einsum("bhijm,bhije->bhme", X, Z)
+        # (W,B): sum_{j1<=i} v1[j1] ∘ ((U1[i] ∘ U2[j1]) A3)
+        X = u1[:, :, :, None, :] * u2[:, :, None, :, :]
+        Z = Gc[:, :, :, None, :] * v1d[:, :, None, :, :] * m[:, :, None]
+        Y = Z @ A3[:, :, None].transpose(-1, -2)
+        dU1 = dU1 + (Y * u2[:, :, None]).sum(3)
+        dU2 = dU2 + (Y * u1[:, :, :, None]).sum(2)
+        dV1 = dV1 + ((X @ A3[:, :, None]) * Gc[:, :, :, None] * m[:, :, None]).sum(2)
+        dA3 = dA3 + torch.einsum("bhijm,bhije->bhme", X, Z)
+        # (W,W) and the feature Jacobians, by autograd on this chunk only
+        gq, gk1, gk2, gv1, gv2 = torch.autograd.grad((U1, U2, U3, ww), xs, (dU1, dU2, dU3, Gc), allow_unused=True)
+        dq[:, :, s0:s1] = gq
+        dk1[:, :, s0:s1] = gk1
+        dk2[:, :, s0:s1] = gk2
+        dv1[:, :, s0:s1] = gv1 + dV1
+        dv2[:, :, s0:s1] = gv2 + dV2
+        A2n, A3n = A2, A3
+    return dq, dk1, dk2, dv1, dv2
+
+
+def _full_fwd(qh, k1h, k2h, v1h, v2h, feat: _Feat, chunk: int):
+    """Non-causal: states over all keys, then num' = U1 (A2 ∘ A3), both chunk by chunk."""
+    A2 = sum(feat.k(k1h[:, :, s:s + chunk]).transpose(-1, -2) @ v1h[:, :, s:s + chunk]
+             for s in range(0, k1h.shape[2], chunk))
+    A3 = sum(feat.k(k2h[:, :, s:s + chunk]).transpose(-1, -2) @ v2h[:, :, s:s + chunk]
+             for s in range(0, k2h.shape[2], chunk))
+    A23 = A2 * A3
+    num = torch.cat([feat.q(qh[:, :, s:s + chunk]) @ A23 for s in range(0, qh.shape[2], chunk)], 2)
+    return num, [(A2, A3)]
+
+
+def _vjp_rows(fn, x, g):
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        return torch.autograd.grad(fn(x), x, g)[0]
+
+
+def _full_bwd(qh, k1h, k2h, v1h, v2h, G, feat: _Feat, chunk: int, states):
+    A2, A3 = states[0]
+    A23 = A2 * A3
+    dq = torch.empty_like(qh)
+    R = 0
+    for s in range(0, qh.shape[2], chunk):
+        sl = slice(s, s + chunk)
+        Gc = G[:, :, sl]
+        dq[:, :, sl] = _vjp_rows(feat.q, qh[:, :, sl], Gc @ A23.transpose(-1, -2))
+        R = R + feat.q(qh[:, :, sl]).transpose(-1, -2) @ Gc  # [B, H, k, Dv']
+    dA2, dA3 = R * A3, R * A2
+    grads = []
+    for kh, vh, dA in ((k1h, v1h, dA2), (k2h, v2h, dA3)):
+        dk, dv = torch.empty_like(kh), torch.empty_like(vh)
+        for s in range(0, kh.shape[2], chunk):
+            sl = slice(s, s + chunk)
+            dk[:, :, sl] = _vjp_rows(feat.k, kh[:, :, sl], vh[:, :, sl] @ dA.transpose(-1, -2))
+            dv[:, :, sl] = feat.k(kh[:, :, sl]) @ dA
+        grads += [dk, dv]
+    return dq, grads[0], grads[2], grads[1], grads[3]
+
+
+def _reduce_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    # [B, Hq, S, D] gradient of the expanded kv -> [B, S, Hkv, D]
+    B, Hq, S, D = x.shape
+    if groups > 1:
+        x = x.view(B, Hq // groups, groups, S, D).sum(2)
+    return x.transpose(1, 2)
+
+
+class PolyTensorAttnFunction(torch.autograd.Function):
+    """Torch path: chunked forward; the backward recomputes features chunk by chunk (no n x k arrays)."""
+
+    @staticmethod
+    def forward(ctx, q, k1, k2, v1, v2, degree, causal, scale, chunk, ckpt):
+        B, T, Hq, D = q.shape
+        Hkv, Dv = k1.shape[2], v1.shape[3]
+        g = Hq // Hkv
+        acc = _acc(q.dtype)
+        qh = q.transpose(1, 2).to(acc)
+        k1h, k2h = _heads_first(k1, g, acc), _heads_first(k2, g, acc)
+        v1h, v2h = _with_ones(_heads_first(v1, g, acc)), _with_ones(_heads_first(v2, g, acc))
+        feat = _Feat(D, degree, scale, acc, q.device)
+        if causal:
+            num, states = _causal_fwd(qh, k1h, k2h, v1h, v2h, feat, chunk, ckpt)
+        else:
+            num, states = _full_fwd(qh, k1h, k2h, v1h, v2h, feat, chunk)
+        den = num[..., Dv] + EPS  # [B, H, T]
+        o = num[..., :Dv] / den[..., None]  # [B, H, T, Dv]
+        flat = [t for st in states for t in st]
+        ctx.save_for_backward(q, k1, k2, v1, v2, o, den, *flat)
+        ctx.cfg = (degree, causal, scale, chunk, ckpt)
+        return o.transpose(1, 2).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k1, k2, v1, v2, o, den, *flat = ctx.saved_tensors
+        degree, causal, scale, chunk, ckpt = ctx.cfg
+        states = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        B, T, Hq, D = q.shape
+        Hkv = k1.shape[2]
+        g = Hq // Hkv
+        acc = o.dtype
+        do = do.transpose(1, 2).to(acc)  # [B, H, T, Dv]
+        # o = num / den  =>  dnum = dO / den, dden = -<dO, o> / den
+        G = torch.cat([do, -(do * o).sum(-1, keepdim=True)], -1) / den[..., None]  # [B, H, T, Dv']
+        qh = q.transpose(1, 2).to(acc)
+        k1h, k2h = _heads_first(k1, g, acc), _heads_first(k2, g, acc)
+        v1h, v2h = _with_ones(_heads_first(v1, g, acc)), _with_ones(_heads_first(v2, g, acc))
+        feat = _Feat(D, degree, scale, acc, q.device)
+        if causal:
+            dq, dk1, dk2, dv1, dv2 = _causal_bwd(qh, k1h, k2h, v1h, v2h, G, feat, chunk, ckpt, states)
+        else:
+            dq, dk1, dk2, dv1, dv2 = _full_bwd(qh, k1h, k2h, v1h, v2h, G, feat, chunk, states)
+        dv1, dv2 = dv1[..., :-1], dv2[..., :-1]  # the ones column is not an input
+        return (dq.transpose(1, 2).to(q.dtype), _reduce_groups(dk1, g).to(k1.dtype), _reduce_groups(dk2, g).to(k2.dtype),
+                _reduce_groups(dv1, g).to(v1.dtype), _reduce_groups(dv2, g).to(v2.dtype),
+                None, None, None, None, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------------
+class _TorchBackend(Backend):
+    name = "torch"
+
+    def not_supported_reasons(self, **p) -> List[str]:
+        return []
+
+    def run(self, q, k1, k2, v1, v2, degree, causal, scale):
+        return PolyTensorAttnFunction.apply(q, k1, k2, v1, v2, degree, causal, scale, _TORCH_CHUNK, _TORCH_CKPT)
+
+
+class _TritonBackend(Backend):
+    name = "triton"
+
+    def not_supported_reasons(self, *, device, dtype, degree, causal, head_dim, value_dim, **_) -> List[str]:
+        r = []
+        if not triton_available():
+            r.append("triton is not installed")
+        if device.type == "cuda":
+            pass
+        elif device.type == "cpu":
+            if not triton_interpret():
+                r.append("CPU tensors need TRITON_INTERPRET=1 (the kernels run on CUDA devices)")
+        else:
+            r.append(f"device {device} is neither CUDA nor CPU")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            r.append(f"dtype {dtype} is not supported (float16, bfloat16, float32)")
+        if degree != 2:
+            r.append(f"the fused kernels implement degree 2 only, got degree {degree}")
+        if not causal:
+            r.append("the fused kernels are causal only (the non-causal op is two matrix products: torch backend)")
+        if head_dim > 64 or head_dim & (head_dim - 1):
+            r.append(f"Dk must be a power of two <= 64, got {head_dim}")
+        if value_dim > 256:
+            r.append(f"Dv must be <= 256, got {value_dim}")
+        return r
+
+    def run(self, q, k1, k2, v1, v2, degree, causal, scale):
+        from .triton.poly import PolyTensorAttnTritonFunction
+
+        return PolyTensorAttnTritonFunction.apply(q, k1, k2, v1, v2, scale)
+
+
+BACKENDS = [_TritonBackend(), _TorchBackend()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+def poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False, scale=None, backend: str = "auto"):
+    """Tensor attention with ``exp`` replaced by its degree-``g`` Taylor polynomial, in linear time.
+
+    For query ``i`` and visible key pairs ``(j1, j2)`` (all pairs; or ``j1 <= i`` and ``j2 <= i`` when
+    ``causal``)::
+
+        z = scale * <q[i], k1[j1] ∘ k2[j2]>,   P(z) = sum_{t <= degree} z^t / t!
+        o[i] = sum P(z) v1[j1] ∘ v2[j2] / (EPS + sum P(z))
+
+    which approaches :func:`tensorattn.naive_tensor_attn` as the degree grows when the logits are
+    O(1) (error ~ R^(g+1) / (g+1)! for |z| <= R). Time and memory are linear in the sequence lengths:
+    the ``T x S1 x S2`` scores are never formed (see the module docstring for the algorithm).
+
+    Args:
+        q: ``[B, T, Hq, Dk]`` queries.
+        k1, v1: ``[B, S1, Hkv, Dk]``, ``[B, S1, Hkv, Dv]``; k2, v2: ``[B, S2, Hkv, Dk]``, ``[B, S2, Hkv, Dv]``.
+            ``Dv`` may differ from ``Dk``; ``Hq`` must be a multiple of ``Hkv`` (GQA: query head ``h``
+            reads kv head ``h // (Hq // Hkv)``). Non-causal calls may have ``S1, S2 != T``.
+        degree: even Taylor degree >= 2 (odd degrees are refused: the normaliser could be <= 0).
+            The feature rank is ``C(Dk + degree, degree)`` (:func:`poly_rank`).
+        causal: keep only ``j1 <= i`` and ``j2 <= i`` (needs ``S1 == S2 == T``).
+        scale: multiplies the trilinear form; default ``1 / sqrt(Dk)`` as in the exact op.
+        backend: ``"auto"`` (the fused Triton kernels when they fit, else torch), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``[B, T, Hq, Dv]`` in q's dtype. Accumulates in float32 (float64 for float64 inputs);
+        differentiable w.r.t. all five inputs.
+    """
+    B, T, Hq, Hkv, D, Dv, S1, S2, _ = check_attn_inputs(q, k1, k2, v1, v2, causal=causal)
+    degree = _check_degree(degree)
+    scale = check_scale(scale, D)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ('auto', 'triton' or 'torch'), got {type(backend).__name__}")
+    k = poly_rank(D, degree)
+    if k > MAX_RANK:
+        raise ValueError(f"the feature rank C(Dk + degree, degree) = C({D} + {degree}, {degree}) = {k} exceeds "
+                         f"{MAX_RANK}; lower the degree or the key dim Dk (q.shape[3])")
+    be = choose(BACKENDS, backend, dict(device=q.device, dtype=q.dtype, degree=degree, causal=causal,
+                                         head_dim=D, value_dim=Dv), op="poly_tensor_attn")
+    return be.run(q, k1, k2, v1, v2, degree, causal, scale)
+
+
+@dataclass
+class PolyTensorAttnState:
+    """Decoding state of causal :func:`poly_tensor_attn`: everything the past contributes.
+
+    ``a2 = sum_{j <= t} φ(k1_j) ⊗ [v1_j, 1]`` and ``a3`` likewise for stream 2, both
+    ``[B, Hkv, k, Dv + 1]`` float32 (float64 for float64 inputs), ``k = C(Dk + degree, degree)``:
+    ``2 k (Dv + 1)`` floats per (batch, kv head) whatever the length decoded so far.
+    """
+
+    a2: torch.Tensor
+    a3: torch.Tensor
+    degree: int
+    scale: float
+    length: int = 0
+
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, head_dim: int, value_dim: int, *, degree: int = 2, scale=None,
+              dtype=torch.float32, device=None) -> "PolyTensorAttnState":
+        """A state that has seen no token (``dtype`` is the accumulation dtype: float32 or float64)."""
+        degree = _check_degree(degree)
+        for nm, v in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim), ("value_dim", value_dim)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{nm} must be a positive int, got {v!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64 (the accumulation dtype), got {dtype}")
+        k = poly_rank(head_dim, degree)
+        z = torch.zeros(batch, kv_heads, k, value_dim + 1, dtype=dtype, device=device)
+        return cls(z, z.clone(), degree, check_scale(scale, head_dim), 0)
+
+    def nbytes(self) -> int:
+        return self.a2.numel() * self.a2.element_size() * 2
+
+
+def poly_tensor_attn_step(state: PolyTensorAttnState, q_t, k1_t, k2_t, v1_t, v2_t):
+    """One decoding step of causal :func:`poly_tensor_attn`: add token t's keys, attend from its query.
+
+    Equals row ``t`` of ``poly_tensor_attn(q, k1, k2, v1, v2, causal=True)`` over the tokens fed so far.
+
+    Args:
+        state: :class:`PolyTensorAttnState` (updated in place and returned).
+        q_t: ``[B, Hq, Dk]``; k1_t, k2_t: ``[B, Hkv, Dk]``; v1_t, v2_t: ``[B, Hkv, Dv]``.
+
+    Returns:
+        ``(o_t, state)`` with ``o_t`` ``[B, Hq, Dv]`` in q_t's dtype. Cost ``O(Hq k Dv)`` per token.
+    """
+    if not isinstance(state, PolyTensorAttnState):
+        raise TypeError(f"state must be a PolyTensorAttnState, got {type(state).__name__}")
+    names = ("q_t", "k1_t", "k2_t", "v1_t", "v2_t")
+    xs = (q_t, k1_t, k2_t, v1_t, v2_t)
+    for n, x in zip(names, xs):
+        check_tensor(n, x, ndim=3)
+    B, Hkv, k, Dp = state.a2.shape
+    Hq, D = q_t.shape[1], q_t.shape[2]
+    if poly_rank(D, state.degree) != k:
+        raise ValueError(f"q_t has head dim {D}, giving rank {poly_rank(D, state.degree)}, but the state has rank {k}")
+    for n, x, want in (("q_t", q_t, (B, Hq, D)), ("k1_t", k1_t, (B, Hkv, D)), ("k2_t", k2_t, (B, Hkv, D)),
+                       ("v1_t", v1_t, (B, Hkv, Dp - 1)), ("v2_t", v2_t, (B, Hkv, Dp - 1))):
+        if tuple(x.shape) != want:
+            raise ValueError(f"{n} must have shape {want} (from the state and q_t), got {tuple(x.shape)}")
+    if Hq % Hkv:
+        raise ValueError(f"q_t has {Hq} heads, not a multiple of the state's {Hkv} kv heads")
+    acc = state.a2.dtype
+    feat = _Feat(D, state.degree, state.scale, acc, state.a2.device)
+    u2, u3 = feat.k(k1_t.to(acc)), feat.k(k2_t.to(acc))  # [B, Hkv, k]
+    state.a2 += u2[..., :, None] * _with_ones(v1_t.to(acc))[..., None, :]
+    state.a3 += u3[..., :, None] * _with_ones(v2_t.to(acc))[..., None, :]
+    state.length += 1
+    u1 = feat.q(q_t.to(acc)).view(B, Hkv, Hq // Hkv, k)  # query heads grouped by kv head
+    num = u1 @ (state.a2 * state.a3)  # [B, Hkv, groups, Dv']
+    o = num[..., :-1] / (num[..., -1:] + EPS)
+    return o.reshape(B, Hq, Dp - 1).to(q_t.dtype), state
