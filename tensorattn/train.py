@@ -396,8 +396,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     ``cfg.out_dir``; return the summary (final metrics, parameter count, throughput, machine).
 
     With ``resume`` and an existing ``ckpt.pt`` it continues from the checkpoint's step; the config must
-    then match the checkpoint's except for the keys in ``_RESUMABLE`` and ``steps``-independent ones
-    named in the error.
+    then match the checkpoint's (``steps`` too, since the schedule depends on it) except for the keys in
+    ``_RESUMABLE``; an error names the keys that differ.
     """
     from ._bench import machine_info
 
@@ -428,7 +428,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         diff = [k for k in _FIELDS if k not in _RESUMABLE and old.get(k) != getattr(cfg, k)]
         if diff:
             raise ValueError(f"cannot resume {ckpt_path}: config key(s) {diff} differ from the checkpoint's "
-                             f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use another out_dir or resume=false")
+                             f"({', '.join(f'{k}: checkpoint {old.get(k)!r}, now {getattr(cfg, k)!r}' for k in diff)}); "
+                             "use another out_dir or resume=false")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         gen.set_state(ck["gen"])
