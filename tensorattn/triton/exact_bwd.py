@@ -1,0 +1,301 @@
+"""Fused backward of exact tensor attention (Triton): two kernels, no T^2 or T^3 buffers.
+
+With ``P`` recomputed from the saved natural-log LSE (times ``log2 e``: the kernels work in base 2, like
+the forward), ``dP = (dO * v1[j1]) @ v2^T``, ``Delta = rowsum(dO * O)`` and ``dS = P * (dP - Delta)``:
+
+* ``_bwd_q_kernel`` (query-major, the forward's tiling: rows = query tokens x GQA heads, outer loop over
+  ``j1``, inner blocks of ``j2``) accumulates, for the current ``j1`` of each row,
+  ``t = sum_j2 dS k2`` and ``u = sum_j2 P v2`` over the inner loop; then ``dq += scale * t * k1[j1]``
+  (owned rows, kept in registers), and ``dk1[j1] += scale * t * q``, ``dv1[j1] += u * dO`` are added to
+  float32 buffers with ONE atomic add per outer step (after summing the G heads of a kv head), not per
+  inner block, so the atomics are amortised over ``w2 / BN`` blocks of four matrix products.
+* ``_bwd_k2_kernel`` (key-major for the second stream, like FlashAttention's dK/dV pass): a program owns
+  ``BN`` positions of ``k2/v2`` and loops over the query blocks that see them and, inside, over ``j1``:
+  ``dk2 += dS^T @ (q * k1[j1])`` and ``dv2 += P^T @ (dO * v1[j1])``; no atomics.
+
+Four matrix products per tile in each kernel (8 in all, against the forward's 2). Accumulation is float32;
+products take the input dtype (float32: "ieee"). The atomic adds make dk1/dv1 reproducible only up to
+float32 summation order.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .exact_fwd import LOG2E, block_sizes, dot_dtype, plan
+
+
+@triton.jit
+def _bwd_q_kernel(
+    Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, DK1, DV1,
+    sq_b, sq_t, sq_h, sq_d,
+    sk1_b, sk1_t, sk1_h, sk1_d,
+    sk2_b, sk2_t, sk2_h, sk2_d,
+    sv1_b, sv1_t, sv1_h, sv1_d,
+    sv2_b, sv2_t, sv2_h, sv2_d,
+    sdo_b, sdo_t, sdo_h, sdo_d,
+    sl_b, sl_h, sl_t,
+    sdq_b, sdq_t, sdq_h, sdq_d,
+    sa_b, sa_t, sa_h, sa_d,  # dk1 (float32 buffer)
+    sb_b, sb_t, sb_h, sb_d,  # dv1 (float32 buffer)
+    T, S1, S2, Hkv, G, D, Dv, W1, W2, scale,
+    MODE: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    M: tl.constexpr = BT * GP
+    LOG2E_: tl.constexpr = 1.4426950408889634
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    i0 = pid_t * BT
+    rows = tl.arange(0, M)
+    tok = i0 + rows // GP
+    g = rows % GP
+    row_ok = (tok < T) & (g < G)
+    hq = hk * G + g
+    d = tl.arange(0, BD)
+    e = tl.arange(0, BDV)
+    d_ok = d < D
+    e_ok = e < Dv
+    b64 = b.to(tl.int64)
+    K1 += b64 * sk1_b + hk * sk1_h
+    K2 += b64 * sk2_b + hk * sk2_h
+    V1 += b64 * sv1_b + hk * sv1_h
+    V2 += b64 * sv2_b + hk * sv2_h
+    DK1 += b64 * sa_b + hk * sa_h
+    DV1 += b64 * sb_b + hk * sb_h
+
+    qmask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b64 * sq_b + tok[:, None] * sq_t + hq[:, None] * sq_h + d[None, :] * sq_d, mask=qmask,
+                other=0.0).to(tl.float32) * scale  # [M, BD], scaled once: dk1 = t * (scale q)
+    do = tl.load(DO + b64 * sdo_b + tok[:, None] * sdo_t + hq[:, None] * sdo_h + e[None, :] * sdo_d,
+                 mask=row_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)  # [M, BDV]
+    lse2 = tl.load(LSE + b64 * sl_b + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0) * LOG2E_
+    delta = tl.load(DELTA + b64 * sl_b + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0)
+    q2 = q * LOG2E_  # base-2 logits
+    dq = tl.zeros([M, BD], tl.float32)
+
+    i_last = tl.minimum(T, i0 + BT)
+    if MODE == 2:
+        n_outer = W1
+        lo2 = tl.maximum(0, i0 - W2 + 1)
+        hi2 = i_last
+    elif MODE == 1:
+        n_outer = i_last
+        lo2 = 0
+        hi2 = i_last
+    else:
+        n_outer = S1
+        lo2 = 0
+        hi2 = S2
+
+    for r in range(0, n_outer):
+        if MODE == 2:
+            j1 = tok - r
+            ok1 = row_ok & (j1 >= 0)
+        elif MODE == 1:
+            j1 = tl.zeros([M], tl.int32) + r
+            ok1 = row_ok & (j1 <= tok)
+        else:
+            j1 = tl.zeros([M], tl.int32) + r
+            ok1 = row_ok
+        k1 = tl.load(K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d, mask=ok1[:, None] & d_ok[None, :],
+                     other=0.0).to(tl.float32)
+        v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :],
+                     other=0.0).to(tl.float32)
+        qk1 = (q2 * k1).to(DOT_DTYPE)
+        dov1 = (do * v1).to(DOT_DTYPE)
+        t = tl.zeros([M, BD], tl.float32)
+        u = tl.zeros([M, BDV], tl.float32)
+        for c0 in range(lo2, hi2, BN):
+            j2 = c0 + tl.arange(0, BN)
+            ok2 = j2 < hi2
+            k2 = tl.load(K2 + j2[:, None] * sk2_t + d[None, :] * sk2_d, mask=ok2[:, None] & d_ok[None, :],
+                         other=0.0).to(DOT_DTYPE)  # [BN, BD]
+            v2 = tl.load(V2 + j2[:, None] * sv2_t + e[None, :] * sv2_d, mask=ok2[:, None] & e_ok[None, :],
+                         other=0.0).to(DOT_DTYPE)  # [BN, BDV]
+            s = tl.dot(qk1, tl.trans(k2), input_precision=PRECISION)
+            vis = ok1[:, None] & ok2[None, :]
+            if MODE == 2:
+                vis = vis & (j2[None, :] <= tok[:, None]) & (j2[None, :] > tok[:, None] - W2)
+            elif MODE == 1:
+                vis = vis & (j2[None, :] <= tok[:, None])
+            p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(dov1, tl.trans(v2), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            t = tl.dot(ds.to(DOT_DTYPE), k2, acc=t, input_precision=PRECISION)
+            u = tl.dot(p.to(DOT_DTYPE), v2, acc=u, input_precision=PRECISION)
+        dq += t * k1
+        gk1 = t * q  # [M, BD]: contribution to dk1[j1] of each row (scale folded into q)
+        gv1 = u * do  # [M, BDV]
+        if MODE == 2:
+            # sum the GP heads of each token; token k's j1 is i0 + k - r
+            gk1 = tl.sum(tl.reshape(gk1, [BT, GP, BD]), 1)
+            gv1 = tl.sum(tl.reshape(gv1, [BT, GP, BDV]), 1)
+            tk = i0 + tl.arange(0, BT)
+            jj = tk - r
+            okk = (tk < T) & (jj >= 0)
+            tl.atomic_add(DK1 + jj[:, None] * sa_t + d[None, :] * sa_d, gk1, mask=okk[:, None] & d_ok[None, :])
+            tl.atomic_add(DV1 + jj[:, None] * sb_t + e[None, :] * sb_d, gv1, mask=okk[:, None] & e_ok[None, :])
+        else:
+            gk1s = tl.sum(gk1, 0)
+            gv1s = tl.sum(gv1, 0)
+            tl.atomic_add(DK1 + r * sa_t + d * sa_d, gk1s, mask=d_ok)
+            tl.atomic_add(DV1 + r * sb_t + e * sb_d, gv1s, mask=e_ok)
+
+    dq = dq * scale
+    tl.store(DQ + b64 * sdq_b + tok[:, None] * sdq_t + hq[:, None] * sdq_h + d[None, :] * sdq_d,
+             dq.to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _bwd_k2_kernel(
+    Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2,
+    sq_b, sq_t, sq_h, sq_d,
+    sk1_b, sk1_t, sk1_h, sk1_d,
+    sk2_b, sk2_t, sk2_h, sk2_d,
+    sv1_b, sv1_t, sv1_h, sv1_d,
+    sv2_b, sv2_t, sv2_h, sv2_d,
+    sdo_b, sdo_t, sdo_h, sdo_d,
+    sl_b, sl_h, sl_t,
+    sdk_b, sdk_t, sdk_h, sdk_d,
+    sdv_b, sdv_t, sdv_h, sdv_d,
+    T, S1, S2, Hkv, G, D, Dv, W1, W2, scale,
+    MODE: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    M: tl.constexpr = BT * GP
+    LOG2E_: tl.constexpr = 1.4426950408889634
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    c0 = pid_n * BN
+    j2 = c0 + tl.arange(0, BN)
+    ok2 = j2 < S2
+    d = tl.arange(0, BD)
+    e = tl.arange(0, BDV)
+    d_ok = d < D
+    e_ok = e < Dv
+    b64 = b.to(tl.int64)
+    Q += b64 * sq_b
+    DO += b64 * sdo_b
+    LSE += b64 * sl_b
+    DELTA += b64 * sl_b
+    K1 += b64 * sk1_b + hk * sk1_h
+    V1 += b64 * sv1_b + hk * sv1_h
+    k2 = tl.load(K2 + b64 * sk2_b + hk * sk2_h + j2[:, None] * sk2_t + d[None, :] * sk2_d,
+                 mask=ok2[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BN, BD]
+    v2 = tl.load(V2 + b64 * sv2_b + hk * sv2_h + j2[:, None] * sv2_t + e[None, :] * sv2_d,
+                 mask=ok2[:, None] & e_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BN, BDV]
+    dk2 = tl.zeros([BN, BD], tl.float32)
+    dv2 = tl.zeros([BN, BDV], tl.float32)
+
+    if MODE == 2:
+        q_lo = c0
+        q_hi = tl.minimum(T, c0 + BN - 1 + W2)
+    elif MODE == 1:
+        q_lo = c0
+        q_hi = T
+    else:
+        q_lo = 0
+        q_hi = T
+    q_lo = (q_lo // BT) * BT  # align query blocks so tokens stay in [0, T)
+    rows = tl.arange(0, M)
+    g = rows % GP
+    hq = hk * G + g
+    for i0 in range(q_lo, q_hi, BT):
+        tok = i0 + rows // GP
+        row_ok = (tok < T) & (g < G)
+        q = tl.load(Q + tok[:, None] * sq_t + hq[:, None] * sq_h + d[None, :] * sq_d,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * (scale * LOG2E_)
+        do = tl.load(DO + tok[:, None] * sdo_t + hq[:, None] * sdo_h + e[None, :] * sdo_d,
+                     mask=row_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+        lse2 = tl.load(LSE + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0) * LOG2E_
+        delta = tl.load(DELTA + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0)
+        vis2 = row_ok[:, None] & ok2[None, :]
+        if MODE == 2:
+            vis2 = vis2 & (j2[None, :] <= tok[:, None]) & (j2[None, :] > tok[:, None] - W2)
+            n_outer = W1
+        elif MODE == 1:
+            vis2 = vis2 & (j2[None, :] <= tok[:, None])
+            n_outer = tl.minimum(T, i0 + BT)
+        else:
+            n_outer = S1
+        for r in range(0, n_outer):
+            if MODE == 2:
+                j1 = tok - r
+                ok1 = row_ok & (j1 >= 0)
+            elif MODE == 1:
+                j1 = tl.zeros([M], tl.int32) + r
+                ok1 = row_ok & (j1 <= tok)
+            else:
+                j1 = tl.zeros([M], tl.int32) + r
+                ok1 = row_ok
+            k1 = tl.load(K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d, mask=ok1[:, None] & d_ok[None, :],
+                         other=0.0).to(tl.float32)
+            v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :],
+                         other=0.0).to(tl.float32)
+            qk1 = (q * k1).to(DOT_DTYPE)  # [M, BD], carries scale * log2(e)
+            dov1 = (do * v1).to(DOT_DTYPE)  # [M, BDV]
+            s = tl.dot(qk1, tl.trans(k2), input_precision=PRECISION)  # [M, BN]
+            vis = vis2 & ok1[:, None]
+            p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(dov1, tl.trans(v2), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk2 = tl.dot(tl.trans(ds.to(DOT_DTYPE)), qk1, acc=dk2, input_precision=PRECISION)
+            dv2 = tl.dot(tl.trans(p.to(DOT_DTYPE)), dov1, acc=dv2, input_precision=PRECISION)
+
+    dk2 = dk2 * 0.6931471805599453  # qk1 carried log2(e) on top of the scale
+    tl.store(DK2 + b64 * sdk_b + hk * sdk_h + j2[:, None] * sdk_t + d[None, :] * sdk_d,
+             dk2.to(DK2.dtype.element_ty), mask=ok2[:, None] & d_ok[None, :])
+    tl.store(DV2 + b64 * sdv_b + hk * sdv_h + j2[:, None] * sdv_t + e[None, :] * sdv_d,
+             dv2.to(DV2.dtype.element_ty), mask=ok2[:, None] & e_ok[None, :])
+
+
+def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, window, block=None):
+    """Launch the fused backward.
+
+    Args:
+        do: ``[B, T, Hq, Dv]`` gradient of the output; q, k1, k2, v1, v2 as in :func:`exact_fwd`;
+        o: the forward's output; lse: its ``[B, Hq, T]`` float32 natural-log log-sum-exp.
+        block: optional ``(BT, GP, BN, BD, BDV, num_warps)`` override.
+
+    Returns:
+        ``(dq, dk1, dk2, dv1, dv2)`` in the input dtype.
+    """
+    B, T, Hq, D = q.shape
+    Hkv, Dv = k1.shape[2], v1.shape[3]
+    G = Hq // Hkv
+    mode, (w1, w2), swap = plan(q, k1, k2, causal=causal, window=window)
+    if swap:
+        k1, k2, v1, v2 = k2, k1, v2, v1
+    S1, S2 = k1.shape[1], k2.shape[1]
+    interpret = q.device.type == "cpu"
+    BT, GP, BN, BD, BDV, warps = block or block_sizes(G, D, Dv, interpret=interpret)
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, Hq, T]
+    lse = lse.contiguous()
+    dq = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
+    dk1 = torch.zeros(B, S1, Hkv, D, dtype=torch.float32, device=q.device)
+    dv1 = torch.zeros(B, S1, Hkv, Dv, dtype=torch.float32, device=q.device)
+    dk2 = torch.empty(B, S2, Hkv, D, dtype=q.dtype, device=q.device)
+    dv2 = torch.empty(B, S2, Hkv, Dv, dtype=q.dtype, device=q.device)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    common = dict(MODE=mode, BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, DOT_DTYPE=dot_dtype(q.dtype), PRECISION=prec,
+                  num_warps=warps)
+    strides = (*q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *do.stride(), *lse.stride())
+    sizes = (T, S1, S2, Hkv, G, D, Dv, w1, w2, scale)
+    _bwd_q_kernel[(triton.cdiv(T, BT), B * Hkv)](
+        q, k1, k2, v1, v2, do, lse, delta, dq, dk1, dv1, *strides, *dq.stride(), *dk1.stride(), *dv1.stride(),
+        *sizes, **common)
+    _bwd_k2_kernel[(triton.cdiv(S2, BN), B * Hkv)](
+        q, k1, k2, v1, v2, do, lse, delta, dk2, dv2, *strides, *dk2.stride(), *dv2.stride(), *sizes, **common)
+    dk1, dv1 = dk1.to(q.dtype), dv1.to(q.dtype)
+    if swap:
+        dk1, dk2, dv1, dv2 = dk2, dk1, dv2, dv1
+    return dq, dk1, dk2, dv1, dv2
+
+
+__all__ = ["exact_bwd"]

@@ -1,0 +1,206 @@
+"""Fused forward of exact tensor attention (Triton).
+
+Tiling. One program owns a block of ``BT`` query tokens of one batch entry and one key/value head, and all
+``G = Hq / Hkv`` query heads that read that head (GQA packing, after FBGEMM's 2-simplicial kernel): its
+``M = BT * GP`` rows (``GP`` = G rounded up to a power of two) are the rows of every matrix product, row
+``m`` being token ``m // GP`` and head ``m % GP``. The program walks the first key stream one position
+at a time (the "outer" loop, done on CUDA cores: ``qk1 = q * k1[j1]``) and the second in blocks of ``BN``
+positions through the tensor cores (``s = qk1 @ k2^T``, ``acc += (p @ v2) * v1[j1]``), with one online
+softmax over all ``(j1, j2)``.
+
+Three visibility modes (constexpr ``MODE``):
+
+* ``WINDOW`` (2-D sliding window): the outer index is relative, ``j1 = i - r`` for ``r < w1``, so every row
+  does exactly ``w1`` outer steps whatever ``BT`` is (a per-row gather of k1/v1); the inner loop covers the
+  union of the rows' ``j2`` windows, ``[i0 - w2 + 1, i0 + BT)``. The launcher swaps the two streams so that
+  the smaller window is the outer one (the op is symmetric in ``(k1, v1) <-> (k2, v2)``).
+* ``CAUSAL``: absolute ``j1 < i0 + BT`` masked by ``j1 <= i``; inner ``j2 < i0 + BT`` masked by ``j2 <= i``.
+* ``FULL`` (no mask): ``j1 < S1``, ``j2 < S2``.
+
+Numerics: scores are formed in base 2 (``qk1`` carries ``scale * log2(e)``) and exponentiated with ``exp2``;
+``s``/``p``/``acc`` accumulate in float32, the two products take the input dtype (float32 inputs use
+full-precision "ieee" products, not tf32). The saved log-sum-exp is converted to the NATURAL log before it
+is stored (``lse = (m2 + log2 l) * ln 2``), the same base as the references; the backward multiplies it by
+``log2(e)`` again. Head dims are padded to a power of two >= 16 by masked loads; ragged tails are masked.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+MODE_FULL, MODE_CAUSAL, MODE_WINDOW = 0, 1, 2
+
+
+def plan(q, k1, k2, *, causal, window):
+    """Mode, the two windows after the swap, and whether the streams are swapped (smaller window outer)."""
+    T, S1, S2 = q.shape[1], k1.shape[1], k2.shape[1]
+    if window is not None:
+        w1, w2 = min(window[0], T), min(window[1], T)
+        return MODE_WINDOW, (w2, w1) if w1 > w2 else (w1, w2), w1 > w2
+    if causal:
+        return MODE_CAUSAL, (T, T), False
+    return MODE_FULL, (S1, S2), S1 > S2
+
+
+def block_sizes(G: int, D: int, Dv: int, *, interpret: bool):
+    """(BT, GP, BN, BD, BDV, num_warps): about 64 rows per program, 64 keys per inner block."""
+    GP = triton.next_power_of_2(G)
+    BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
+    if interpret:  # tiny tiles: the interpreter's cost grows with the tile area
+        return max(1, 16 // GP), GP, 16, BD, BDV, 4
+    rows = 64
+    BT = max(1, rows // GP)
+    BN = 64
+    warps = 8 if max(BD, BDV) >= 128 else 4
+    return BT, GP, BN, BD, BDV, warps
+
+
+@triton.jit
+def _exact_fwd_kernel(
+    Q, K1, K2, V1, V2, O, LSE,
+    sq_b, sq_t, sq_h, sq_d,
+    sk1_b, sk1_t, sk1_h, sk1_d,
+    sk2_b, sk2_t, sk2_h, sk2_d,
+    sv1_b, sv1_t, sv1_h, sv1_d,
+    sv2_b, sv2_t, sv2_h, sv2_d,
+    so_b, so_t, so_h, so_d,
+    sl_b, sl_h, sl_t,
+    T, S1, S2, Hkv, G, D, Dv, W1, W2, qk_scale,
+    MODE: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    M: tl.constexpr = BT * GP
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    i0 = pid_t * BT
+
+    rows = tl.arange(0, M)
+    tok = i0 + rows // GP  # [M] query position of each row
+    g = rows % GP
+    row_ok = (tok < T) & (g < G)
+    hq = hk * G + g
+    d = tl.arange(0, BD)
+    e = tl.arange(0, BDV)
+    d_ok = d < D
+    e_ok = e < Dv
+    # 64-bit batch offsets: B * T * H * D can pass 2^31 elements
+    b64 = b.to(tl.int64)
+    Q += b64 * sq_b
+    K1 += b64 * sk1_b + hk * sk1_h
+    K2 += b64 * sk2_b + hk * sk2_h
+    V1 += b64 * sv1_b + hk * sv1_h
+    V2 += b64 * sv2_b + hk * sv2_h
+
+    q = tl.load(Q + tok[:, None] * sq_t + hq[:, None] * sq_h + d[None, :] * sq_d,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    q = q * qk_scale  # scale * log2(e): scores come out in base 2
+
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, BDV], tl.float32)
+
+    i_last = tl.minimum(T, i0 + BT)  # one past the last query of the block
+    if MODE == 2:
+        n_outer = W1
+        lo2 = tl.maximum(0, i0 - W2 + 1)
+        hi2 = i_last
+    elif MODE == 1:
+        n_outer = i_last
+        lo2 = 0
+        hi2 = i_last
+    else:
+        n_outer = S1
+        lo2 = 0
+        hi2 = S2
+
+    for r in range(0, n_outer):
+        if MODE == 2:
+            j1 = tok - r  # [M] relative: row i visits j1 = i - r
+            ok1 = row_ok & (j1 >= 0)
+        elif MODE == 1:
+            j1 = tl.zeros([M], tl.int32) + r
+            ok1 = row_ok & (j1 <= tok)
+        else:
+            j1 = tl.zeros([M], tl.int32) + r
+            ok1 = row_ok
+        k1 = tl.load(K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d, mask=ok1[:, None] & d_ok[None, :], other=0.0)
+        v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :], other=0.0)
+        qk1 = (q * k1.to(tl.float32)).to(DOT_DTYPE)  # [M, BD]
+        v1 = v1.to(tl.float32)
+        for c0 in range(lo2, hi2, BN):
+            j2 = c0 + tl.arange(0, BN)
+            ok2 = j2 < hi2
+            k2t = tl.load(K2 + j2[None, :] * sk2_t + d[:, None] * sk2_d, mask=ok2[None, :] & d_ok[:, None],
+                          other=0.0).to(DOT_DTYPE)  # [BD, BN]
+            v2 = tl.load(V2 + j2[:, None] * sv2_t + e[None, :] * sv2_d, mask=ok2[:, None] & e_ok[None, :],
+                         other=0.0).to(DOT_DTYPE)  # [BN, BDV]
+            s = tl.dot(qk1, k2t, input_precision=PRECISION)  # [M, BN], base-2 logits
+            vis = ok1[:, None] & ok2[None, :]
+            if MODE == 2:
+                vis = vis & (j2[None, :] <= tok[:, None]) & (j2[None, :] > tok[:, None] - W2)
+            elif MODE == 1:
+                vis = vis & (j2[None, :] <= tok[:, None])
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            pv2 = tl.dot(p.to(DOT_DTYPE), v2, input_precision=PRECISION)  # [M, BDV]
+            acc = acc * alpha[:, None] + pv2 * v1
+            m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    O += b64 * so_b
+    tl.store(O + tok[:, None] * so_t + hq[:, None] * so_h + e[None, :] * so_d, o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & e_ok[None, :])
+    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453  # natural log
+    LSE += b64 * sl_b
+    tl.store(LSE + hq * sl_h + tok * sl_t, lse, mask=row_ok)
+
+
+def dot_dtype(dtype: torch.dtype):
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
+
+
+def exact_fwd(q, k1, k2, v1, v2, *, scale: float, causal: bool, window, block=None):
+    """Launch the fused forward. Inputs ``[B, T, H, D]`` (any strides), validated by the caller.
+
+    Args:
+        q: ``[B, T, Hq, D]``; k1, k2: ``[B, S, Hkv, D]``; v1, v2: ``[B, S, Hkv, Dv]``.
+        scale: score scale; causal / window: visibility (window ``None`` or ``(w1, w2)``, implies causal).
+        block: optional ``(BT, GP, BN, BD, BDV, num_warps)`` override (benchmarks, tests).
+
+    Returns:
+        ``o`` ``[B, T, Hq, Dv]`` in the input dtype and ``lse`` ``[B, Hq, T]`` float32, natural log.
+    """
+    B, T, Hq, D = q.shape
+    Hkv, Dv = k1.shape[2], v1.shape[3]
+    G = Hq // Hkv
+    mode, (w1, w2), swap = plan(q, k1, k2, causal=causal, window=window)
+    if swap:
+        k1, k2, v1, v2 = k2, k1, v2, v1
+    interpret = q.device.type == "cpu"
+    BT, GP, BN, BD, BDV, warps = block or block_sizes(G, D, Dv, interpret=interpret)
+    o = torch.empty(B, T, Hq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(T, BT), B * Hkv)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    _exact_fwd_kernel[grid](
+        q, k1, k2, v1, v2, o, lse,
+        *q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *o.stride(), *lse.stride(),
+        T, k1.shape[1], k2.shape[1], Hkv, G, D, Dv, w1, w2, scale * LOG2E,
+        MODE=mode, BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, DOT_DTYPE=dot_dtype(q.dtype), PRECISION=prec,
+        num_warps=warps,
+    )
+    return o, lse
+
+
+__all__ = ["exact_fwd", "plan", "block_sizes", "LOG2E", "LN2", "MODE_FULL", "MODE_CAUSAL", "MODE_WINDOW"]
