@@ -1,0 +1,805 @@
+"""Scale-out on ``torch.distributed``: context-parallel tensor attention and data-parallel training helpers.
+
+Context parallelism (the sequence split across ranks)
+----------------------------------------------------
+Every rank of a process group holds one contiguous shard ``[B, T_r, H, D]`` of each of ``q, k1, k2, v1,
+v2``; rank 0 holds the first positions, rank ``W - 1`` the last. Shards may have different lengths
+(``T_r >= 1``); the result on each rank is the corresponding rows of the single-process result, and the
+gradients with respect to the local shards are the corresponding rows of the single-process gradients.
+
+* :func:`cp_poly_tensor_attn` (polynomial method, SPEC §4.2 and §6). The polynomial softmax factorises
+  through fixed-size states per key/value head::
+
+      S2 = sum_j U2[j] ⊗ V1[j]   [k, Dv]      z2 = sum_j U2[j]   [k]
+      S3 = sum_j U3[j] ⊗ V2[j]   [k, Dv]      z3 = sum_j U3[j]   [k]
+      o[i] = U1[i] · (S2 ∘ S3) / U1[i] · (z2 ∘ z3)
+
+  so ranks exchange ``2·k·(Dv + 1)`` numbers per head instead of keys and values. Non-causal: one
+  all-reduce of the local states. Causal: an all-gather of the local totals, then the exclusive prefix
+  ``P`` (sum over the ranks before this one), combined with the local running sums ``L_i``::
+
+      (P2 + L2_i) ∘ (P3 + L3_i) = P2∘P3 + P2∘L3_i + L2_i∘P3 + L2_i∘L3_i
+
+  i.e. the pairs with both keys on earlier ranks, the two cross terms, and the purely local causal term.
+  Uneven shard lengths need nothing special (sums do not care how long a shard is).
+
+* :func:`cp_tensor_attn` (exact windowed attention). A window ``(w1, w2)`` makes query ``i`` read only the
+  keys ``i - max(w1, w2) < j <= i``, so each rank needs the last ``h = max(w1, w2) - 1`` keys and values
+  before its shard (the *halo*). The halo is exchanged with one all-gather of every rank's last ``h``
+  positions (so a halo may span several earlier ranks when shards are shorter than ``h``), then the
+  local op runs on ``[halo; shard]`` and only the local queries are kept.
+
+Both are differentiable: the collectives are :class:`torch.autograd.Function` s whose backward is the
+adjoint collective (the backward of an all-reduce-sum is an all-reduce-sum of the gradients; the backward
+of an all-gather sums, over ranks, the gradients that reach each rank's slot). The gradient convention is
+the usual one: the global loss is the *sum* of the per-rank losses.
+
+Data parallelism
+----------------
+:func:`init_distributed` reads torchrun's environment (gloo on the CPU, nccl on CUDA; NVLink multicast
+left off), :func:`wrap_model` wraps a model in DDP or FSDP2 (``torch.distributed.fsdp.fully_shard``),
+:func:`is_main_process` / :func:`print0` / :func:`save_checkpoint` guard rank-0-only work, and
+:func:`shard_range` / :func:`shard_batch` / :func:`shard_sequence` split data.
+Under a plain ``python`` launch (no torchrun) everything degrades to a single process with world size 1.
+
+Example (``torchrun --nproc_per_node=N script.py``)::
+
+    info = init_distributed()                       # rank, world_size, device
+    model = wrap_model(Transformer(...).to(info.device), "ddp")
+    x = shard_batch(global_batch, info.rank, info.world_size).to(info.device)
+    ...
+    save_checkpoint(path, model=model, optimizer=opt, step=step)   # collective; rank 0 writes
+    cleanup()
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import os
+from datetime import timedelta
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ._io import atomic_write
+from ._validate import check_attn_inputs, check_scale
+
+__all__ = [
+    "DistInfo",
+    "init_distributed",
+    "cleanup",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+    "print0",
+    "rank0_only",
+    "barrier",
+    "all_reduce_mean",
+    "wrap_model",
+    "unwrap_model",
+    "model_state_dict",
+    "save_checkpoint",
+    "load_checkpoint",
+    "shard_range",
+    "shard_batch",
+    "shard_sequence",
+    "gather_sequence",
+    "all_reduce_sum",
+    "all_gather_stack",
+    "cp_poly_tensor_attn",
+    "cp_tensor_attn",
+]
+
+STRATEGIES = ("ddp", "fsdp", "none")
+
+
+# ==================================================================================================
+# Process group
+# ==================================================================================================
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: ``rank`` of ``world_size``, ``local_rank`` on its host, its ``device``,
+    the process-group ``backend`` (``None`` without a process group) and whether :func:`init_distributed`
+    created the group (then :func:`cleanup` destroys it)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: Optional[str]
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an int, got {v!r}") from None
+
+
+def init_distributed(backend: Optional[str] = None, *, device: Optional[str] = None, init_method: Optional[str] = None,
+                     rank: Optional[int] = None, world_size: Optional[int] = None,
+                     timeout_s: float = 600.0) -> DistInfo:
+    """Join the process group that torchrun describes (or run as a single process without one).
+
+    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (set by ``torchrun``; ``MASTER_ADDR``/``MASTER_PORT``
+    are read by ``torch.distributed`` itself). Without ``WORLD_SIZE`` in the environment and without an
+    explicit ``world_size``/``init_method``, no process group is created: the result is rank 0 of 1 and
+    every helper in this module works locally. Under ``torchrun --nproc_per_node=1`` a real group of size 1
+    is created, so the collectives are exercised.
+
+    The device is ``cuda:LOCAL_RANK`` when CUDA is available (and made current), else the CPU; the backend
+    defaults to ``nccl`` on CUDA and ``gloo`` on the CPU. Before a nccl group is made,
+    ``NCCL_NVLS_ENABLE=0`` and ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` are set unless already set
+    (NVLink multicast stays off). Calling it again when a group exists returns the current placement.
+
+    Args:
+        backend: ``"gloo"``, ``"nccl"`` or ``None`` (choose by device).
+        device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
+        init_method: e.g. ``"file:///tmp/x"`` (tests); default ``"env://"`` (torchrun).
+        rank, world_size: override the environment (tests spawn processes without torchrun).
+        timeout_s: collective timeout.
+
+    Returns:
+        :class:`DistInfo`.
+    """
+    if backend is not None and backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo', 'nccl' or None, got {backend!r}")
+    if device is not None and device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or None, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but CUDA is not available")
+    use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
+    local_rank = _env_int("LOCAL_RANK", 0 if rank is None else rank)
+    dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count())) if use_cuda else torch.device("cpu")
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, str(dist.get_backend()), False)
+    ws = world_size if world_size is not None else _env_int("WORLD_SIZE", -1)
+    if ws == -1 and init_method is None:
+        if use_cuda:
+            torch.cuda.set_device(dev)
+        return DistInfo(0, 1, 0, dev, None, False)
+    if not dist.is_available():
+        raise RuntimeError("torch.distributed is not available in this build of PyTorch")
+    rk = rank if rank is not None else _env_int("RANK", 0)
+    if ws < 1 or not (0 <= rk < ws):
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rk}, world_size={ws}")
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if backend == "nccl":
+        if not use_cuda:
+            raise ValueError("backend='nccl' needs CUDA tensors; use backend='gloo' on the CPU")
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    kw: Dict[str, Any] = dict(backend=backend, init_method=init_method or "env://", rank=rk, world_size=ws,
+                              timeout=timedelta(seconds=timeout_s))
+    if backend == "nccl":
+        kw["device_id"] = dev  # binds the communicator to this GPU (avoids a guess at the first collective)
+    dist.init_process_group(**kw)
+    return DistInfo(rk, ws, local_rank, dev, backend, True)
+
+
+def cleanup() -> None:
+    """Destroy the default process group if one exists (call once at the end of a torchrun script)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active(group=None) -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank(group=None) -> int:
+    """Rank in ``group`` (default: the world), 0 without a process group."""
+    return dist.get_rank(group) if _active() else 0
+
+
+def get_world_size(group=None) -> int:
+    """Size of ``group`` (default: the world), 1 without a process group."""
+    return dist.get_world_size(group) if _active() else 1
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 (and in a single process): the rank that logs and writes files."""
+    return get_rank() == 0
+
+
+def rank0_only(fn: Callable) -> Callable:
+    """Decorator: run ``fn`` on rank 0 only; other ranks get ``None``. Never put a collective inside ``fn``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs) if is_main_process() else None
+
+    return wrapper
+
+
+@rank0_only
+def print0(*args, **kwargs) -> None:
+    """``print`` on rank 0 only (flushes, so torchrun's interleaved logs stay readable)."""
+    kwargs.setdefault("flush", True)
+    print(*args, **kwargs)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if _active():
+        dist.barrier()
+
+
+def all_reduce_mean(x, group=None):
+    """Mean of a float (or tensor) over the ranks of ``group``, for logging (no autograd).
+
+    Returns the same type as given: a Python float for a number, a new tensor for a tensor.
+    """
+    if not _active() or get_world_size(group) == 1:
+        return float(x) if not isinstance(x, torch.Tensor) else x.detach().clone()
+    is_num = not isinstance(x, torch.Tensor)
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    t = torch.tensor(float(x), dtype=torch.float64, device=dev) if is_num else x.detach().clone()
+    dist.all_reduce(t, group=group)
+    t = t / dist.get_world_size(group)
+    return float(t) if is_num else t
+
+
+# ==================================================================================================
+# Data parallel wrapping and checkpoints
+# ==================================================================================================
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard  # torch >= 2.6 (FSDP2)
+    except ImportError:  # pragma: no cover - older torch
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard
+
+
+def wrap_model(model: nn.Module, strategy: str = "ddp", *, device: Optional[torch.device] = None,
+               shard_modules: Optional[Sequence[nn.Module]] = None, **ddp_kwargs) -> nn.Module:
+    """Wrap ``model`` (already on its device) for data-parallel training.
+
+    * ``"ddp"``: :class:`torch.nn.parallel.DistributedDataParallel`: a full replica per rank, gradients
+      averaged over ranks during ``backward``. ``device_ids`` is set on CUDA.
+    * ``"fsdp"``: FSDP2, ``torch.distributed.fsdp.fully_shard``: parameters, gradients and optimizer
+      state sharded over ranks (DTensor parameters), gathered per module around its forward/backward.
+      Each module of ``shard_modules`` (default: every element of ``model.blocks`` when the model has
+      such a list, as :class:`tensorattn.model.Transformer` does) becomes its own unit, then the root.
+      Gradients are averaged over ranks, like DDP. Build the optimizer *after* wrapping.
+    * ``"none"``: the model unchanged.
+
+    Without a process group (a plain ``python`` run) every strategy returns the model unchanged, so one
+    training script serves both launches.
+
+    Args:
+        model: the module, its parameters on ``device``.
+        strategy: ``"ddp"``, ``"fsdp"`` or ``"none"``.
+        device: the rank's device (default: the device of the first parameter).
+        shard_modules: FSDP units (see above).
+        **ddp_kwargs: passed to DDP (e.g. ``find_unused_parameters=True``).
+
+    Returns:
+        The wrapped module (DDP: a wrapper whose ``.module`` is the model; FSDP2: the same object, its
+        class changed in place). :func:`unwrap_model` gives back the plain module.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "none" or not _active():
+        return model
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if device.type == "cuda":
+            ddp_kwargs.setdefault("device_ids", [device.index])
+        return DDP(model, **ddp_kwargs)
+    if ddp_kwargs:
+        raise ValueError(f"keyword arguments {sorted(ddp_kwargs)} are for strategy='ddp' only")
+    fully_shard = _fully_shard()
+    if shard_modules is None:
+        shard_modules = list(getattr(model, "blocks", []))
+    for m in shard_modules:
+        fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside a DDP wrapper (FSDP2 and unwrapped models are returned as they are)."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def model_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Full (unsharded) CPU state dict of a plain, DDP or FSDP2 model, with the plain model's key names.
+
+    Collective under FSDP2 (every rank must call it); the result is the same on every rank.
+    """
+    if _active():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # cpu_offload=True would leave the other ranks with an empty dict; gather on every rank, then copy
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
+    return {k: v.detach().cpu() for k, v in unwrap_model(model).state_dict().items()}
+
+
+def save_checkpoint(path, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    **extra: Any) -> Optional[str]:
+    """Save ``{"model": full state dict, "optimizer": full optimizer state, **extra}`` from rank 0, atomically.
+
+    A collective (every rank must call it: FSDP2 gathers shards), then rank 0 writes ``path`` (via a
+    temporary file and a rename, so a checkpoint is complete or absent) and all ranks wait for it.
+    Works unchanged in a single process. ``extra`` holds e.g. ``step``, the config and RNG states.
+
+    Returns:
+        ``str(path)`` on rank 0, ``None`` on the others.
+    """
+    state: Dict[str, Any] = dict(extra)
+    state["model"] = model_state_dict(model)
+    if optimizer is not None:
+        if _active():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            state["optimizer"] = get_optimizer_state_dict(
+                model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # rank 0 only
+        else:
+            state["optimizer"] = optimizer.state_dict()
+    out = None
+    if is_main_process():
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write(path, lambda f: f.write(buf.getvalue()), binary=True)
+        out = str(path)
+    barrier()
+    return out
+
+
+def load_checkpoint(path, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
+    """Load a :func:`save_checkpoint` file into a plain, DDP or FSDP2 model (and optimizer) on every rank.
+
+    Every rank reads ``path`` (it must be visible to all ranks, as on one host). Returns the other
+    entries (``step`` etc.).
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if _active():
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, state["model"], options=opts)
+        if optimizer is not None and "optimizer" in state:
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+    else:
+        unwrap_model(model).load_state_dict(state["model"])
+        if optimizer is not None and "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+    return {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+
+
+# ==================================================================================================
+# Sharding data
+# ==================================================================================================
+def _check_rank(rank, world_size) -> Tuple[int, int]:
+    for nm, v in (("rank", rank), ("world_size", world_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{nm} must be an int, got {type(v).__name__} {v!r}")
+    if world_size < 1 or not (0 <= rank < world_size):
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return rank, world_size
+
+
+def shard_range(n: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> Tuple[int, int]:
+    """``(start, end)`` of rank ``rank``'s contiguous piece when ``n`` items are split over ``world_size`` ranks.
+
+    The first ``n % world_size`` ranks get one item more (as ``torch.tensor_split``), so lengths differ by
+    at most one; a rank gets an empty piece when ``n < world_size``. Defaults: this process's rank/size.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    rank, world_size = _check_rank(rank, world_size)
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def shard_batch(x, rank: Optional[int] = None, world_size: Optional[int] = None, *, dim: int = 0,
+                even: bool = True):
+    """This rank's contiguous slice of a global batch along ``dim`` (a tensor, or a tuple/list of them).
+
+    With ``even=True`` (default, what DDP's gradient averaging assumes: the mean of per-rank mean losses is
+    the global mean loss only for equal pieces) the size along ``dim`` must be divisible by the world size.
+    """
+    if isinstance(x, (tuple, list)):
+        return type(x)(shard_batch(t, rank, world_size, dim=dim, even=even) for t in x)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor (or a tuple/list of them), got {type(x).__name__}")
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    rank, world_size = _check_rank(rank, world_size)
+    n = x.shape[dim]
+    if even and n % world_size:
+        raise ValueError(f"x has {n} items along dim {dim}, not divisible by world_size={world_size}; use a global "
+                         "batch that is a multiple of the number of ranks (or even=False)")
+    s, e = shard_range(n, rank, world_size)
+    return x.narrow(dim, s, e - s)
+
+
+def shard_sequence(x: torch.Tensor, rank: Optional[int] = None, world_size: Optional[int] = None, *,
+                   lengths: Optional[Sequence[int]] = None, dim: int = 1) -> torch.Tensor:
+    """This rank's contiguous shard of the sequence axis (``dim=1`` of ``[B, T, H, D]``) for context parallelism.
+
+    Default lengths are :func:`shard_range`'s near-even split; ``lengths`` (one per rank, summing to
+    ``T``, each ``>= 1``) gives an explicit uneven split.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    rank, world_size = _check_rank(rank, world_size)
+    T = x.shape[dim]
+    if lengths is None:
+        s, e = shard_range(T, rank, world_size)
+    else:
+        lengths = [int(v) for v in lengths]
+        if len(lengths) != world_size or sum(lengths) != T or min(lengths) < 1:
+            raise ValueError(f"lengths must hold world_size={world_size} ints >= 1 summing to the sequence length "
+                             f"{T}, got {lengths}")
+        s = sum(lengths[:rank])
+        e = s + lengths[rank]
+    return x.narrow(dim, s, e - s)
+
+
+def gather_sequence(x: torch.Tensor, *, dim: int = 1, group=None) -> torch.Tensor:
+    """Concatenate every rank's shard along ``dim`` in rank order (shards may differ in length; no autograd)."""
+    if not _active() or get_world_size(group) == 1:
+        return x
+    lens = _all_lengths(x.shape[dim], x.device, group)
+    m = max(lens)
+    pad = list(x.shape)
+    pad[dim] = m - x.shape[dim]
+    xp = torch.cat([x, x.new_zeros(pad)], dim).contiguous()
+    outs = [torch.empty_like(xp) for _ in lens]
+    dist.all_gather(outs, xp, group=group)
+    return torch.cat([o.narrow(dim, 0, n) for o, n in zip(outs, lens)], dim)
+
+
+# ==================================================================================================
+# Autograd-aware collectives
+# ==================================================================================================
+class _AllReduceSum(torch.autograd.Function):
+    """``y = sum over ranks of x`` on every rank. Backward: ``dx = sum over ranks of dy`` (the adjoint)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        y = x.contiguous().clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = dy.contiguous().clone()
+        dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=ctx.group)
+        return dx, None
+
+
+class _AllGatherStack(torch.autograd.Function):
+    """``y[r] = x on rank r`` (stacked on a new dim 0) on every rank; shapes must agree across ranks.
+
+    Backward: rank ``r``'s input influenced slot ``r`` of every rank's output, so
+    ``dx = sum over ranks of dy[r]``: an all-reduce of the stacked gradient, then this rank's slot
+    (gloo has no reduce-scatter; the states gathered here are small).
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        x = x.contiguous()
+        outs = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(outs, x, group=group)
+        return torch.stack(outs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dy = dy.contiguous().clone()
+        dist.all_reduce(dy, op=dist.ReduceOp.SUM, group=ctx.group)
+        return dy[ctx.rank], None
+
+
+def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Differentiable sum of ``x`` over the ranks of ``group`` (identity without a process group)."""
+    if not _active() or get_world_size(group) == 1:
+        return x
+    return _AllReduceSum.apply(x, group)
+
+
+def all_gather_stack(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Differentiable all-gather: ``[W, *x.shape]`` with slot ``r`` holding rank ``r``'s ``x``.
+
+    ``x`` must have one shape on every rank. Without a process group: ``x[None]``.
+    """
+    if not _active() or get_world_size(group) == 1:
+        return x[None]
+    return _AllGatherStack.apply(x, group)
+
+
+def _all_lengths(n: int, device, group=None) -> List[int]:
+    """Every rank's local length (one small all-gather, no autograd)."""
+    if not _active() or get_world_size(group) == 1:
+        return [int(n)]
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([int(n)], dtype=torch.int64, device=device)
+    outs = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(outs, t, group=group)
+    return [int(o) for o in outs]
+
+
+# ==================================================================================================
+# Context-parallel polynomial tensor attention
+# ==================================================================================================
+def _poly_features(q, k1, k2, degree: int, scale: float):
+    """``(U1, U2, U3)``: query features (coefficients folded in) and the two key feature maps.
+
+    ``U1[i] · (U2[j1] ∘ U3[j2]) = P(scale · <q_i, k1_j1 ∘ k2_j2>)`` with ``P`` the degree-``g`` Taylor
+    polynomial of exp (SPEC §4.1): ``U1[i, β] = (scale q_i)^β / β!``, ``U2[j, β] = k1_j^β``,
+    ``U3[j, β] = k2_j^β``: the map of :mod:`tensorattn.poly`, computed in its accumulation dtype
+    (float32, or float64 for float64 inputs).
+    """
+    from .features import monomial_features, multinomial_weights, taylor_coefficients
+
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    deg, mult = multinomial_weights(q.shape[-1], degree)
+    w = (taylor_coefficients(degree)[deg] * mult).to(device=q.device, dtype=acc)  # [k] γ_|β| |β|!/β! = 1/β!
+    return (monomial_features(q.to(acc) * scale, degree) * w, monomial_features(k1.to(acc), degree),
+            monomial_features(k2.to(acc), degree))
+
+
+def _check_degree(degree) -> int:
+    if isinstance(degree, bool) or not isinstance(degree, int):
+        raise TypeError(f"degree must be an int (an even Taylor degree: 2, 4, ...), got {type(degree).__name__}")
+    if degree < 2 or degree % 2:
+        raise ValueError(f"degree must be an even integer >= 2 (odd Taylor polynomials of exp go negative, so the "
+                         f"normaliser could vanish; SPEC §6), got {degree}")
+    return degree
+
+
+def _pack_states(U2, U3, v1, v2):
+    """Per-head totals of one shard packed as ``[B, Hkv, k, 2 Dv + 2]`` = ``[S2 | S3 | z2 | z3]``."""
+    S2 = torch.einsum("bjhl,bjhe->bhle", U2, v1)  # [B, Hkv, k, Dv]
+    S3 = torch.einsum("bjhl,bjhe->bhle", U3, v2)
+    z2 = U2.sum(1)[..., None]  # [B, Hkv, k, 1]
+    z3 = U3.sum(1)[..., None]
+    return torch.cat([S2, S3, z2, z3], -1)
+
+
+def _unpack(st, Dv):
+    return st[..., :Dv], st[..., Dv:2 * Dv], st[..., 2 * Dv], st[..., 2 * Dv + 1]
+
+
+def _combine_states(local, causal: bool, group):
+    if not causal:
+        return all_reduce_sum(local, group)
+    allst = all_gather_stack(local, group)  # [W, B, Hkv, k, 2Dv+2]
+    # rank 0 sums an empty slice (zeros) but stays connected to the gather, so that every rank takes
+    # part in the gather's backward collective
+    return allst[:get_rank(group)].sum(0)
+
+
+def _causal_chunk(u1, u2, u3, x1, x2, P2, P3, p2, p3):
+    """One chunk of causal attention from the running states before it. Returns (num, den, new states)."""
+    A2 = P2[:, None] + torch.cumsum(u2[..., None] * x1[..., None, :], 1)  # [B, c, Hkv, k, Dv]
+    A3 = P3[:, None] + torch.cumsum(u3[..., None] * x2[..., None, :], 1)
+    a2 = p2[:, None] + torch.cumsum(u2, 1)  # [B, c, Hkv, k]
+    a3 = p3[:, None] + torch.cumsum(u3, 1)
+    num = torch.einsum("bihgl,bihle->bihge", u1, A2 * A3)  # [B, c, Hkv, G, Dv]
+    den = torch.einsum("bihgl,bihl->bihg", u1, a2 * a3)  # [B, c, Hkv, G]
+    return num, den, A2[:, -1], A3[:, -1], a2[:, -1], a3[:, -1]
+
+
+class _RecomputeChunk(torch.autograd.Function):
+    """:func:`_causal_chunk` that keeps only its inputs and recomputes itself in the backward.
+
+    (Activation checkpointing by hand: ``torch.utils.checkpoint`` would import ``torch._dynamo``,
+    seconds of start-up in every process.)
+    """
+
+    @staticmethod
+    def forward(ctx, *xs):
+        ctx.save_for_backward(*xs)
+        with torch.no_grad():
+            return _causal_chunk(*xs)
+
+    @staticmethod
+    def backward(ctx, *gouts):
+        xs = [x.detach().requires_grad_(n) for x, n in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        with torch.enable_grad():
+            outs = _causal_chunk(*xs)
+        need = [x for x in xs if x.requires_grad]
+        got = iter(torch.autograd.grad(outs, need, gouts, allow_unused=True) if need else [])
+        return tuple(next(got) if x.requires_grad else None for x in xs)
+
+
+def _local_causal(U1, U2, U3, x1, x2, prefix, groups: int, chunk: Optional[int]):
+    """Causal polynomial attention of a shard given the exclusive prefix state of the ranks before it.
+
+    For local query ``i``, with ``L2_i = sum_{j <= i} U2[j] ⊗ V1[j]`` (likewise ``L3_i``, and ``l2_i``,
+    ``l3_i`` for the normaliser)::
+
+        num_i = U1[i] · ((P2 + L2_i) ∘ (P3 + L3_i))      den_i = U1[i] · ((p2 + l2_i) ∘ (p3 + l3_i))
+
+    which is the sum of the four blocks P2∘P3 + P2∘L3_i + L2_i∘P3 + L2_i∘L3_i. With ``chunk`` it runs
+    ``chunk`` positions at a time (a chunk's running sums start from the previous chunk's totals), each
+    chunk under activation checkpointing, so the ``[chunk, k, Dv]`` running sums are the largest
+    temporaries in the forward and the backward (at the price of recomputing each chunk once).
+    Returns ``(num [B, T, Hkv, G, Dv], den [B, T, Hkv, G])``.
+    """
+    B, T, Hq, k = U1.shape
+    Hkv = U2.shape[2]
+    Dv = x1.shape[-1]
+    P2, P3, p2, p3 = _unpack(prefix, Dv)  # [B, Hkv, k, Dv] x2, [B, Hkv, k] x2
+    U1g = U1.view(B, T, Hkv, groups, k)
+    if chunk is None or chunk >= T:
+        num, den = _causal_chunk(U1g, U2, U3, x1, x2, P2, P3, p2, p3)[:2]
+        return num, den
+    nums, dens = [], []
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        num, den, P2, P3, p2, p3 = _RecomputeChunk.apply(U1g[:, t0:t1], U2[:, t0:t1], U3[:, t0:t1], x1[:, t0:t1],
+                                                         x2[:, t0:t1], P2, P3, p2, p3)
+        nums.append(num)
+        dens.append(den)
+    return torch.cat(nums, 1), torch.cat(dens, 1)
+
+
+def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, *,
+                        degree: int = 2, causal: bool = False, scale: Optional[float] = None, group=None,
+                        chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Context-parallel polynomial tensor attention: this rank's rows of ``poly_tensor_attn`` on the whole sequence.
+
+    The sequence axis is split across the ranks of ``group`` in rank order; this rank passes its
+    contiguous shard and gets back the rows of the single-process result
+    :func:`tensorattn.poly.poly_tensor_attn` (same feature map, scale and degree) for those positions.
+    Semantics of that op: the joint softmax over key pairs ``(j1, j2)`` with ``exp`` replaced by the
+    degree-``g`` Taylor polynomial ``P`` of ``exp``::
+
+        o[i] = sum_{j1, j2 visible} P(s[i, j1, j2]) v1[j1] ∘ v2[j2] / (EPS + sum_{j1, j2 visible} P(s[i, j1, j2]))
+
+    with ``s = scale · <q_i, k1_j1 ∘ k2_j2>``; visible pairs are all pairs of the *whole* sequence, or
+    with ``causal`` the pairs with ``j1 <= i`` and ``j2 <= i`` in global positions. Communication per
+    call: one all-reduce (non-causal) or one all-gather (causal) of ``B · Hkv · k · (2 Dv + 2)`` numbers,
+    ``k = C(D + g, g)``, independent of the sequence length; the same again in the backward.
+    Shards may have different lengths on different ranks (each ``>= 1``). Without a process group (or
+    with one rank) it is the single-process op.
+
+    Args:
+        q: ``[B, T_r, Hq, D]`` this rank's queries.
+        k1, k2: ``[B, T_r, Hkv, D]``; v1, v2: ``[B, T_r, Hkv, Dv]`` this rank's keys and values
+            (the same positions as ``q``; ``Hq`` a multiple of ``Hkv``).
+        degree: even Taylor degree ``g >= 2`` (odd degrees are refused: the normaliser could be <= 0).
+        causal: causal mask in global positions.
+        scale: score scale, default ``1 / sqrt(D)``.
+        group: the process group the sequence is split over (default: the world).
+        chunk_size: causal only: running sums are formed ``chunk_size`` positions at a time, each chunk
+            under activation checkpointing (a memory knob; the result does not depend on it).
+            ``None``: the whole shard at once.
+
+    Returns:
+        ``[B, T_r, Hq, Dv]`` in the input dtype. Differentiable with respect to all five local inputs;
+        gradients equal the corresponding rows of the single-process gradients of the summed per-rank loss.
+
+    Memory beyond the inputs, per head: ``O(T_r · k)`` non-causal; causal ``O(T_r · k · Dv)`` without
+    ``chunk_size``, ``O(T_r · k + chunk · k · Dv)`` with it. Accumulates in float32 (float64 for float64).
+    """
+    B, T, Hq, Hkv, D, Dv, S1, S2, _ = check_attn_inputs(q, k1, k2, v1, v2)
+    if not (S1 == S2 == T):
+        raise ValueError(f"context parallelism needs q, k1 and k2 shards of one length (the same positions), got "
+                         f"T={T}, len(k1)={S1}, len(k2)={S2}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    degree = _check_degree(degree)
+    scale = check_scale(scale, D)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    from .poly import EPS
+
+    U1, U2, U3 = _poly_features(q, k1, k2, degree, scale)  # [B, T_r, H, k] in the accumulation dtype
+    x1, x2 = v1.to(U1.dtype), v2.to(U1.dtype)
+    states = _combine_states(_pack_states(U2, U3, x1, x2), causal, group)  # [B, Hkv, k, 2Dv+2]
+    groups = Hq // Hkv
+    if causal:
+        num, den = _local_causal(U1, U2, U3, x1, x2, states, groups, chunk_size)
+    else:
+        S2_, S3_, z2, z3 = _unpack(states, Dv)
+        U1g = U1.view(B, T, Hkv, groups, -1)
+        num = torch.einsum("bihgl,bhle->bihge", U1g, S2_ * S3_)  # [B, T_r, Hkv, G, Dv]
+        den = torch.einsum("bihgl,bhl->bihg", U1g, z2 * z3)  # [B, T_r, Hkv, G]
+    return (num / (den[..., None] + EPS)).reshape(B, T, Hq, Dv).to(q.dtype)
+
+
+# ==================================================================================================
+# Context-parallel exact windowed tensor attention (halo exchange)
+# ==================================================================================================
+def _exact_op():
+    try:
+        from .exact import tensor_attn
+    except ModuleNotFoundError as e:  # pragma: no cover - exact.py is part of the package
+        if e.name != "tensorattn.exact":
+            raise
+        tensor_attn = None
+    return tensor_attn
+
+
+def cp_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, *,
+                   window, scale: Optional[float] = None, backend: str = "auto", group=None) -> torch.Tensor:
+    """Context-parallel exact windowed tensor attention: this rank's rows of ``tensor_attn(..., window=window)``.
+
+    Semantics are those of :func:`tensorattn.naive_tensor_attn` with ``window=(w1, w2)`` on the whole
+    sequence (split across the ranks of ``group`` in rank order): query ``i`` sees the pairs with
+    ``i - w1 < j1 <= i`` and ``i - w2 < j2 <= i`` (global positions). A rank needs the
+    ``h = max(w1, w2) - 1`` positions of keys and values just before its shard (fewer on the first
+    positions of the sequence). They come from one differentiable all-gather of every rank's last ``h``
+    key/value rows (so a halo spans several ranks when shards are shorter than ``h``); then the exact op
+    :func:`tensorattn.exact.tensor_attn` runs on ``[halo; shard]`` with placeholder queries on the halo
+    rows, and only this rank's rows are returned. The gradient of the halo rows is sent back to the ranks
+    that own them by the all-gather's backward. Shards may have different lengths (each ``>= 1``).
+
+    Extra work: ``h`` placeholder query rows per rank (``h · w1 · w2`` score triples) and an all-gather of
+    ``W · B · h · Hkv · (2 D + 2 Dv)`` numbers.
+
+    Args:
+        q: ``[B, T_r, Hq, D]``; k1, k2: ``[B, T_r, Hkv, D]``; v1, v2: ``[B, T_r, Hkv, Dv]`` this rank's shard.
+        window: ``w`` or ``(w1, w2)``, both ``>= 1`` (required: unbounded causal attention would need every
+            earlier key on every rank).
+        scale: default ``1 / sqrt(D)``.
+        backend: backend of :func:`tensorattn.exact.tensor_attn` (``"auto"``, ``"triton"``, ``"torch"``, ``"naive"``).
+        group: the process group the sequence is split over (default: the world).
+
+    Returns:
+        ``[B, T_r, Hq, Dv]`` in the input dtype, differentiable with respect to all five local inputs.
+    """
+    if window is None:
+        raise ValueError("window must be given (w or (w1, w2)); context-parallel exact attention needs a bounded "
+                         "window so that each rank only needs a halo of max(w1, w2) - 1 earlier keys")
+    B, T, Hq, Hkv, D, Dv, S1, S2, win = check_attn_inputs(q, k1, k2, v1, v2, window=window)
+    op = _exact_op()
+    h = max(win) - 1
+    W = get_world_size(group)
+    if h == 0 or W == 1:
+        return op(q, k1, k2, v1, v2, scale=scale, window=win, backend=backend)
+    lens = _all_lengths(T, q.device, group)
+    r = get_rank(group)
+    kv = torch.cat([k1, k2, v1, v2], -1)  # [B, T_r, Hkv, 2D + 2Dv]: one collective for all four
+    n_tail = min(h, T)
+    tail = kv[:, T - n_tail:]
+    if n_tail < h:
+        tail = torch.cat([kv.new_zeros(B, h - n_tail, Hkv, kv.shape[-1]), tail], 1)  # pad at the front
+    tails = all_gather_stack(tail, group)  # [W, B, h, Hkv, C]
+    # valid rows of the earlier ranks, in order; rank 0 takes an empty slice, which keeps it connected to
+    # the gather so that every rank takes part in the gather's backward collective
+    before = [tails[s, :, h - min(h, lens[s]):] for s in range(r)] or [tails[0, :, :0]]
+    halo = torch.cat(before, 1)[:, -h:]  # [B, h_r, Hkv, C], h_r = min(h, start of this shard)
+    hr = halo.shape[1]
+    ext = torch.cat([halo, kv], 1)
+    ek1, ek2, ev1, ev2 = torch.split(ext, [D, D, Dv, Dv], -1)
+    eq = torch.cat([q.new_zeros(B, hr, Hq, D), q], 1)  # placeholder queries; their rows are dropped
+    o = op(eq, ek1.contiguous(), ek2.contiguous(), ev1.contiguous(), ev2.contiguous(), scale=scale, window=win,
+           backend=backend)
+    return o[:, hr:]
