@@ -207,12 +207,13 @@ def monomial_features(x: torch.Tensor, degree: int) -> torch.Tensor:
         raise ValueError(f"x must have a last dimension d >= 1, got shape {tuple(x.shape)}")
     degree = _check_int("degree", degree, 0)
     p = _plan(x.shape[-1], degree)
-    blocks = [torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)]
+    # Work feature-major ([d, rows] -> [k, rows]): gathering whole rows is a contiguous copy, while
+    # gathering columns of a row-major array is ~10x slower on the CPU.
+    xt = x.reshape(-1, x.shape[-1]).T.contiguous()  # [d, rows]
+    blocks = [torch.ones(1, xt.shape[1], dtype=x.dtype, device=x.device)]
     for parent, var in zip(p.parents, p.vars):
-        parent = parent.to(x.device)
-        var = var.to(x.device)
-        blocks.append(blocks[-1].index_select(-1, parent) * x.index_select(-1, var))  # [..., n_t]
-    return torch.cat(blocks, -1)
+        blocks.append(blocks[-1].index_select(0, parent.to(x.device)) * xt.index_select(0, var.to(x.device)))
+    return torch.cat(blocks, 0).T.reshape(*x.shape[:-1], -1)  # [..., k] (a transposed view for 2-D x)
 
 
 # --------------------------------------------------------------------------------------------------
