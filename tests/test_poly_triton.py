@@ -58,8 +58,7 @@ def test_triton_interpreter_matches_naive(case):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,T,Hq,Hkv,D,Dv", [(1, 1, 1, 1, 16, 64), (2, 300, 4, 2, 16, 64), (1, 1000, 2, 2, 32, 48),
-                                             (1, 257, 2, 1, 64, 16)])
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,Dv", [(1, 17, 1, 1, 16, 64), (2, 300, 4, 2, 16, 64), (1, 257, 2, 1, 64, 16)])
 def test_triton_gpu_matches_naive(B, T, Hq, Hkv, D, Dv, dtype):
     from tensorattn.poly import naive_poly_tensor_attn, poly_tensor_attn
 
@@ -76,7 +75,7 @@ def test_triton_gpu_matches_naive(B, T, Hq, Hkv, D, Dv, dtype):
     xl = [x.detach().requires_grad_() for x in xs]
     low = poly_tensor_attn(*xl, causal=True, backend="torch")
     glow = torch.autograd.grad((low.float() * w).sum(), xl)
-    rel = lambda a, b: float((a.double() - b).norm() / b.norm())  # noqa: E731
+    rel = lambda a, b: float((a.detach().double() - b).norm() / b.norm())  # noqa: E731
     floor = 2e-3  # tf32 products in the kernels
     assert rel(out, ref) <= 2 * rel(low, ref) + floor
     for n, a, al, b in zip(("q", "k1", "k2", "v1", "v2"), grads, glow, gref):

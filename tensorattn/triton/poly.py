@@ -6,11 +6,12 @@ keys before the chunk, four blocks (B,B), (B,W), (W,B), (W,W) per chunk. What th
 
 * Features are recomputed from q, k1, k2 in registers (gathers of two coordinates per monomial,
   ``index_a``/``index_b`` tables, coordinate ``Dk`` meaning the constant 1), never stored as n x k arrays.
-* Grid ``(B * Hq, NE)``: the value columns ``[v, 1]`` (``Dv + 1`` of them) are split into ``NE`` blocks of
-  ``EB`` columns: every column is independent in this algorithm, so each program owns the states'
-  columns of its block and walks the sequence chunk by chunk (sequentially: the states are prefix
-  sums). The states live in a per-program float32 scratch (``[KP, EB]`` each, L2-resident) and are
-  read and written one feature block (``BM`` features) at a time.
+* Grid ``(B * Hq, NE, NMB)``: the value columns ``[v, 1]`` (``Dv + 1`` of them) are split into ``NE``
+  blocks of ``EB`` columns and the ``k`` features into ``NMB`` blocks of ``BM``: every (column, feature)
+  entry of the states evolves independently in this algorithm, so each program owns a ``[BM, EB]``
+  block of ``A2`` and ``A3`` in registers and walks the sequence chunk by chunk (sequentially: the
+  states are prefix sums). The feature blocks' contributions to the output add up through float32
+  atomics; the (W,W) block is computed by the programs of feature block 0 only.
 * The forward writes the unnormalised numerator (the last real column is the normaliser) in float32
   and saves the states every ``KCK`` chunks (checkpoints) when a backward will follow.
 * The backward walks the chunks in reverse, recovers ``A(c)`` by subtracting chunk c's update from
@@ -23,6 +24,7 @@ Accumulation is float32; matrix products use tf32 inputs on the GPU (``PREC``), 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -36,6 +38,7 @@ BM = 32
 EPS = 1e-6
 # Checkpoints of the states may take at most this many bytes (the reverse pass subtracts in between).
 CKPT_BYTES = 1 << 30
+NUM_WARPS = int(os.environ.get("TENSORATTN_POLY_WARPS", "4"))
 
 
 @triton.jit
@@ -62,12 +65,13 @@ def _load_chunk(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, rows, rmask, cols, sq, sk
 
 
 @triton.jit
-def _poly_fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, num_ptr, st_ptr, ck_ptr, ia_ptr, ib_ptr, wq_ptr,
+def _poly_fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, num_ptr, ck_ptr, ia_ptr, ib_ptr, wq_ptr,
                      T, HQ, GROUPS, NCOL, NS, scale,
                      D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, EB: tl.constexpr, BM: tl.constexpr,
-                     KP: tl.constexpr, KCK: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
+                     KCK: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     pe = tl.program_id(1)
+    mb = tl.program_id(2)
     b = pid // HQ
     h = pid % HQ
     hk = h // GROUPS
@@ -81,20 +85,24 @@ def _poly_fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, num_ptr, st_ptr, ck_
     v1_ptr += b * T * sv + hk * DV
     v2_ptr += b * T * sv + hk * DV
     num_ptr += (b * T * HQ + h) * NCOL
-    prog = pid * tl.num_programs(1) + pe
-    st_ptr += prog * 2 * KP * EB  # [2, KP, EB]: A2, A3
-    ck_ptr += prog * (NS + 1) * 2 * KP * EB  # [NS + 1, 2, KP, EB]
+    prog = (pid * tl.num_programs(1) + pe) * tl.num_programs(2) + mb
+    ck_ptr += prog * (NS + 1) * 2 * BM * EB  # [NS + 1, 2, BM, EB]
 
     ci = tl.arange(0, C)
     dk = tl.arange(0, D)
     cols = pe * EB + tl.arange(0, EB)
-    mo = tl.arange(0, BM)
-    se = mo[:, None] * EB + tl.arange(0, EB)[None, :]  # [BM, EB] offsets in a state block
+    m = mb * BM + tl.arange(0, BM)
+    se = tl.arange(0, BM)[:, None] * EB + tl.arange(0, EB)[None, :]  # [BM, EB] offsets of a state
     # (i, j) of the C*C pair rows and the causal masks of the chunk
     pi = tl.arange(0, C * C) // C
     pj = tl.arange(0, C * C) % C
     m2 = (ci[None, :] <= ci[:, None]).to(tl.float32)  # [i, j]: j <= i
     m3 = (pj[:, None] <= pi[:, None]) & (ci[None, :] <= pi[:, None])  # [(i, j1), j2]
+    ia = tl.load(ia_ptr + m)
+    ib = tl.load(ib_ptr + m)
+    wq = tl.load(wq_ptr + m)
+    a2 = tl.zeros((BM, EB), tl.float32)  # this program's block of the states, in registers
+    a3 = tl.zeros((BM, EB), tl.float32)
 
     NC = tl.cdiv(T, C)
     for c in range(NC):
@@ -102,48 +110,37 @@ def _poly_fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, num_ptr, st_ptr, ck_
         rmask = rows < T
         qc, k1c, k2c, v1c, v2c = _load_chunk(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, rows, rmask, cols, sq, sk, sv,
                                              DV, dk, scale)
-        # (W, W): the exact polynomial on the pairs inside the chunk
-        qk1 = tl.reshape(qc[:, None, :] * k1c[None, :, :], (C * C, D))
-        z = tl.dot(qk1, tl.trans(k2c), input_precision=PREC)  # [(i, j1), j2]
-        p = tl.where(m3, 1.0 + z + 0.5 * z * z, 0.0)
-        pv2 = tl.reshape(tl.dot(p, v2c, input_precision=PREC), (C, C, EB))
-        acc = tl.sum(pv2 * v1c[None, :, :], axis=1)  # [C, EB]
-        for mb in range(KP // BM):
-            m = mb * BM + mo
-            ia = tl.load(ia_ptr + m)
-            ib = tl.load(ib_ptr + m)
-            wq = tl.load(wq_ptr + m)
-            ya, yb = _feat(q_ptr, rows, rmask, sq, ia, ib, D, scale)
-            u1 = ya * yb * wq[None, :]  # [C, BM]
-            xa, xb = _feat(k1_ptr, rows, rmask, sk, ia, ib, D, 1.0)
-            u2 = xa * xb
-            xa, xb = _feat(k2_ptr, rows, rmask, sk, ia, ib, D, 1.0)
-            u3 = xa * xb
-            a2 = tl.load(st_ptr + mb * BM * EB + se)
-            a3 = tl.load(st_ptr + KP * EB + mb * BM * EB + se)
-            if SAVE:
-                if c % KCK == 0:
-                    tl.store(ck_ptr + (c // KCK) * 2 * KP * EB + mb * BM * EB + se, a2)
-                    tl.store(ck_ptr + (c // KCK) * 2 * KP * EB + KP * EB + mb * BM * EB + se, a3)
-            acc += tl.dot(u1, a2 * a3, input_precision=PREC)  # (B, B)
-            x13 = tl.reshape(u1[:, None, :] * u3[None, :, :], (C * C, BM))
-            t = tl.reshape(tl.dot(x13, a2, input_precision=PREC), (C, C, EB))
-            acc += tl.sum(t * v2c[None, :, :] * m2[:, :, None], axis=1)  # (B, W)
-            x12 = tl.reshape(u1[:, None, :] * u2[None, :, :], (C * C, BM))
-            t = tl.reshape(tl.dot(x12, a3, input_precision=PREC), (C, C, EB))
-            acc += tl.sum(t * v1c[None, :, :] * m2[:, :, None], axis=1)  # (W, B)
-            a2 += tl.dot(tl.trans(u2), v1c, input_precision=PREC)
-            a3 += tl.dot(tl.trans(u3), v2c, input_precision=PREC)
-            tl.store(st_ptr + mb * BM * EB + se, a2)
-            tl.store(st_ptr + KP * EB + mb * BM * EB + se, a3)
-        tl.store(num_ptr + rows[:, None] * HQ * NCOL + cols[None, :], acc, mask=rmask[:, None])
-        tl.debug_barrier()  # the next chunk reads the states this one wrote, maybe from other threads
+        if SAVE:
+            if c % KCK == 0:
+                tl.store(ck_ptr + (c // KCK) * 2 * BM * EB + se, a2)
+                tl.store(ck_ptr + (c // KCK) * 2 * BM * EB + BM * EB + se, a3)
+        ya, yb = _feat(q_ptr, rows, rmask, sq, ia, ib, D, scale)
+        u1 = ya * yb * wq[None, :]  # [C, BM]
+        xa, xb = _feat(k1_ptr, rows, rmask, sk, ia, ib, D, 1.0)
+        u2 = xa * xb
+        xa, xb = _feat(k2_ptr, rows, rmask, sk, ia, ib, D, 1.0)
+        u3 = xa * xb
+        acc = tl.dot(u1, a2 * a3, input_precision=PREC)  # (B, B)
+        x13 = tl.reshape(u1[:, None, :] * u3[None, :, :], (C * C, BM))
+        t = tl.reshape(tl.dot(x13, a2, input_precision=PREC), (C, C, EB))
+        acc += tl.sum(t * v2c[None, :, :] * m2[:, :, None], axis=1)  # (B, W)
+        x12 = tl.reshape(u1[:, None, :] * u2[None, :, :], (C * C, BM))
+        t = tl.reshape(tl.dot(x12, a3, input_precision=PREC), (C, C, EB))
+        acc += tl.sum(t * v1c[None, :, :] * m2[:, :, None], axis=1)  # (W, B)
+        a2 += tl.dot(tl.trans(u2), v1c, input_precision=PREC)
+        a3 += tl.dot(tl.trans(u3), v2c, input_precision=PREC)
+        if mb == 0:
+            # (W, W): the exact polynomial on the pairs inside the chunk, once per column block
+            qk1 = tl.reshape(qc[:, None, :] * k1c[None, :, :], (C * C, D))
+            z = tl.dot(qk1, tl.trans(k2c), input_precision=PREC)  # [(i, j1), j2]
+            p = tl.where(m3, 1.0 + z + 0.5 * z * z, 0.0)
+            pv2 = tl.reshape(tl.dot(p, v2c, input_precision=PREC), (C, C, EB))
+            acc += tl.sum(pv2 * v1c[None, :, :], axis=1)  # [C, EB]
+        # the feature blocks of one column block add up here (float32 atomics)
+        tl.atomic_add(num_ptr + rows[:, None] * HQ * NCOL + cols[None, :], acc, mask=rmask[:, None])
     if SAVE:
-        for mb in range(KP // BM):
-            a2 = tl.load(st_ptr + mb * BM * EB + se)
-            a3 = tl.load(st_ptr + KP * EB + mb * BM * EB + se)
-            tl.store(ck_ptr + NS * 2 * KP * EB + mb * BM * EB + se, a2)
-            tl.store(ck_ptr + NS * 2 * KP * EB + KP * EB + mb * BM * EB + se, a3)
+        tl.store(ck_ptr + NS * 2 * BM * EB + se, a2)
+        tl.store(ck_ptr + NS * 2 * BM * EB + BM * EB + se, a3)
 
 
 @triton.jit
@@ -156,12 +153,13 @@ def _onehot_back(dx, ya, yb, ia, ib, dk, PREC: tl.constexpr):
 
 @triton.jit
 def _poly_bwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_ptr,
-                     dq_ptr, dk1_ptr, dk2_ptr, dv1_ptr, dv2_ptr, st_ptr, ck_ptr, ia_ptr, ib_ptr, wq_ptr,
+                     dq_ptr, dk1_ptr, dk2_ptr, dv1_ptr, dv2_ptr, ck_ptr, ia_ptr, ib_ptr, wq_ptr,
                      T, HQ, GROUPS, NS, scale,
                      D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, EB: tl.constexpr, BM: tl.constexpr,
-                     KP: tl.constexpr, KCK: tl.constexpr, PREC: tl.constexpr):
+                     KCK: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     pe = tl.program_id(1)
+    mb = tl.program_id(2)
     b = pid // HQ
     h = pid % HQ
     hk = h // GROUPS
@@ -183,28 +181,26 @@ def _poly_bwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, del
     do_ptr += b * T * so + h * DV
     den_ptr += b * T * HQ + h
     delta_ptr += b * T * HQ + h
-    prog = pid * tl.num_programs(1) + pe
-    st_ptr += prog * 4 * KP * EB  # [4, KP, EB]: A2, A3 (after the chunk), dA2, dA3
-    ck_ptr += prog * (NS + 1) * 2 * KP * EB
+    prog = (pid * tl.num_programs(1) + pe) * tl.num_programs(2) + mb
+    ck_ptr += prog * (NS + 1) * 2 * BM * EB
 
     ci = tl.arange(0, C)
     dk = tl.arange(0, D)
     cols = pe * EB + tl.arange(0, EB)
-    mo = tl.arange(0, BM)
-    se = mo[:, None] * EB + tl.arange(0, EB)[None, :]
+    m = mb * BM + tl.arange(0, BM)
+    se = tl.arange(0, BM)[:, None] * EB + tl.arange(0, EB)[None, :]
     pi = tl.arange(0, C * C) // C
     pj = tl.arange(0, C * C) % C
     m2 = (ci[None, :] <= ci[:, None]).to(tl.float32)
     m3 = (pj[:, None] <= pi[:, None]) & (ci[None, :] <= pi[:, None])
-    S = KP * EB
-
-    # start from the final state (checkpoint NS); dA = 0
-    for mb in range(KP // BM):
-        tl.store(st_ptr + mb * BM * EB + se, tl.load(ck_ptr + NS * 2 * S + mb * BM * EB + se))
-        tl.store(st_ptr + S + mb * BM * EB + se, tl.load(ck_ptr + NS * 2 * S + S + mb * BM * EB + se))
-        tl.store(st_ptr + 2 * S + mb * BM * EB + se, tl.zeros((BM, EB), tl.float32))
-        tl.store(st_ptr + 3 * S + mb * BM * EB + se, tl.zeros((BM, EB), tl.float32))
-    tl.debug_barrier()
+    ia = tl.load(ia_ptr + m)
+    ib = tl.load(ib_ptr + m)
+    wq = tl.load(wq_ptr + m)
+    # states after the last chunk (checkpoint NS); gradients w.r.t. them start at 0
+    a2n = tl.load(ck_ptr + NS * 2 * BM * EB + se)
+    a3n = tl.load(ck_ptr + NS * 2 * BM * EB + BM * EB + se)
+    da2 = tl.zeros((BM, EB), tl.float32)
+    da3 = tl.zeros((BM, EB), tl.float32)
 
     NC = tl.cdiv(T, C)
     for cc in range(NC):
@@ -220,83 +216,73 @@ def _poly_bwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, del
                     other=0.0).to(tl.float32)
         g = tl.where(cols[None, :] == DV, -delta[:, None], g) / den[:, None]
         g = tl.where(rmask[:, None], g, 0.0)
-        # (W, W) by the exact polynomial: z = <scale q_i, k1_j1 ∘ k2_j2>, P' = 1 + z
-        qk1 = tl.reshape(qc[:, None, :] * k1c[None, :, :], (C * C, D))
-        z = tl.dot(qk1, tl.trans(k2c), input_precision=PREC)  # [(i, j1), j2]
-        p = tl.where(m3, 1.0 + z + 0.5 * z * z, 0.0)
-        gv1 = tl.reshape(g[:, None, :] * v1c[None, :, :], (C * C, EB))
-        w = tl.dot(gv1, tl.trans(v2c), input_precision=PREC)  # [(i, j1), j2] = sum_e G v1 v2
-        dz = tl.where(m3, (1.0 + z) * w, 0.0)
-        dzk2 = tl.reshape(tl.dot(dz, k2c, input_precision=PREC), (C, C, D))
-        dq = tl.sum(dzk2 * k1c[None, :, :], axis=1) * scale  # [C, D]
-        dk1 = tl.sum(dzk2 * qc[:, None, :], axis=0)
-        dk2 = tl.dot(tl.trans(dz), qk1, input_precision=PREC)
-        pv2 = tl.reshape(tl.dot(p, v2c, input_precision=PREC), (C, C, EB))
-        dv1 = tl.sum(pv2 * g[:, None, :], axis=0)  # [C, EB]
-        dv2 = tl.dot(tl.trans(p), gv1, input_precision=PREC)
-        # pairs with one key before the chunk: Z[(i, j)] = G[i] ∘ v[j] for j <= i
+        ya, yb = _feat(q_ptr, rows, rmask, sq, ia, ib, D, scale)
+        u1 = ya * yb * wq[None, :]
+        x1a, x1b = _feat(k1_ptr, rows, rmask, sk, ia, ib, D, 1.0)
+        u2 = x1a * x1b
+        x2a, x2b = _feat(k2_ptr, rows, rmask, sk, ia, ib, D, 1.0)
+        u3 = x2a * x2b
+        # states before this chunk: one subtraction, or the forward's exact checkpoint
+        a2 = a2n - tl.dot(tl.trans(u2), v1c, input_precision=PREC)
+        a3 = a3n - tl.dot(tl.trans(u3), v2c, input_precision=PREC)
+        if c % KCK == 0:
+            a2 = tl.load(ck_ptr + (c // KCK) * 2 * BM * EB + se)
+            a3 = tl.load(ck_ptr + (c // KCK) * 2 * BM * EB + BM * EB + se)
+        # this chunk's keys as seen by every later query, through the states
+        du2 = tl.dot(v1c, tl.trans(da2), input_precision=PREC)  # [C, BM]
+        du3 = tl.dot(v2c, tl.trans(da3), input_precision=PREC)
+        dv1 = tl.dot(u2, da2, input_precision=PREC)  # [C, EB]
+        dv2 = tl.dot(u3, da3, input_precision=PREC)
+        # (B, B)
+        du1 = tl.dot(g, tl.trans(a2 * a3), input_precision=PREC)
+        r = tl.dot(tl.trans(u1), g, input_precision=PREC)  # [BM, EB]
+        da2 += r * a3
+        da3 += r * a2
+        # (B, W): pairs (i, j2 <= i), Z[(i, j2)] = G[i] ∘ v2[j2]
         z2 = tl.reshape(g[:, None, :] * v2c[None, :, :] * m2[:, :, None], (C * C, EB))
+        x = tl.reshape(u1[:, None, :] * u3[None, :, :], (C * C, BM))
+        y = tl.reshape(tl.dot(z2, tl.trans(a2), input_precision=PREC), (C, C, BM))
+        du1 += tl.sum(y * u3[None, :, :], axis=1)
+        du3 += tl.sum(y * u1[:, None, :], axis=0)
+        xa_ = tl.reshape(tl.dot(x, a2, input_precision=PREC), (C, C, EB))
+        dv2 += tl.sum(xa_ * g[:, None, :] * m2[:, :, None], axis=0)
+        da2 += tl.dot(tl.trans(x), z2, input_precision=PREC)
+        # (W, B)
         z1 = tl.reshape(g[:, None, :] * v1c[None, :, :] * m2[:, :, None], (C * C, EB))
-        for mb in range(KP // BM):
-            m = mb * BM + mo
-            ia = tl.load(ia_ptr + m)
-            ib = tl.load(ib_ptr + m)
-            wq = tl.load(wq_ptr + m)
-            ya, yb = _feat(q_ptr, rows, rmask, sq, ia, ib, D, scale)
-            u1 = ya * yb * wq[None, :]
-            x1a, x1b = _feat(k1_ptr, rows, rmask, sk, ia, ib, D, 1.0)
-            u2 = x1a * x1b
-            x2a, x2b = _feat(k2_ptr, rows, rmask, sk, ia, ib, D, 1.0)
-            u3 = x2a * x2b
-            off = mb * BM * EB + se
-            a2 = tl.load(st_ptr + off) - tl.dot(tl.trans(u2), v1c, input_precision=PREC)
-            a3 = tl.load(st_ptr + S + off) - tl.dot(tl.trans(u3), v2c, input_precision=PREC)
-            if c % KCK == 0:  # exact state from the forward's checkpoint
-                a2 = tl.load(ck_ptr + (c // KCK) * 2 * S + off)
-                a3 = tl.load(ck_ptr + (c // KCK) * 2 * S + S + off)
-            tl.store(st_ptr + off, a2)
-            tl.store(st_ptr + S + off, a3)
-            da2 = tl.load(st_ptr + 2 * S + off)
-            da3 = tl.load(st_ptr + 3 * S + off)
-            # this chunk's keys as seen by every later query, through the states
-            du2 = tl.dot(v1c, tl.trans(da2), input_precision=PREC)  # [C, BM]
-            du3 = tl.dot(v2c, tl.trans(da3), input_precision=PREC)
-            dv1 += tl.dot(u2, da2, input_precision=PREC)
-            dv2 += tl.dot(u3, da3, input_precision=PREC)
-            # (B, B)
-            du1 = tl.dot(g, tl.trans(a2 * a3), input_precision=PREC)
-            r = tl.dot(tl.trans(u1), g, input_precision=PREC)  # [BM, EB]
-            da2 += r * a3
-            da3 += r * a2
-            # (B, W)
-            x = tl.reshape(u1[:, None, :] * u3[None, :, :], (C * C, BM))
-            y = tl.reshape(tl.dot(z2, tl.trans(a2), input_precision=PREC), (C, C, BM))
-            du1 += tl.sum(y * u3[None, :, :], axis=1)
-            du3 += tl.sum(y * u1[:, None, :], axis=0)
-            xa_ = tl.reshape(tl.dot(x, a2, input_precision=PREC), (C, C, EB))
-            dv2 += tl.sum(xa_ * g[:, None, :] * m2[:, :, None], axis=0)
-            da2 += tl.dot(tl.trans(x), z2, input_precision=PREC)
-            # (W, B)
-            x = tl.reshape(u1[:, None, :] * u2[None, :, :], (C * C, BM))
-            y = tl.reshape(tl.dot(z1, tl.trans(a3), input_precision=PREC), (C, C, BM))
-            du1 += tl.sum(y * u2[None, :, :], axis=1)
-            du2 += tl.sum(y * u1[:, None, :], axis=0)
-            xa_ = tl.reshape(tl.dot(x, a3, input_precision=PREC), (C, C, EB))
-            dv1 += tl.sum(xa_ * g[:, None, :] * m2[:, :, None], axis=0)
-            da3 += tl.dot(tl.trans(x), z1, input_precision=PREC)
-            tl.store(st_ptr + 2 * S + off, da2)
-            tl.store(st_ptr + 3 * S + off, da3)
-            # feature Jacobians (u1 = wq ya yb with ya = scale q[ia]: the scale is applied below)
-            dq += _onehot_back(du1 * wq[None, :], ya, yb, ia, ib, dk, PREC) * scale
-            dk1 += _onehot_back(du2, x1a, x1b, ia, ib, dk, PREC)
-            dk2 += _onehot_back(du3, x2a, x2b, ia, ib, dk, PREC)
+        x = tl.reshape(u1[:, None, :] * u2[None, :, :], (C * C, BM))
+        y = tl.reshape(tl.dot(z1, tl.trans(a3), input_precision=PREC), (C, C, BM))
+        du1 += tl.sum(y * u2[None, :, :], axis=1)
+        du2 += tl.sum(y * u1[:, None, :], axis=0)
+        xa_ = tl.reshape(tl.dot(x, a3, input_precision=PREC), (C, C, EB))
+        dv1 += tl.sum(xa_ * g[:, None, :] * m2[:, :, None], axis=0)
+        da3 += tl.dot(tl.trans(x), z1, input_precision=PREC)
+        a2n = a2
+        a3n = a3
+        # feature Jacobians (u1 = wq ya yb with ya = scale q[ia]: the scale is applied here)
+        dq = _onehot_back(du1 * wq[None, :], ya, yb, ia, ib, dk, PREC) * scale
+        dk1 = _onehot_back(du2, x1a, x1b, ia, ib, dk, PREC)
+        dk2 = _onehot_back(du3, x2a, x2b, ia, ib, dk, PREC)
+        if mb == 0:
+            # (W, W) by the exact polynomial: z = <scale q_i, k1_j1 ∘ k2_j2>, P' = 1 + z
+            qk1 = tl.reshape(qc[:, None, :] * k1c[None, :, :], (C * C, D))
+            z = tl.dot(qk1, tl.trans(k2c), input_precision=PREC)  # [(i, j1), j2]
+            p = tl.where(m3, 1.0 + z + 0.5 * z * z, 0.0)
+            gv1 = tl.reshape(g[:, None, :] * v1c[None, :, :], (C * C, EB))
+            w = tl.dot(gv1, tl.trans(v2c), input_precision=PREC)  # [(i, j1), j2] = sum_e G v1 v2
+            dz = tl.where(m3, (1.0 + z) * w, 0.0)
+            dzk2 = tl.reshape(tl.dot(dz, k2c, input_precision=PREC), (C, C, D))
+            dq += tl.sum(dzk2 * k1c[None, :, :], axis=1) * scale  # [C, D]
+            dk1 += tl.sum(dzk2 * qc[:, None, :], axis=0)
+            dk2 += tl.dot(tl.trans(dz), qk1, input_precision=PREC)
+            pv2 = tl.reshape(tl.dot(p, v2c, input_precision=PREC), (C, C, EB))
+            dv1 += tl.sum(pv2 * g[:, None, :], axis=0)
+            dv2 += tl.dot(tl.trans(p), gv1, input_precision=PREC)
         tl.atomic_add(dq_ptr + rows[:, None] * sq + dk[None, :], dq, mask=rmask[:, None])
         tl.atomic_add(dk1_ptr + rows[:, None] * sk + dk[None, :], dk1, mask=rmask[:, None])
         tl.atomic_add(dk2_ptr + rows[:, None] * sk + dk[None, :], dk2, mask=rmask[:, None])
         vm = rmask[:, None] & (cols[None, :] < DV)
         tl.atomic_add(dv1_ptr + rows[:, None] * sv + cols[None, :], dv1, mask=vm)
         tl.atomic_add(dv2_ptr + rows[:, None] * sv + cols[None, :], dv2, mask=vm)
-        tl.debug_barrier()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,15 +328,15 @@ def poly_fwd(q, k1, k2, v1, v2, scale: float, *, save: bool = True):
     ia, ib, wq, KP = _tables(D, q.device)
     NE = -(-(DV + 1) // EB)
     NC = -(-T // CHUNK)
+    NMB = KP // BM
     slot = B * HQ * NE * 2 * KP * EB * 4
     KCK = _ckpt_every(NC, slot)
     NS = -(-NC // KCK)
-    num = torch.empty(B, T, HQ, NE * EB, dtype=torch.float32, device=q.device)
-    st = torch.zeros(B * HQ * NE, 2, KP, EB, dtype=torch.float32, device=q.device)
-    ck = torch.empty((B * HQ * NE, NS + 1, 2, KP, EB) if save else (1,), dtype=torch.float32, device=q.device)
-    _poly_fwd_kernel[(B * HQ, NE)](q, k1, k2, v1, v2, num, st, ck, ia, ib, wq, T, HQ, HQ // HK, NE * EB, NS,
-                                   scale, D=D, DV=DV, C=CHUNK, EB=EB, BM=BM, KP=KP, KCK=KCK, SAVE=save,
-                                   PREC=_prec(q.device), num_warps=8)
+    num = torch.zeros(B, T, HQ, NE * EB, dtype=torch.float32, device=q.device)
+    ck = torch.empty((B * HQ * NE * NMB, NS + 1, 2, BM, EB) if save else (1,), dtype=torch.float32, device=q.device)
+    _poly_fwd_kernel[(B * HQ, NE, NMB)](q, k1, k2, v1, v2, num, ck, ia, ib, wq, T, HQ, HQ // HK, NE * EB, NS,
+                                        scale, D=D, DV=DV, C=CHUNK, EB=EB, BM=BM, KCK=KCK, SAVE=save,
+                                        PREC=_prec(q.device), num_warps=NUM_WARPS)
     return num, ck, KCK
 
 
@@ -365,10 +351,9 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, ck, KCK: int, scale: float):
     dq = torch.zeros(B, T, HQ, D, **f32)
     dk1, dk2 = torch.zeros(B, T, HK, D, **f32), torch.zeros(B, T, HK, D, **f32)
     dv1, dv2 = torch.zeros(B, T, HK, DV, **f32), torch.zeros(B, T, HK, DV, **f32)
-    st = torch.empty(B * HQ * NE, 4, KP, EB, **f32)
-    _poly_bwd_kernel[(B * HQ, NE)](q, k1, k2, v1, v2, do, den, delta, dq, dk1, dk2, dv1, dv2, st, ck, ia, ib, wq,
-                                   T, HQ, HQ // HK, NS, scale, D=D, DV=DV, C=CHUNK, EB=EB, BM=BM, KP=KP,
-                                   KCK=KCK, PREC=_prec(q.device), num_warps=8)
+    _poly_bwd_kernel[(B * HQ, NE, KP // BM)](q, k1, k2, v1, v2, do, den, delta, dq, dk1, dk2, dv1, dv2, ck,
+                                             ia, ib, wq, T, HQ, HQ // HK, NS, scale, D=D, DV=DV, C=CHUNK, EB=EB,
+                                             BM=BM, KCK=KCK, PREC=_prec(q.device), num_warps=NUM_WARPS)
     return dq, dk1, dk2, dv1, dv2
 
 
