@@ -198,3 +198,21 @@ def test_kjv_config_loss_in_bits(tmp_path):
     r = t.evaluate(model, lambda: torch.autocast("cpu", enabled=False))
     assert r["val_bpc"] == pytest.approx(r["val_loss"] / math.log(2))
     assert abs(r["val_bpc"] - math.log2(t.data.vocab_size)) < 0.5  # an untrained model is near uniform
+
+
+def test_plot_groups_seeds_and_writes_an_image(tmp_path):
+    pytest.importorskip("matplotlib")
+    from tensorattn.plot import curve, group_runs, main as plot_main, read_metrics
+
+    for seed in (0, 1):
+        train(_cfg(tmp_path, f"m3_S_seed{seed}", pattern="S", steps=4, eval_every=2, log_every=2, seed=seed))
+    train(_cfg(tmp_path, "m3_T_seed0", pattern="T", steps=4, eval_every=2, log_every=2))
+    dirs = sorted(tmp_path.glob("m3_*"))
+    groups = group_runs(dirs)
+    assert sorted(groups) == ["m3_S", "m3_T"] and len(groups["m3_S"]) == 2
+    steps, vals = curve([read_metrics(d) for d in groups["m3_S"]], "val_acc")
+    assert steps.tolist() == [2, 4] and vals.shape == (2, 2)
+    out = tmp_path / "c.png"
+    assert plot_main([str(d) for d in dirs] + ["--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert plot_main([str(tmp_path / "missing")]) == 2

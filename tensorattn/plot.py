@@ -1,0 +1,106 @@
+"""``tensorattn plot RUN_DIR... [--metric NAME ...] [--out FILE]``: training curves of one or more runs.
+
+Each RUN_DIR holds the ``metrics.jsonl`` that :func:`tensorattn.train.train` writes. Runs whose directory
+names differ only by a ``seed<N>`` suffix (``kjv_S_seed0``, ``kjv_S_seed1``) form one group, drawn as
+the mean over seeds with a band from the minimum to the maximum. Needs matplotlib.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+_SEED = re.compile(r"[-_]?seed\d+$")
+_DEFAULT = ("train_loss", "val_loss", "val_bpc", "val_acc", "test_acc")
+
+
+def read_metrics(run_dir) -> List[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} does not exist (is {run_dir} a training run directory?)")
+    return [json.loads(ln) for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def group_runs(run_dirs) -> Dict[str, List[Path]]:
+    groups: Dict[str, List[Path]] = defaultdict(list)
+    for d in run_dirs:
+        d = Path(d)
+        groups[_SEED.sub("", d.name.rstrip("/")) or d.name].append(d)
+    return dict(groups)
+
+
+def curve(runs: List[List[dict]], metric: str):
+    """Steps where every run logged ``metric``, and the values ``[n_runs, n_steps]``."""
+    per = [{r["step"]: r[metric] for r in rows if metric in r} for rows in runs]
+    steps = sorted(set.intersection(*(set(p) for p in per))) if per else []
+    return np.array(steps), np.array([[p[s] for s in steps] for p in per], dtype=float)
+
+
+def plot(run_dirs, metrics: Optional[List[str]] = None, out: str = "curves.png", title: Optional[str] = None,
+         logy: bool = False) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = group_runs(run_dirs)
+    data = {name: [read_metrics(d) for d in dirs] for name, dirs in groups.items()}
+    if not metrics:
+        present = {k for runs in data.values() for rows in runs for r in rows for k in r}
+        metrics = [m for m in _DEFAULT if m in present]
+    if not metrics:
+        raise ValueError("none of the runs logged a metric to plot")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for name, runs in data.items():
+            steps, vals = curve(runs, metric)
+            if len(steps) == 0:
+                continue
+            mean = vals.mean(0)
+            label = name if len(runs) == 1 else f"{name} (n={len(runs)})"
+            (line,) = ax.plot(steps, mean, label=label)
+            if len(runs) > 1:
+                ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    from ._io import atomic_write
+
+    out = Path(out)
+    fmt = out.suffix.lstrip(".") or "png"
+    atomic_write(out, lambda f: fig.savefig(f, format=fmt, dpi=110), binary=True)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="tensorattn plot", description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
+    ap.add_argument("--metric", action="append", help="metric to plot (repeatable); default: the usual ones present")
+    ap.add_argument("--out", default="curves.png", help="output image (png, pdf or svg)")
+    ap.add_argument("--title")
+    ap.add_argument("--logy", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        path = plot(args.runs, args.metric, args.out, args.title, args.logy)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"tensorattn plot: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
