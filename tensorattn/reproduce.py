@@ -98,7 +98,7 @@ PRESETS = {
                    cost_fast_n=(8, 16, 64), cost_time_cap_s=5.0, cost_subprocess=False, thr_n=12, thr_degrees=(2, 4),
                    thr_B=(0.5, 1.0), thr_ns=(10**3, 10**6), thr_time_n=16, thr_time_B=(0.5, 1.0),
                    ord_ns=(10**3, 10**6), ord_err_n=(8, 6, 4), ord_err_B=(0.5, 1.0), hd_ds=(2, 4), hd_n=16,
-                   hd_max_rank=200, tr_n=8, tr_steps=4, tr_degrees=(2,), repeats=1),
+                   hd_max_rank=200, tr_n=8, tr_steps=4, tr_lr=2.0, tr_degrees=(2,), repeats=1),
 }
 
 
@@ -484,7 +484,7 @@ def section_threshold(rep: Report, progress) -> Section:
             if not all(ms) and d_kind == "log2 n":
                 b_meas = max((B for B, mm in zip(Bs, ms) if mm), default=float("nan"))
                 bound_note.append(f"n = {n:.0e}: measured up to B = {b_meas}, Taylor bound beyond")
-            brows.append({"n": n, "ε": eps, "d": f"{d} ({d_kind})", "(ln n)^(1/3)": b_th,
+            brows.append({"n": n, "ε": eps, "d": d, "regime": "d = log2 n" if d_kind == "log2 n" else "fixed d", "(ln n)^(1/3)": b_th,
                           "degree at B=(ln n)^(1/3)": g_th, "rank at B=(ln n)^(1/3)": k_th,
                           "break-even rank n²/d": k_even, "B where k reaches n²/d": cross,
                           "ratio to (ln n)^(1/3)": cross / b_th})
@@ -546,10 +546,10 @@ def section_threshold(rep: Report, progress) -> Section:
 def _crossing_sentence(rows) -> str:
     parts = []
     for kind in ("log2 n", "fixed"):
-        rs = [r for r in rows if r["d"].endswith(f"({kind})")]
+        rs = [r for r in rows if r["regime"] == ("d = log2 n" if kind == "log2 n" else "fixed d")]
         rat = [r["ratio to (ln n)^(1/3)"] for r in rs if r["ratio to (ln n)^(1/3)"] == r["ratio to (ln n)^(1/3)"]]
         missing = [f"{r['n']:.0e}" for r in rs if r["ratio to (ln n)^(1/3)"] != r["ratio to (ln n)^(1/3)"]]
-        txt = (f"With d = {'⌈log₂ n⌉' if kind == 'log2 n' else rs[0]['d'].split()[0]} the break-even B is "
+        txt = (f"With d = {'⌈log₂ n⌉' if kind == 'log2 n' else str(rs[0]['d'])} the break-even B is "
                + (f"{min(rat):.2f}-{max(rat):.2f} times (ln n)^(1/3)" if rat else "beyond the B range plotted"))
         if missing and rat:
             txt += f" (beyond the range plotted for n = {', '.join(missing)})"
