@@ -23,8 +23,10 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/tensorattn check
+	$(VENV)/bin/tensorattn reproduce --preset quick --out $(OUT)
 
-check: demo
+check: $(STAMP)
+	$(VENV)/bin/tensorattn check
 
 test: $(STAMP)
 	$(PY) -m pytest -q
