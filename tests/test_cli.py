@@ -28,3 +28,14 @@ def test_unknown_command(capsys):
 def test_python_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "tensorattn", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "check" in r.stdout
+
+
+def test_import_without_triton():
+    """`import tensorattn` and the CPU paths work on a machine without Triton."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, tensorattn\n"
+            "x = torch.randn(1, 6, 2, 4)\n"
+            "assert tensorattn.tensor_attn(x, x, x, x, x, causal=True).shape == x.shape\n"
+            "assert tensorattn.poly_tensor_attn(x, x, x, x, x, causal=True).shape == x.shape\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
