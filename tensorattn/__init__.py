@@ -8,7 +8,9 @@
 
 ``import tensorattn`` needs neither a GPU nor Triton: kernels are imported only when a Triton backend runs.
 """
+from . import paper
 from .exact import tensor_attn
+from .fast import fast_order_attn
 from .layers import PolyTensorAttention, SoftmaxAttention, TensorAttention
 from .naive import naive_order_attn, naive_tensor_attn
 from .poly import PolyTensorAttnState, naive_poly_tensor_attn, poly_tensor_attn, poly_tensor_attn_step
@@ -19,6 +21,8 @@ __all__ = [
     "naive_tensor_attn",
     "naive_order_attn",
     "tensor_attn",
+    "fast_order_attn",
+    "paper",
     "poly_tensor_attn",
     "naive_poly_tensor_attn",
     "PolyTensorAttnState",
