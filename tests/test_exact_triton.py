@@ -59,7 +59,12 @@ else:
         o = tensor_attn(*leaves, backend=backend, **kw)
         return [o] + list(torch.autograd.grad(o, leaves, do.to(dtype)))
 
-    def check(xs, dtype, floor_ulps=4.0, **kw):
+    def check(xs, dtype, floor_ulps=None, **kw):
+        # float32: the kernels accumulate dk2/dv2 sequentially over up to S1*S2/BN tile products (the reference
+        # sums through cuBLAS), an error that grows like sqrt(S1*S2) ulps (measured on the H100: dv2 at T=300 off
+        # by 79 ulps of its largest value); 2*sqrt(S1*S2) ulps still flags tf32 products (~1e-3 relative) by 15x
+        S1, S2 = xs[1].shape[1], xs[2].shape[1]
+        floor_ulps = floor_ulps or (max(64.0, 2.0 * (S1 * S2) ** 0.5) if dtype == torch.float32 else 4.0)
         gen = torch.Generator().manual_seed(7)
         do = torch.randn(*xs[0].shape[:3], xs[3].shape[3], generator=gen, dtype=torch.float64).to(DEVICE)
         truth = run(xs, torch.float64, do, "naive", **kw)

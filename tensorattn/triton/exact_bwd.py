@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .exact_fwd import LOG2E, block_sizes, dot_dtype, plan
+from .exact_fwd import COMPILED, block_sizes, dot_dtype, plan
 
 
 @triton.jit
@@ -68,13 +68,13 @@ def _bwd_q_kernel(
     DV1 += b64 * sb_b + hk * sb_h
 
     qmask = row_ok[:, None] & d_ok[None, :]
+    # q and dO stay in the input dtype (registers are the limit here); converted where used
     q = tl.load(Q + b64 * sq_b + tok[:, None] * sq_t + hq[:, None] * sq_h + d[None, :] * sq_d, mask=qmask,
-                other=0.0).to(tl.float32) * scale  # [M, BD], scaled once: dk1 = t * (scale q)
+                other=0.0)  # [M, BD]
     do = tl.load(DO + b64 * sdo_b + tok[:, None] * sdo_t + hq[:, None] * sdo_h + e[None, :] * sdo_d,
-                 mask=row_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)  # [M, BDV]
+                 mask=row_ok[:, None] & e_ok[None, :], other=0.0)  # [M, BDV]
     lse2 = tl.load(LSE + b64 * sl_b + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0) * LOG2E_
     delta = tl.load(DELTA + b64 * sl_b + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0)
-    q2 = q * LOG2E_  # base-2 logits
     dq = tl.zeros([M, BD], tl.float32)
 
     i_last = tl.minimum(T, i0 + BT)
@@ -101,12 +101,11 @@ def _bwd_q_kernel(
         else:
             j1 = tl.zeros([M], tl.int32) + r
             ok1 = row_ok
-        k1 = tl.load(K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d, mask=ok1[:, None] & d_ok[None, :],
-                     other=0.0).to(tl.float32)
-        v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :],
-                     other=0.0).to(tl.float32)
-        qk1 = (q2 * k1).to(DOT_DTYPE)
-        dov1 = (do * v1).to(DOT_DTYPE)
+        k1p = K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d
+        k1m = ok1[:, None] & d_ok[None, :]
+        v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :], other=0.0)
+        qk1 = (q.to(tl.float32) * tl.load(k1p, mask=k1m, other=0.0).to(tl.float32) * (scale * LOG2E_)).to(DOT_DTYPE)
+        dov1 = (do.to(tl.float32) * v1.to(tl.float32)).to(DOT_DTYPE)
         t = tl.zeros([M, BD], tl.float32)
         u = tl.zeros([M, BDV], tl.float32)
         for c0 in range(lo2, hi2, BN):
@@ -127,9 +126,10 @@ def _bwd_q_kernel(
             ds = p * (dp - delta[:, None])
             t = tl.dot(ds.to(DOT_DTYPE), k2, acc=t, input_precision=PRECISION)
             u = tl.dot(p.to(DOT_DTYPE), v2, acc=u, input_precision=PRECISION)
-        dq += t * k1
-        gk1 = t * q  # [M, BD]: contribution to dk1[j1] of each row (scale folded into q)
-        gv1 = u * do  # [M, BDV]
+        # k1 is re-read (an L1/L2 hit) rather than kept live through the inner loop
+        dq += t * tl.load(k1p, mask=k1m, other=0.0).to(tl.float32)
+        gk1 = t * (q.to(tl.float32) * scale)  # [M, BD]: contribution of each row to dk1[j1]
+        gv1 = u * do.to(tl.float32)  # [M, BDV]
         if MODE == 2:
             # sum the GP heads of each token; token k's j1 is i0 + k - r
             gk1 = tl.sum(tl.reshape(gk1, [BT, GP, BD]), 1)
@@ -210,9 +210,9 @@ def _bwd_k2_kernel(
         tok = i0 + rows // GP
         row_ok = (tok < T) & (g < G)
         q = tl.load(Q + tok[:, None] * sq_t + hq[:, None] * sq_h + d[None, :] * sq_d,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * (scale * LOG2E_)
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         do = tl.load(DO + tok[:, None] * sdo_t + hq[:, None] * sdo_h + e[None, :] * sdo_d,
-                     mask=row_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+                     mask=row_ok[:, None] & e_ok[None, :], other=0.0)
         lse2 = tl.load(LSE + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0) * LOG2E_
         delta = tl.load(DELTA + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0)
         vis2 = row_ok[:, None] & ok2[None, :]
@@ -238,8 +238,8 @@ def _bwd_k2_kernel(
                          other=0.0).to(tl.float32)
             v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :],
                          other=0.0).to(tl.float32)
-            qk1 = (q * k1).to(DOT_DTYPE)  # [M, BD], carries scale * log2(e)
-            dov1 = (do * v1).to(DOT_DTYPE)  # [M, BDV]
+            qk1 = (q.to(tl.float32) * k1 * (scale * LOG2E_)).to(DOT_DTYPE)  # [M, BD], carries scale * log2(e)
+            dov1 = (do.to(tl.float32) * v1).to(DOT_DTYPE)  # [M, BDV]
             s = tl.dot(qk1, tl.trans(k2), input_precision=PRECISION)  # [M, BN]
             vis = vis2 & ok1[:, None]
             p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
@@ -275,6 +275,11 @@ def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
     S1, S2 = k1.shape[1], k2.shape[1]
     interpret = q.device.type == "cpu"
     BT, GP, BN, BD, BDV, warps = block or block_sizes(G, D, Dv, interpret=interpret)
+    stages = {}
+    if q.dtype == torch.float32 and block is None and not interpret and max(BD, BDV) >= 64:
+        # float32 tiles with the default pipelining asked for 288 KB of shared memory at D = 128 on an H100
+        # (limit 227 KB): halve the key block and drop the pipelining; float32 is the accuracy path, not the fast one
+        BN, stages = 32, dict(num_stages=1)
     delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, Hq, T]
     lse = lse.contiguous()
     dq = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
@@ -284,13 +289,13 @@ def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
     dv2 = torch.empty(B, S2, Hkv, Dv, dtype=q.dtype, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     common = dict(MODE=mode, BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, DOT_DTYPE=dot_dtype(q.dtype), PRECISION=prec,
-                  num_warps=warps)
+                  num_warps=warps, **stages)
     strides = (*q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *do.stride(), *lse.stride())
     sizes = (T, S1, S2, Hkv, G, D, Dv, w1, w2, scale)
-    _bwd_q_kernel[(triton.cdiv(T, BT), B * Hkv)](
+    COMPILED['_bwd_q_kernel'] = _bwd_q_kernel[(triton.cdiv(T, BT), B * Hkv)](
         q, k1, k2, v1, v2, do, lse, delta, dq, dk1, dv1, *strides, *dq.stride(), *dk1.stride(), *dv1.stride(),
         *sizes, **common)
-    _bwd_k2_kernel[(triton.cdiv(S2, BN), B * Hkv)](
+    COMPILED['_bwd_k2_kernel'] = _bwd_k2_kernel[(triton.cdiv(S2, BN), B * Hkv)](
         q, k1, k2, v1, v2, do, lse, delta, dk2, dv2, *strides, *dk2.stride(), *dv2.stride(), *sizes, **common)
     dk1, dv1 = dk1.to(q.dtype), dv1.to(q.dtype)
     if swap:

@@ -34,6 +34,17 @@ LN2 = 0.6931471805599453
 
 MODE_FULL, MODE_CAUSAL, MODE_WINDOW = 0, 1, 2
 
+# The last compiled kernel of each name (registers, spills: read by the benchmark's report).
+COMPILED = {}
+
+
+def resources():
+    """``{kernel: {"n_regs", "n_spills", "shared"}}`` of the last launches (on CUDA)."""
+    out = {}
+    for k, c in COMPILED.items():
+        out[k] = {a: getattr(c, a, None) for a in ("n_regs", "n_spills", "shared")}
+    return out
+
 
 def plan(q, k1, k2, *, causal, window):
     """Mode, the two windows after the swap, and whether the streams are swapped (smaller window outer)."""
@@ -97,9 +108,9 @@ def _exact_fwd_kernel(
     V1 += b64 * sv1_b + hk * sv1_h
     V2 += b64 * sv2_b + hk * sv2_h
 
+    # kept in the input dtype (half the registers of float32); scaled when qk1 is formed
     q = tl.load(Q + tok[:, None] * sq_t + hq[:, None] * sq_h + d[None, :] * sq_d,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    q = q * qk_scale  # scale * log2(e): scores come out in base 2
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
@@ -131,8 +142,7 @@ def _exact_fwd_kernel(
             ok1 = row_ok
         k1 = tl.load(K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d, mask=ok1[:, None] & d_ok[None, :], other=0.0)
         v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :], other=0.0)
-        qk1 = (q * k1.to(tl.float32)).to(DOT_DTYPE)  # [M, BD]
-        v1 = v1.to(tl.float32)
+        qk1 = (q.to(tl.float32) * k1.to(tl.float32) * qk_scale).to(DOT_DTYPE)  # [M, BD], base-2 logits
         for c0 in range(lo2, hi2, BN):
             j2 = c0 + tl.arange(0, BN)
             ok2 = j2 < hi2
@@ -153,7 +163,7 @@ def _exact_fwd_kernel(
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             pv2 = tl.dot(p.to(DOT_DTYPE), v2, input_precision=PRECISION)  # [M, BDV]
-            acc = acc * alpha[:, None] + pv2 * v1
+            acc = acc * alpha[:, None] + pv2 * v1.to(tl.float32)
             m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -193,7 +203,7 @@ def exact_fwd(q, k1, k2, v1, v2, *, scale: float, causal: bool, window, block=No
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(T, BT), B * Hkv)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    _exact_fwd_kernel[grid](
+    COMPILED['_exact_fwd_kernel'] = _exact_fwd_kernel[grid](
         q, k1, k2, v1, v2, o, lse,
         *q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *o.stride(), *lse.stride(),
         T, k1.shape[1], k2.shape[1], Hkv, G, D, Dv, w1, w2, scale * LOG2E,
@@ -203,4 +213,4 @@ def exact_fwd(q, k1, k2, v1, v2, *, scale: float, causal: bool, window, block=No
     return o, lse
 
 
-__all__ = ["exact_fwd", "plan", "block_sizes", "LOG2E", "LN2", "MODE_FULL", "MODE_CAUSAL", "MODE_WINDOW"]
+__all__ = ["exact_fwd", "resources", "COMPILED", "plan", "block_sizes", "LOG2E", "LN2", "MODE_FULL", "MODE_CAUSAL", "MODE_WINDOW"]
