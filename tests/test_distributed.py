@@ -1,17 +1,18 @@
 """tensorattn.distributed: context-parallel attention and data-parallel training on gloo (CPU).
 
-Two spawned groups check many cases each (process start-up dominates the cost):
+One spawned group of 3 ranks checks every case (process start-up dominates the cost), in two parts:
 
-* 3 ranks: context-parallel poly attention (causal and not, uneven shards, GQA, chunked causal path,
+* context parallelism: poly attention (causal and not, uneven shards, GQA, chunked causal path,
   degree 4) and exact windowed attention with a halo that spans several ranks; outputs and the gradients
-  of all five inputs equal the single-process ones in float64.
-* 2 ranks: one DDP step and one FSDP2 step of the training code's model on half batches equal the
-  single-process step on the whole batch; checkpoints round-trip; small helpers.
+  of all five inputs equal the single-process ones in float64;
+* data parallelism: one DDP step and one FSDP2 step of the training code's model on a third of the
+  batch each equal the single-process step on the whole batch; checkpoints round-trip.
 
-Workers collect mismatches and raise only after the last collective, so a wrong result fails the test
-instead of leaving the other ranks waiting.
+Workers collect mismatches and report them only after the last collective (so a wrong result fails
+its test instead of leaving the other ranks waiting); each part is one test.
 """
 import copy
+import json
 import os
 import tempfile
 
@@ -78,8 +79,30 @@ def _compare(errs, name, o, grads, ref_o, ref_grads, sl, tol=1e-10):
             errs.append(f"{name}: {what} differs ({diff})")
 
 
-# ------------------------------------------------------------------------------------------ 3 ranks
-def _cp_worker(rank, world, tmpdir):
+WORLD = 3
+
+
+def _all_worker(rank, world, tmpdir, outdir):
+    report = {"cp": _cp_part(rank, world), "dp": _dp_part(rank, world, tmpdir)}
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+
+
+@pytest.fixture(scope="module")
+def gloo_report(tmp_path_factory):
+    """Mismatches found by each rank in each part: ``{part: [messages]}`` over all ranks."""
+    outdir = str(tmp_path_factory.mktemp("dist"))
+    _spawn(WORLD, _all_worker, outdir)
+    out = {"cp": [], "dp": []}
+    for r in range(WORLD):
+        with open(os.path.join(outdir, f"rank{r}.json")) as f:
+            for part, errs in json.load(f).items():
+                out[part] += [f"rank {r}: {e}" for e in errs]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ context parallel
+def _cp_part(rank, world):
     errs = []
     # poly: (lengths, causal, degree, chunk_size, Hq, Hkv)
     cases = [([3, 5, 2], False, 2, None, 4, 2), ([3, 5, 2], True, 2, None, 4, 2), ([4, 3, 3], True, 2, 2, 2, 2),
@@ -110,18 +133,18 @@ def _cp_worker(rank, world, tmpdir):
         errs.append("gather_sequence(shard_sequence(x)) != x")
     if td.all_reduce_mean(float(rank)) != (world - 1) / 2:
         errs.append("all_reduce_mean")
-    assert not errs, f"rank {rank}: " + "; ".join(errs)
+    return errs
 
 
-def test_context_parallel_matches_single_process():
-    _spawn(3, _cp_worker)
+def test_context_parallel_matches_single_process(gloo_report):
+    assert not gloo_report["cp"], "\n".join(gloo_report["cp"])
 
 
-# ------------------------------------------------------------------------------------------ 2 ranks
+# ------------------------------------------------------------------------------------------ data parallel
 def _task():
     from tensorattn.train import TrainConfig, build_task
 
-    cfg = TrainConfig(task="match3", pattern="TP", n_layer=2, dim=16, n_heads=2, match3_n=6, batch_size=4,
+    cfg = TrainConfig(task="match3", pattern="TP", n_layer=2, dim=16, n_heads=2, match3_n=6, batch_size=2 * WORLD,
                       eval_batches=1, progress=False)
     return build_task(cfg, "cpu")
 
@@ -134,7 +157,12 @@ def _grads(model):
     return out
 
 
-def _dp_worker(rank, world, tmpdir):
+def _rel(a, b):
+    """Relative error in the Frobenius norm (robust to tiny entries)."""
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _dp_part(rank, world, tmpdir):
     torch.set_default_dtype(F64)
     errs = []
     task = _task()
@@ -149,19 +177,21 @@ def _dp_worker(rank, world, tmpdir):
     opt.step()
     ref_state = {k: v.detach().clone() for k, v in ref.state_dict().items()}
     local = td.shard_batch(batch, rank, world)
+    # task.loss casts the float64 logits to float32 for the cross-entropy (as in training), so the
+    # gradients agree to float32 rounding (~1e-8 relative, in norm), not float64; a wrong reduction or shard is O(1)
     for strategy in ("ddp", "fsdp"):
         model = td.wrap_model(copy.deepcopy(base), strategy)
         opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)  # momentum: state to checkpoint
         task.loss(model, local).backward()
         grads = _grads(model)
         for n, g in ref_grads.items():
-            if not torch.allclose(grads[n], g, atol=1e-12, rtol=1e-9):
-                errs.append(f"{strategy}: grad of {n} differs by {(grads[n] - g).abs().max().item():.3g}")
+            if _rel(grads[n], g) > 1e-6:
+                errs.append(f"{strategy}: grad of {n} differs (relative {_rel(grads[n], g):.3g})")
         opt.step()
         state = td.model_state_dict(model)
         for k, v in ref_state.items():
-            if not torch.allclose(state[k], v, atol=1e-12, rtol=1e-9):
-                errs.append(f"{strategy}: {k} after the step differs by {(state[k] - v).abs().max().item():.3g}")
+            if _rel(state[k], v) > 1e-6:
+                errs.append(f"{strategy}: {k} after the step differs (relative {_rel(state[k], v):.3g})")
         # checkpoint written by rank 0, loaded into a fresh wrapped model on every rank
         path = os.path.join(tmpdir, f"{strategy}.pt")
         written = td.save_checkpoint(path, model=model, optimizer=opt, step=7)
@@ -175,11 +205,11 @@ def _dp_worker(rank, world, tmpdir):
         loaded = td.model_state_dict(fresh)
         if any(not torch.equal(loaded[k], v) for k, v in state.items()):
             errs.append(f"{strategy}: checkpoint did not round-trip")
-    assert not errs, f"rank {rank}: " + "; ".join(errs)
+    return errs
 
 
-def test_data_parallel_step_matches_single_process():
-    _spawn(2, _dp_worker)
+def test_data_parallel_step_matches_single_process(gloo_report):
+    assert not gloo_report["dp"], "\n".join(gloo_report["dp"])
 
 
 # ------------------------------------------------------------------------------------- one process
