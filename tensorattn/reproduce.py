@@ -88,11 +88,11 @@ class Preset:
 PRESETS = {
     "quick": Preset("quick"),
     "full": Preset("full", corr_n=96, cost_exact_n=(16, 32, 64, 128, 256, 512, 1024),
-                   cost_fast_n=(16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576), cost_time_cap_s=60.0,
+                   cost_fast_n=(16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576), cost_time_cap_s=30.0,
                    thr_n=128, thr_B=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5), thr_time_n=512,
                    thr_time_B=(0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25), ord_err_n=(64, 32, 12),
                    ord_err_B=(0.5, 1.0, 1.5, 2.0), hd_n=1024, hd_eps=1e-3, hd_max_rank=80000,
-                   tr_n=128, tr_steps=200, tr_degrees=(2, 4, 8), repeats=5),
+                   tr_n=128, tr_steps=200, tr_degrees=(2, 4, 8), repeats=3),
     # test-sized: every section and figure, in seconds
     "tiny": Preset("tiny", corr_n=10, corr_degrees=(2, 4), order_n=(8, 6, 4), cost_exact_n=(8, 16),
                    cost_fast_n=(8, 16, 64), cost_time_cap_s=5.0, cost_subprocess=False, thr_n=12, thr_degrees=(2, 4),
