@@ -759,18 +759,26 @@ def run(preset: str = "quick", out: str = "reports/quick", device: str = "cpu",
     funcs = {"correctness": lambda: section_correctness(rep), "cost": lambda: section_cost(rep, progress),
              "threshold": lambda: section_threshold(rep, progress), "order": lambda: section_order(rep, progress),
              "headdim": lambda: section_headdim(rep, progress), "training": lambda: section_training(rep, progress)}
+    command = command or f"tensorattn reproduce --preset {preset} --out {out} --device {device}"
+
+    def write(done: bool) -> None:
+        # written after every section, so a run cut short still leaves a complete report of what it finished
+        status = "" if done else (f"\n\n**Partial report: {len(rep.sections)} of {len(sections)} sections "
+                                  "finished so far.**\n")
+        label = "Total run time" if done else "Run time so far"
+        text = rep.render(command) + status + f"\n\n{label}: {time.perf_counter() - t0:.1f} s.\n"
+        atomic_write_json(out_dir / "report.json", {
+            "meta": rep.meta, "preset": asdict(p), "command": command, "complete": done,
+            "sections": {s.key: {"title": s.title, "config": s.config, "data": s.data, "figures": s.figures}
+                         for s in rep.sections}})
+        atomic_write_text(out_dir / "report.md", text)
+
     for name in sections:
         bar.set_description(f"reproduce: {name}")
         rep.sections.append(funcs[name]())
         bar.update(1)
+        write(done=len(rep.sections) == len(sections))
     bar.close()
-    command = command or f"tensorattn reproduce --preset {preset} --out {out} --device {device}"
-    text = rep.render(command) + f"\n\nTotal run time: {time.perf_counter() - t0:.1f} s.\n"
-    atomic_write_json(out_dir / "report.json", {"meta": rep.meta, "preset": asdict(p), "command": command,
-                                                "sections": {s.key: {"title": s.title, "config": s.config,
-                                                                     "data": s.data, "figures": s.figures}
-                                                             for s in rep.sections}})
-    atomic_write_text(out_dir / "report.md", text)
     return out_dir / "report.md"
 
 
