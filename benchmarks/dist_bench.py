@@ -18,6 +18,11 @@ What it measures (rank 0 writes ``OUT.json`` and ``OUT.md`` with :func:`tensorat
 * ``ddp``: training steps per second of the small :class:`tensorattn.model.Transformer` (random tokens,
   AdamW, bf16 autocast on CUDA) wrapped in DDP, global tokens per second.
 
+The budget (``--budget-s``) is checked between rows only, so keep single rows short: the baseline
+rows stop at ``--baseline-max-tokens`` because the single-process op's non-causal path is a Python
+loop over 32-row chunks. Do not pipe the output through ``grep`` without ``--line-buffered``: a
+command killed at its time limit then loses everything printed.
+
 Timings are device time (CUDA events) of this rank around a call that includes the collectives; compare
 rows only within one report. An out-of-memory error on world size 1 becomes NaN; with several ranks an
 OOM on one rank would desynchronise the collectives, so size the flags for the smallest GPU.
@@ -58,6 +63,9 @@ def parse_args(argv=None):
     ap.add_argument("--chunk", type=int, default=8192, help="causal chunk (memory knob of cp_poly_tensor_attn)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--no-baseline", action="store_true", help="skip the single-process poly_tensor_attn rows")
+    ap.add_argument("--baseline-max-tokens", type=int, default=262144,
+                    help="time poly_tensor_attn only up to this length: its non-causal torch path loops over rows "
+                         "in chunks of 32 in Python (T/32 iterations per call), minutes at millions of tokens")
     ap.add_argument("--ddp-steps", type=int, default=20, help="timed DDP steps (0 skips the DDP section)")
     ap.add_argument("--ddp-batch", type=int, default=16, help="sequences per rank per step")
     ap.add_argument("--ddp-seq", type=int, default=256)
@@ -117,6 +125,10 @@ def attn_rows(args, info, dtype):
                         "tokens_per_rank": local_T}
                 if _over_budget(args, dev):
                     rows.append({**base, "ms_fwd_bwd": float("nan"), "note": "skipped (time budget)"})
+                    continue
+                if impl == "poly" and global_T > args.baseline_max_tokens:
+                    rows.append({**base, "ms_fwd_bwd": float("nan"),
+                                 "note": f"skipped (baseline limited to {args.baseline_max_tokens} tokens)"})
                     continue
                 xs, do = _inputs(args, local_T, dev, dtype, seed=1 + rank)
                 if impl == "cp":
