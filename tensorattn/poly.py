@@ -77,6 +77,13 @@ EPS = 1e-6
 #: The largest feature rank k = C(Dk + g, g) accepted (memory of the states is 2 k (Dv + 1) floats).
 MAX_RANK = 1 << 15
 _TORCH_CHUNK = 32
+# Non-causal rows per chunk: as many as keep one [B, H, rows, k] feature block under this many entries.
+# (The causal path needs small chunks for its C^3 intra-chunk term; the non-causal one is plain products.)
+_FULL_BLOCK_ELEMS = 1 << 24
+
+
+def _full_chunk(B: int, H: int, k: int, chunk: int) -> int:
+    return max(chunk, _FULL_BLOCK_ELEMS // max(1, B * H * k))
 _TORCH_CKPT = 16
 
 
@@ -345,7 +352,7 @@ class PolyTensorAttnFunction(torch.autograd.Function):
         if causal:
             num, states = _causal_fwd(qh, k1h, k2h, v1h, v2h, feat, chunk, ckpt)
         else:
-            num, states = _full_fwd(qh, k1h, k2h, v1h, v2h, feat, chunk)
+            num, states = _full_fwd(qh, k1h, k2h, v1h, v2h, feat, _full_chunk(B, Hq, poly_rank(D, degree), chunk))
         den = num[..., Dv] + EPS  # [B, H, T]
         o = num[..., :Dv] / den[..., None]  # [B, H, T, Dv]
         flat = [t for st in states for t in st]
@@ -372,7 +379,8 @@ class PolyTensorAttnFunction(torch.autograd.Function):
         if causal:
             dq, dk1, dk2, dv1, dv2 = _causal_bwd(qh, k1h, k2h, v1h, v2h, G, feat, chunk, ckpt, states)
         else:
-            dq, dk1, dk2, dv1, dv2 = _full_bwd(qh, k1h, k2h, v1h, v2h, G, feat, chunk, states)
+            dq, dk1, dk2, dv1, dv2 = _full_bwd(qh, k1h, k2h, v1h, v2h, G, feat,
+                                               _full_chunk(B, Hq, poly_rank(D, degree), chunk), states)
         dv1, dv2 = dv1[..., :-1], dv2[..., :-1]  # the ones column is not an input
         return (dq.transpose(1, 2).to(q.dtype), _reduce_groups(dk1, g).to(k1.dtype), _reduce_groups(dk2, g).to(k2.dtype),
                 _reduce_groups(dv1, g).to(v1.dtype), _reduce_groups(dv2, g).to(v2.dtype),
@@ -412,8 +420,9 @@ class _TritonBackend(Backend):
             r.append(f"the fused kernels implement degree 2 only, got degree {degree}")
         if not causal:
             r.append("the fused kernels are causal only (the non-causal op is two matrix products: torch backend)")
-        if head_dim > 64 or head_dim & (head_dim - 1):
-            r.append(f"Dk must be a power of two <= 64, got {head_dim}")
+        if head_dim > 64 or head_dim < 16 or head_dim & (head_dim - 1):
+            # tl.dot needs inner dimensions >= 16 (a Dk = 4 launch failed to compile on an H100)
+            r.append(f"Dk must be a power of two in [16, 64], got {head_dim}")
         if value_dim > 256:
             r.append(f"Dv must be <= 256, got {value_dim}")
         return r

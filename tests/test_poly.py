@@ -202,3 +202,22 @@ def test_bad_decoding_inputs(gen):
         poly_tensor_attn_step(None, x(1, 2, 3), x(1, 2, 3), x(1, 2, 3), x(1, 2, 4), x(1, 2, 4))
     with pytest.raises(ValueError, match="even"):
         PolyTensorAttnState.empty(1, 1, 2, 2, degree=3)
+
+
+def test_noncausal_chunking_does_not_change_the_result(monkeypatch):
+    """The non-causal path takes large row blocks; force several blocks and compare with one."""
+    import tensorattn.poly as P
+
+    g = torch.Generator().manual_seed(5)
+    x = [torch.randn(1, 37, 2, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    x += [torch.randn(1, 37, 2, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    o1 = P.poly_tensor_attn(*x, backend="torch")
+    g1 = torch.autograd.grad(o1.square().sum(), x)
+    monkeypatch.setattr(P, "_FULL_BLOCK_ELEMS", 1)  # -> blocks of _TORCH_CHUNK rows
+    o2 = P.poly_tensor_attn(*x, backend="torch")
+    g2 = torch.autograd.grad(o2.square().sum(), x)
+    torch.testing.assert_close(o1, o2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    ref = P.naive_poly_tensor_attn(*[t.detach() for t in x])
+    torch.testing.assert_close(o1.detach(), ref, rtol=1e-10, atol=1e-12)
