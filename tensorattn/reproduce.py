@@ -21,6 +21,7 @@ numerics are float64 (the paper's regime of exact arithmetic; the point is the a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -409,15 +410,28 @@ def _needed(radius: float, eps: float, d: int, family: str = "taylor") -> Tuple[
     resolve it; for large radii (cancellation in float64) it falls back to Taylor's remainder bound, and the
     third element is False.
     """
-    from .features import degree_for, rank
+    from .features import rank
 
-    try:
-        g, measured = degree_for(radius, eps, family), True
-    except ValueError:
-        g, measured = _taylor_bound_degree(radius, eps), False
+    g, measured = _degree(radius, eps, family)
     if family == "taylor" and g % 2:
         g += 1  # odd Taylor degrees are refused (normaliser positivity)
     return g, rank(d, g), measured
+
+
+_UNRESOLVED: Dict[Tuple[float, str], float] = {}  # smallest radius float64 could not resolve, per (eps, family)
+
+
+@functools.lru_cache(maxsize=None)
+def _degree(radius: float, eps: float, family: str) -> Tuple[int, bool]:
+    from .features import degree_for
+
+    # past the first radius where float64 fails, every larger one fails too: skip the search
+    if radius < _UNRESOLVED.get((eps, family), math.inf):
+        try:
+            return degree_for(radius, eps, family), True
+        except ValueError:
+            _UNRESOLVED[(eps, family)] = min(radius, _UNRESOLVED.get((eps, family), math.inf))
+    return _taylor_bound_degree(radius, eps), False
 
 
 def section_threshold(rep: Report, progress) -> Section:
@@ -566,28 +580,34 @@ def section_order(rep: Report, progress) -> Section:
     p, dev = rep.preset, rep.device
     d = 4
     s = Section("order", "Order m: the threshold for m = 1, 2, 3 key factors", {
-        "d": d, "target error": "ε = 1/n", "n": p.ord_ns, "error panel n per m": p.ord_err_n,
-        "error panel B": p.ord_err_B})
+        "d (rank panel)": "ceil(log2 n)", "d (error panel)": d, "target error": "ε = 1/n", "n": p.ord_ns,
+        "error panel n per m": p.ord_err_n, "error panel B": p.ord_err_B})
     s.text.append("Order m means m key factors: logits ⟨q, k1∘…∘km⟩·scale with m + 1 bounded factors, so with "
                   "entries ≤ B and scale 1/d they are bounded by B^(m+1) (m = 1: matrix attention, B² vs log n as "
                   "in Alman–Song; m = 2: tensor attention, B³ vs log n). The rank of the exact monomial features, "
                   "C(d+g, g), does not depend on m; the degree needed does, through the radius B^(m+1).")
     plt = _plt()
-    Bs = [0.25 * i for i in range(1, 13)]
+    Bs = [round(0.05 * i, 2) for i in range(4, 121)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     rows = []
     n_fig = p.ord_ns[-1]
     for m in (1, 2, 3):
         for n in p.ord_ns:
-            ks = [_needed(B ** (m + 1), 1.0 / n, d)[1] for B in Bs]
-            cross = next((B for B, k in zip(Bs, ks) if k >= n * n / d), float("nan"))
-            rows.append({"m": m, "n": n, "(ln n)^(1/(m+1))": math.log(n) ** (1 / (m + 1)),
-                         "B where k reaches n²/d": cross})
+            dn = max(2, math.ceil(math.log2(n)))  # the theory's regime d = O(log n)
+            ks = [_needed(B ** (m + 1), 1.0 / n, dn)[1] for B in Bs]
+            cross = next((B for B, k in zip(Bs, ks) if k >= n * n / dn), float("nan"))
+            b_th = math.log(n) ** (1 / (m + 1))
+            rows.append({"m": m, "n": n, "d": dn, "(ln n)^(1/(m+1))": b_th, "B where k reaches n²/d": cross,
+                         "ratio": cross / b_th})
             if n == n_fig:
-                line = axes[0].semilogy(Bs, ks, marker="o", label=f"m = {m}")[0]
-                axes[0].axvline(math.log(n) ** (1 / (m + 1)), color=line.get_color(), ls=":", lw=0.8)
-    axes[0].axhline(n_fig ** 2 / d, color="k", ls="--", lw=0.8, label="break-even n²/d")
-    axes[0].set(xlabel="entry bound B", ylabel="rank k for ε = 1/n", title=f"n = {n_fig:.0e} (dotted: B^(m+1) = ln n)")
+                line = axes[0].semilogy(Bs, ks, label=f"m = {m}")[0]
+                axes[0].axvline(b_th, color=line.get_color(), ls=":", lw=0.8)
+                if cross == cross:
+                    axes[0].plot([cross], [n * n / dn], "x", color=line.get_color(), ms=10, mew=2)
+    d_fig = max(2, math.ceil(math.log2(n_fig)))
+    axes[0].axhline(n_fig ** 2 / d_fig, color="k", ls="--", lw=0.8, label="break-even n²/d")
+    axes[0].set(xlabel="entry bound B", ylabel="rank k for ε = 1/n",
+                title=f"n = {n_fig:.0e}, d = {d_fig} (dotted: B^(m+1) = ln n; x: crossing)")
     s.tables.append(markdown_table(rows, list(rows[0].keys())))
     erows = []
     for m, n in zip((1, 2, 3), p.ord_err_n):
@@ -605,9 +625,12 @@ def section_order(rep: Report, progress) -> Section:
         ax.grid(True, which="both", alpha=0.3)
     s.tables.append(markdown_table(erows, list(erows[0].keys())))
     s.figures.append(rep.figure("order", fig))
-    s.text.append("The break-even B falls as m grows, tracking (ln n)^(1/(m+1)): higher orders need smaller "
-                  "entries, as the paper's higher-order remark says. The measured error at a fixed degree "
-                  "rises with B^(m+1).")
+    rat = {m: [r["ratio"] for r in rows if r["m"] == m and r["ratio"] == r["ratio"]] for m in (1, 2, 3)}
+    s.text.append("In the theory's regime d = ⌈log₂ n⌉ the fast method stops being cheaper than the exact one (rank "
+                  "k reaches n²/d) at B = " + "; ".join(
+                      f"{min(v):.2f}-{max(v):.2f}·(ln n)^(1/{m + 1}) for m = {m}" for m, v in rat.items() if v)
+                  + ": the threshold scales like (ln n)^(1/(m+1)), so higher orders need smaller entries, as the "
+                  "paper's higher-order remark says. The measured error at a fixed degree rises with B^(m+1).")
     s.data = {"rows": rows, "error_rows": erows}
     progress("order")
     return s
