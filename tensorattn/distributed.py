@@ -371,10 +371,10 @@ def save_checkpoint(path, *, model: nn.Module, optimizer: Optional[torch.optim.O
 def load_checkpoint(path, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
     """Load a :func:`save_checkpoint` file into a plain, DDP or FSDP2 model (and optimizer) on every rank.
 
-    Every rank reads ``path`` (it must be visible to all ranks, as on one host). Returns the other
-    entries (``step`` etc.).
+    Every rank reads ``path`` (it must be visible to all ranks, as on one host); ``path`` may also be the
+    dict already read from such a file. Returns the other entries (``step`` etc.).
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = path if isinstance(path, dict) else torch.load(path, map_location="cpu", weights_only=False)
     if _active():
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)

@@ -12,6 +12,20 @@ AdamW with gradient clipping and a cosine schedule with linear warm-up, periodic
 progress bar, metrics as JSON lines (``metrics.jsonl``), atomic resumable checkpoints (``ckpt.pt``)
 and a fixed seed. A run resumed from its checkpoint produces the same metrics as an uninterrupted one:
 batches come from a ``torch.Generator`` whose state is checkpointed, evaluation uses its own fixed one.
+
+Data parallelism under ``torchrun`` (``strategy = "ddp"`` or ``"fsdp"``, see :mod:`tensorattn.distributed`)::
+
+    torchrun --standalone --nproc_per_node=2 -m tensorattn train --config configs/match3_ddp.toml
+
+Every rank draws the same global batch of ``batch_size`` examples and trains on its contiguous
+``batch_size / world_size`` share (so ``batch_size`` must be divisible by the world size); gradients are
+averaged over ranks, so a step equals the single-process step on the whole batch up to rounding. Rank 0
+alone shows the progress bar and writes ``config.json``, ``metrics.jsonl``, ``ckpt.pt`` and
+``summary.json``; checkpoints hold the full (unsharded) model and optimizer state, so a run may be resumed
+with another world size or strategy, or in a single process. Evaluation runs on every rank (FSDP2
+forwards are collective) on the whole validation set. With more than one rank each uses
+``cuda:LOCAL_RANK`` (nccl), or the CPU (gloo) when CUDA is absent or ``device = "cpu"``. A plain
+``python`` launch is a single process whatever ``strategy`` says.
 """
 from __future__ import annotations
 
@@ -20,6 +34,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import sys
 import time
 import typing
@@ -35,6 +50,7 @@ try:
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from . import distributed as td
 from ._io import atomic_write, atomic_write_json
 from .layers import param_count
 
@@ -54,7 +70,8 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     resume: bool = True  # continue from out_dir/ckpt.pt when it exists
     stop_at: int = 0  # stop (with a checkpoint) after this step; 0 = run to `steps`
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # tqdm progress bar (rank 0 only)
+    strategy: str = "none"  # data parallelism under torchrun: "none" | "ddp" | "fsdp" (FSDP2); batch_size is global
     # --- optimisation
     steps: int = 500
     batch_size: int = 32
@@ -98,7 +115,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the key for any value out of its range."""
         choices = {"task": ("match3", "kjv", "mfeat"), "amp": ("auto", "bf16", "none"),
-                   "pos": ("learned", "rope", "none"), "mixer": ("tensor", "softmax", "concat")}
+                   "pos": ("learned", "rope", "none"), "mixer": ("tensor", "softmax", "concat"),
+                   "strategy": ("none", "ddp", "fsdp")}
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
                 raise ValueError(f"config key {k!r} must be one of {list(allowed)}, got {getattr(self, k)!r}")
@@ -375,12 +393,14 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-# keys that may differ between an interrupted run and its resumption
-_RESUMABLE = {"resume", "stop_at", "progress", "out_dir", "device", "threads"}
+# keys that may differ between an interrupted run and its resumption (checkpoints hold the full, unsharded
+# state, so a run may resume under another strategy or world size: equal up to rounding)
+_RESUMABLE = {"resume", "stop_at", "progress", "out_dir", "device", "threads", "strategy"}
 
 
-def _save_ckpt(path: Path, state: Dict[str, Any]) -> None:
-    atomic_write(path, lambda f: torch.save(state, f), binary=True)
+def _default(key: str) -> Any:
+    f = _FIELDS[key]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -391,6 +411,43 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write(path, lambda f: f.write("".join(ln + "\n" for ln in keep)))
 
 
+def _optim_state_as(state: Dict[str, Any], order: List[str], by_name: bool) -> Dict[str, Any]:
+    """An optimizer state dict re-keyed by parameter names (``by_name``, the form of a checkpoint written
+    under a process group) or by the integer ids of ``Optimizer.state_dict`` (a single process).
+
+    ``order`` holds the names of the optimizer's parameters in its order (groups, then parameters), which
+    is also the order of the integer ids.
+    """
+    flat = [p for g in state["param_groups"] for p in g["params"]]
+    if not flat or isinstance(flat[0], str) == by_name:
+        return state
+    if by_name:
+        if len(flat) != len(order):
+            raise ValueError(f"checkpoint optimizer has {len(flat)} parameters, the model {len(order)}")
+        key: Dict[Any, Any] = dict(zip(flat, order))
+    else:
+        idx = {n: i for i, n in enumerate(order)}
+        missing = [n for n in flat if n not in idx]
+        if missing:
+            raise ValueError(f"checkpoint optimizer holds parameters the model does not have: {missing[:5]}")
+        key = {n: idx[n] for n in flat}
+    return {"state": {key[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [key[p] for p in g["params"]]} for g in state["param_groups"]]}
+
+
+def _init_dist(cfg: TrainConfig) -> "td.DistInfo":
+    """This process's place: a torchrun launch (``WORLD_SIZE`` set) or an existing process group joins it,
+    anything else is a single process on ``cfg.device`` (no group, no change of the current CUDA device)."""
+    dev = _device(cfg)
+    joined = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not joined and not os.environ.get("WORLD_SIZE"):
+        return td.DistInfo(0, 1, 0, dev, None, False)
+    info = td.init_distributed(device=dev.type)
+    if info.world_size == 1:
+        info = dataclasses.replace(info, device=dev)
+    return info
+
+
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Train as ``cfg`` says; write ``config.json``, ``metrics.jsonl``, ``ckpt.pt`` and ``summary.json`` in
     ``cfg.out_dir``; return the summary (final metrics, parameter count, throughput, machine).
@@ -398,65 +455,94 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     With ``resume`` and an existing ``ckpt.pt`` it continues from the checkpoint's step; the config must
     then match the checkpoint's (``steps`` too, since the schedule depends on it) except for the keys in
     ``_RESUMABLE``; an error names the keys that differ.
+
+    Under ``torchrun`` (or inside an existing process group) every rank calls it: ``cfg.strategy`` must
+    then be ``"ddp"`` or ``"fsdp"``, ``batch_size`` (the global batch) divisible by the world size; rank 0
+    writes the files, every rank returns the summary (its ``final`` metrics on other ranks cover only
+    this invocation's steps). A process group created here is destroyed at the end.
     """
+    cfg.validate()
+    info = _init_dist(cfg)
+    try:
+        return _train(cfg, info)
+    finally:
+        if info.initialized_here:
+            td.cleanup()
+
+
+def _train(cfg: TrainConfig, info: "td.DistInfo") -> Dict[str, Any]:
     from ._bench import machine_info
 
-    cfg.validate()
+    W, main_rank = info.world_size, info.is_main
+    if W > 1 and cfg.strategy == "none":
+        raise ValueError(f"config key 'strategy' is 'none' but this is rank {info.rank} of {W} processes (torchrun); "
+                         "set strategy=ddp or strategy=fsdp, or launch a single process")
+    if cfg.batch_size % W:
+        raise ValueError(f"config key 'batch_size' (the global batch, {cfg.batch_size}) must be divisible by the "
+                         f"world size {W}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg)
+    device = info.device
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
 
     def autocast():
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = out / "ckpt.pt", out / "metrics.jsonl"
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     task = build_task(cfg, device)
     model = task.build_model().to(device)
-    opt = _optimizer(cfg, model)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)  # training batches only
+    n_params = param_count(model)
+    model = td.wrap_model(model, cfg.strategy)  # unchanged without a process group
+    opt = _optimizer(cfg, td.unwrap_model(model))  # after wrapping (FSDP2 replaces the parameters)
+    names = {id(p): n for n, p in td.unwrap_model(model).named_parameters()}
+    opt_order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    by_name = torch.distributed.is_available() and torch.distributed.is_initialized()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # training batches only; the same on every rank
     step, acc_loss, acc_n, train_time, tokens = 0, 0.0, 0, 0.0, 0
     last: Dict[str, Any] = {}  # the latest value of every logged metric
 
     if cfg.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # every rank reads it
         old = ck["config"]
-        diff = [k for k in _FIELDS if k not in _RESUMABLE and old.get(k) != getattr(cfg, k)]
+        diff = [k for k in _FIELDS if k not in _RESUMABLE and old.get(k, _default(k)) != getattr(cfg, k)]
         if diff:
             raise ValueError(f"cannot resume {ckpt_path}: config key(s) {diff} differ from the checkpoint's "
                              f"({', '.join(f'{k}: checkpoint {old.get(k)!r}, now {getattr(cfg, k)!r}' for k in diff)}); "
                              "use another out_dir or resume=false")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
+        # "opt": checkpoints written before train.py used tensorattn.distributed.save_checkpoint
+        ck["optimizer"] = _optim_state_as(ck.pop("optimizer", None) or ck.pop("opt"), opt_order, by_name)
+        ck = td.load_checkpoint(ck, model=model, optimizer=opt)  # the entries other than model/optimizer
         gen.set_state(ck["gen"])
         torch.set_rng_state(ck["torch_rng"])
         step, acc_loss, acc_n = ck["step"], ck["acc_loss"], ck["acc_n"]
         train_time, tokens = ck["train_time"], ck["tokens"]
-        _truncate_metrics(metrics_path, step)
-        for ln in metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.exists() else []:
-            last.update(json.loads(ln))
-    elif metrics_path.exists():
+        if main_rank:
+            _truncate_metrics(metrics_path, step)
+            for ln in metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.exists() else []:
+                last.update(json.loads(ln))
+    elif main_rank and metrics_path.exists():
         metrics_path.unlink()  # a fresh run starts a fresh log
-    atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
+    if main_rank:
+        atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
 
-    def checkpoint():
-        _save_ckpt(ckpt_path, {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                               "torch_rng": torch.get_rng_state(), "step": step, "acc_loss": acc_loss,
-                               "acc_n": acc_n, "train_time": train_time, "tokens": tokens,
-                               "config": dataclasses.asdict(cfg)})
+    def checkpoint():  # collective (FSDP2 gathers the shards); rank 0 writes atomically
+        td.save_checkpoint(ckpt_path, model=model, optimizer=opt, gen=gen.get_state(),
+                           torch_rng=torch.get_rng_state(), step=step, acc_loss=acc_loss, acc_n=acc_n,
+                           train_time=train_time, tokens=tokens, config=dataclasses.asdict(cfg))
 
     def log(rec: Dict[str, Any]) -> None:
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        if main_rank:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
 
-    n_params = param_count(model)
     end = cfg.stop_at or cfg.steps
     bar = None
-    if cfg.progress:
+    if cfg.progress and main_rank:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.task}:{cfg.pattern if cfg.task != 'mfeat' else cfg.mixer}",
@@ -466,23 +552,28 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         lr = lr_at(cfg, step)
         for gr in opt.param_groups:
             gr["lr"] = lr
-        batch = task.train_batch(gen)
+        batch = task.train_batch(gen)  # the global batch (every rank draws it) ...
+        if W > 1:
+            batch = td.shard_batch(batch, info.rank, W)  # ... and trains on its share
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         with autocast():
             loss = task.loss(model, batch)
-        loss.backward()
+        loss.backward()  # DDP/FSDP2: gradients averaged over ranks
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP2: a DTensor
         opt.step()
         opt.zero_grad(set_to_none=True)
         lval = loss.item()  # also synchronises, so the timing below is the step's real time
         train_time += time.perf_counter() - t0
+        if W > 1:
+            lval = td.all_reduce_mean(lval)  # equal shares: the mean of the shares' means is the batch mean
         tokens += task.tokens_per_batch
         step += 1
         acc_loss += lval
         acc_n += 1
-        if not math.isfinite(lval):
+        if not math.isfinite(lval):  # the same value on every rank, so all of them stop
             raise FloatingPointError(f"training loss is {lval} at step {step}; lower 'lr' or check the data")
         rec: Dict[str, Any] = {}
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -491,7 +582,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             acc_loss, acc_n = 0.0, 0
         if step % cfg.eval_every == 0 or step == cfg.steps:
             model.eval()
-            rec.update(step=step, **task.evaluate(model, autocast))
+            rec.update(step=step, **task.evaluate(model, autocast))  # every rank: FSDP2 forwards are collective
             model.train()
         if rec:
             log(rec)
@@ -507,8 +598,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     summary = {"step": step, "finished": step >= cfg.steps, "params": n_params, "tokens": tokens,
                "train_time_s": train_time, "tokens_per_s": tokens / max(train_time, 1e-9),
                "final": {k: v for k, v in last.items() if k.startswith(("val_", "test_", "train_loss"))},
-               "config": dataclasses.asdict(cfg), "machine": machine_info(device)}
-    atomic_write_json(out / "summary.json", summary)
+               "config": dataclasses.asdict(cfg), "machine": machine_info(device), "world_size": W}
+    if main_rank:
+        atomic_write_json(out / "summary.json", summary)
     return summary
 
 
@@ -525,6 +617,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"tensorattn train: {e}", file=sys.stderr)
         return 2
     s = train(cfg)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return 0
     print(json.dumps({"out_dir": cfg.out_dir, "params": s["params"], "tokens_per_s": round(s["tokens_per_s"]),
                       **s["final"]}))
     return 0
