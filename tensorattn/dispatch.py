@@ -33,6 +33,18 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def triton_device_reasons(device) -> List[str]:
+    """Why a Triton backend cannot run on ``device`` (empty if it can): Triton installed, and CUDA, or the CPU
+    under ``TRITON_INTERPRET=1``."""
+    reasons = [] if triton_available() else ["triton is not installed"]
+    if device.type == "cpu":
+        if not triton_interpret():
+            reasons.append("inputs are on the CPU and TRITON_INTERPRET=1 is not set (the kernels need CUDA)")
+    elif device.type != "cuda":
+        reasons.append(f"device type {device.type!r} is not supported (needs cuda)")
+    return reasons
+
+
 def choose(backends: Sequence[Backend], requested: str, problem: Dict[str, Any], *, op: str) -> Backend:
     """Pick a backend. ``requested`` is ``"auto"`` or a backend's name."""
     by_name = {b.name: b for b in backends}

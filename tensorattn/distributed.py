@@ -556,29 +556,16 @@ def _all_lengths(n: int, device, group=None) -> List[int]:
 # Context-parallel polynomial tensor attention
 # ==================================================================================================
 def _poly_features(q, k1, k2, degree: int, scale: float):
-    """``(U1, U2, U3)``: query features (coefficients folded in) and the two key feature maps.
+    """``(U1, U2, U3)``: the feature maps of :mod:`tensorattn.poly` (its ``_Feat``), in its accumulation dtype.
 
     ``U1[i] · (U2[j1] ∘ U3[j2]) = P(scale · <q_i, k1_j1 ∘ k2_j2>)`` with ``P`` the degree-``g`` Taylor
-    polynomial of exp (SPEC §4.1): ``U1[i, β] = (scale q_i)^β / β!``, ``U2[j, β] = k1_j^β``,
-    ``U3[j, β] = k2_j^β``: the map of :mod:`tensorattn.poly`, computed in its accumulation dtype
-    (float32, or float64 for float64 inputs).
+    polynomial of exp (SPEC §4.1): ``U1[i, β] = (scale q_i)^β / β!``, ``U2[j, β] = k1_j^β``, ``U3[j, β] = k2_j^β``.
     """
-    from .features import monomial_features, multinomial_weights, taylor_coefficients
+    from .poly import _acc, _Feat
 
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    deg, mult = multinomial_weights(q.shape[-1], degree)
-    w = (taylor_coefficients(degree)[deg] * mult).to(device=q.device, dtype=acc)  # [k] γ_|β| |β|!/β! = 1/β!
-    return (monomial_features(q.to(acc) * scale, degree) * w, monomial_features(k1.to(acc), degree),
-            monomial_features(k2.to(acc), degree))
-
-
-def _check_degree(degree) -> int:
-    if isinstance(degree, bool) or not isinstance(degree, int):
-        raise TypeError(f"degree must be an int (an even Taylor degree: 2, 4, ...), got {type(degree).__name__}")
-    if degree < 2 or degree % 2:
-        raise ValueError(f"degree must be an even integer >= 2 (odd Taylor polynomials of exp go negative, so the "
-                         f"normaliser could vanish; SPEC §6), got {degree}")
-    return degree
+    acc = _acc(q.dtype)
+    feat = _Feat(q.shape[-1], degree, scale, acc, q.device)
+    return feat.q(q.to(acc)), feat.k(k1.to(acc)), feat.k(k2.to(acc))
 
 
 def _pack_states(U2, U3, v1, v2):
@@ -714,6 +701,8 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
                          f"T={T}, len(k1)={S1}, len(k2)={S2}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    from .poly import _check_degree
+
     degree = _check_degree(degree)
     scale = check_scale(scale, D)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):

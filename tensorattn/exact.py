@@ -26,7 +26,7 @@ import torch
 
 from . import exact_torch
 from ._validate import check_attn_inputs, check_scale
-from .dispatch import Backend, choose, triton_available, triton_interpret
+from .dispatch import Backend, choose, triton_device_reasons
 
 __all__ = ["tensor_attn", "TensorAttnFunction", "BACKENDS", "AUTO_BACKENDS", "choose_backend"]
 
@@ -70,16 +70,7 @@ class TritonBackend(Backend):
 
     def not_supported_reasons(self, *, device: torch.device, dtype: torch.dtype, head_dim: int, head_dim_v: int,
                               **problem: Any) -> List[str]:
-        reasons = []
-        if not triton_available():
-            reasons.append("triton is not installed")
-        if device.type == "cuda":
-            pass
-        elif device.type == "cpu":
-            if not triton_interpret():
-                reasons.append("inputs are on the CPU and TRITON_INTERPRET=1 is not set (the kernels need CUDA)")
-        else:
-            reasons.append(f"device type {device.type!r} is not supported (needs cuda)")
+        reasons = triton_device_reasons(device)
         if dtype not in self.DTYPES:
             reasons.append(f"dtype {dtype} is not supported (float32, bfloat16, float16)")
         if max(head_dim, head_dim_v) > self.MAX_HEAD_DIM:

@@ -58,7 +58,7 @@ from typing import List, Optional
 import torch
 
 from ._validate import check_attn_inputs, check_scale, check_tensor
-from .dispatch import Backend, choose, triton_available, triton_interpret
+from .dispatch import Backend, choose, triton_device_reasons
 from .features import monomial_features, multinomial_weights, rank, taylor_coefficients
 
 __all__ = [
@@ -404,16 +404,7 @@ class _TritonBackend(Backend):
     name = "triton"
 
     def not_supported_reasons(self, *, device, dtype, degree, causal, head_dim, value_dim, **_) -> List[str]:
-        r = []
-        if not triton_available():
-            r.append("triton is not installed")
-        if device.type == "cuda":
-            pass
-        elif device.type == "cpu":
-            if not triton_interpret():
-                r.append("CPU tensors need TRITON_INTERPRET=1 (the kernels run on CUDA devices)")
-        else:
-            r.append(f"device {device} is neither CUDA nor CPU")
+        r = triton_device_reasons(device)
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             r.append(f"dtype {dtype} is not supported (float16, bfloat16, float32)")
         if degree != 2:
