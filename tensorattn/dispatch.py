@@ -7,9 +7,12 @@ that supports a problem; a forced choice that does not fit, or a problem no back
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Any, Dict, List, Sequence
+
+import torch
 
 
 class Backend:
@@ -22,6 +25,22 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<backend {self.name}>"
+
+
+def no_autocast(fn):
+    """For ``autograd.Function.forward``/``backward``: run with autocast off on the inputs' device.
+
+    The ops accumulate in float32 on their own; under a caller's autocast the torch paths' matmuls would
+    silently drop to bf16 in the forward, while the backward (which autocast does not reach) recomputes in
+    float32, so the two would no longer describe the same function.
+    """
+    @functools.wraps(fn)
+    def wrapper(ctx, *args):
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return fn(ctx, *args)
+
+    return wrapper
 
 
 def triton_available() -> bool:

@@ -26,7 +26,7 @@ import torch
 
 from . import exact_torch
 from ._validate import check_attn_inputs, check_scale
-from .dispatch import Backend, choose, triton_device_reasons
+from .dispatch import Backend, choose, no_autocast, triton_device_reasons
 
 __all__ = ["tensor_attn", "TensorAttnFunction", "BACKENDS", "AUTO_BACKENDS", "choose_backend"]
 
@@ -109,6 +109,7 @@ class TensorAttnFunction(torch.autograd.Function):
     """Autograd wrapper: saves the inputs, the output and the natural-log LSE; the backward recomputes P."""
 
     @staticmethod
+    @no_autocast  # the backward must recompute exactly the scores whose log-sum-exp is saved here
     def forward(ctx, q, k1, k2, v1, v2, scale: float, causal: bool, window, backend: Backend):
         o, lse = backend.fwd(q, k1, k2, v1, v2, scale=scale, causal=causal, window=window)
         ctx.save_for_backward(q, k1, k2, v1, v2, o, lse)
@@ -116,6 +117,7 @@ class TensorAttnFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @no_autocast
     def backward(ctx, do):
         q, k1, k2, v1, v2, o, lse = ctx.saved_tensors
         grads = ctx.backend.bwd(do.contiguous(), q, k1, k2, v1, v2, o, lse, scale=ctx.scale, causal=ctx.causal,
@@ -124,7 +126,8 @@ class TensorAttnFunction(torch.autograd.Function):
 
 
 def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, *,
-                scale: Optional[float] = None, causal: bool = False, window=None, backend: str = "auto") -> torch.Tensor:
+                scale: Optional[float] = None, causal: bool = False, window=None, backend: str = "auto",
+                check_finite: Optional[bool] = None) -> torch.Tensor:
     """Exact tensor (2-simplicial) attention with autograd.
 
     For each query ``i`` and visible key pair ``(j1, j2)``::
@@ -145,6 +148,9 @@ def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
         causal: causal mask on both key streams.
         window: ``None``, ``w`` or ``(w1, w2)`` with ``w1, w2 >= 1``.
         backend: ``"auto"`` (triton on CUDA, else torch), ``"triton"``, ``"torch"`` or ``"naive"``.
+        check_finite: refuse NaN/Inf inputs with a ``ValueError``. ``None`` (default) checks CPU inputs only:
+            on a GPU the check would synchronise every call. An unchecked non-finite value poisons the rows it
+            reaches, and on the torch/naive backends also rows that cannot see it (0 · NaN in the masked sums).
 
     Returns:
         ``o``: ``[B, T, Hq, Dv]`` in the input dtype (accumulated in float32; float64 for float64 inputs).
@@ -158,7 +164,8 @@ def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
         >>> tensor_attn(q, k1, k2, v1, v2, window=(4, 2)).shape
         torch.Size([1, 16, 2, 8])
     """
-    B, T, Hq, Hkv, D, Dv, S1, S2, win = check_attn_inputs(q, k1, k2, v1, v2, causal=causal, window=window)
+    B, T, Hq, Hkv, D, Dv, S1, S2, win = check_attn_inputs(q, k1, k2, v1, v2, causal=causal, window=window,
+                                                          check_finite=check_finite)
     scale = check_scale(scale, D)
     if win is not None:
         # a window at least as long as the sequence is the causal mask; the fused kernels take the causal path
