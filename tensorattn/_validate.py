@@ -1,8 +1,8 @@
 """Input checks shared by every public entry point.
 
 Every error names the argument, what was expected and what was given, so that a user never has to
-guess which of five tensors was wrong. Checks that would force a device synchronisation
-(non-finite values) are opt-in via ``check_finite``.
+guess which of five tensors was wrong. The non-finite check forces a device synchronisation, so the
+public ops run it by default only on CPU tensors (``check_finite=None``; see :func:`maybe_check_finite`).
 """
 from __future__ import annotations
 
@@ -80,7 +80,17 @@ def check_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def check_attn_inputs(q, k1, k2, v1, v2, *, causal: bool = False, window=None, same_dtype: bool = True):
+def maybe_check_finite(flag: Optional[bool], names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
+    """``check_finite`` policy of the public ops: ``True`` always, ``False`` never, ``None`` only for CPU tensors
+    (on a GPU the check costs a device synchronisation per call)."""
+    if flag is not None and not isinstance(flag, bool):
+        raise TypeError(f"check_finite must be None or a bool, got {type(flag).__name__}")
+    if flag or (flag is None and xs[0].device.type == "cpu"):
+        check_finite(names, xs)
+
+
+def check_attn_inputs(q, k1, k2, v1, v2, *, causal: bool = False, window=None, same_dtype: bool = True,
+                      check_finite: Optional[bool] = False):
     """Validate the five [B, T, H, D] inputs of tensor attention.
 
     Returns ``(B, T, Hq, Hkv, D, Dv, S1, S2, window)`` with the window normalised.
@@ -95,6 +105,10 @@ def check_attn_inputs(q, k1, k2, v1, v2, *, causal: bool = False, window=None, s
         check_tensor(n, x, ndim=4)
     check_same(names, xs, dtype=same_dtype)
     B, T, Hq, D = q.shape
+    if D < 1:
+        raise ValueError(f"q must have a head dim D >= 1 (q.shape[3]), got {D}")
+    if v1.shape[3] < 1:
+        raise ValueError(f"v1 must have a value head dim Dv >= 1 (v1.shape[3]), got {v1.shape[3]}")
     for n, x in zip(names[1:], xs[1:]):
         if x.shape[0] != B:
             raise ValueError(f"{n} has batch size {x.shape[0]} but q has {B} (layout [B, T, H, D])")
@@ -119,6 +133,7 @@ def check_attn_inputs(q, k1, k2, v1, v2, *, causal: bool = False, window=None, s
     if S1 == 0 or S2 == 0:
         raise ValueError(f"k1 and k2 must have at least one position, got lengths {S1} and {S2}")
     win = normalize_window(window)
+    maybe_check_finite(check_finite, names, xs)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if (causal or win is not None) and not (S1 == T and S2 == T):

@@ -67,7 +67,7 @@ def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def naive_tensor_attn(q, k1, k2, v1, v2, *, scale=None, causal=False, window=None, return_lse=False,
-                      block_elems: int = _BLOCK_ELEMS):
+                      block_elems: int = _BLOCK_ELEMS, check_finite: Optional[bool] = None):
     """Exact tensor (2-simplicial) attention, computed by brute force in blocks of queries.
 
     See the module docstring for the semantics (scores, joint softmax, visibility).
@@ -83,6 +83,8 @@ def naive_tensor_attn(q, k1, k2, v1, v2, *, scale=None, causal=False, window=Non
         return_lse: also return the natural-log log-sum-exp of the visible scores per query.
         block_elems: at most this many score entries are held at once (memory knob; the result
             does not depend on it).
+        check_finite: refuse NaN/Inf inputs (``None``: only for CPU tensors, where the check is cheap). A
+            non-finite value would reach rows that cannot see it (0 · NaN in the masked sums).
 
     Returns:
         ``o`` of shape ``[B, T, Hq, Dv]`` in the input dtype, and, when ``return_lse``, ``lse`` of shape
@@ -97,7 +99,8 @@ def naive_tensor_attn(q, k1, k2, v1, v2, *, scale=None, causal=False, window=Non
         p = s.masked_fill(~visible, -inf).flatten(1).softmax(-1).view_as(s)
         o = torch.einsum('ijk,je,ke->ie', p, v1, v2)
     """
-    B, T, Hq, Hkv, D, Dv, S1, S2, win = check_attn_inputs(q, k1, k2, v1, v2, causal=causal, window=window)
+    B, T, Hq, Hkv, D, Dv, S1, S2, win = check_attn_inputs(q, k1, k2, v1, v2, causal=causal, window=window,
+                                                          check_finite=check_finite)
     scale = check_scale(scale, D)
     groups = Hq // Hkv
     acc = acc_dtype(q.dtype)

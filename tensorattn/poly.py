@@ -57,8 +57,8 @@ from typing import List, Optional
 
 import torch
 
-from ._validate import check_attn_inputs, check_scale, check_tensor
-from .dispatch import Backend, choose, triton_device_reasons
+from ._validate import check_attn_inputs, check_same, check_scale, check_tensor
+from .dispatch import Backend, choose, no_autocast, triton_device_reasons
 from .features import monomial_features, multinomial_weights, rank, taylor_coefficients
 
 __all__ = [
@@ -152,7 +152,8 @@ class _Feat:
 # --------------------------------------------------------------------------------------------------
 # Reference: materialises the [T, S1, S2] polynomial scores (tests only)
 # --------------------------------------------------------------------------------------------------
-def naive_poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False, scale=None, eps: float = EPS):
+def naive_poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False, scale=None, eps: float = EPS,
+                           check_finite: Optional[bool] = None):
     """Plain reference of :func:`poly_tensor_attn`: the same math, with the scores materialised.
 
     ``o[i] = sum P(z) v1[j1] ∘ v2[j2] / (eps + sum P(z))`` over the visible pairs, ``P`` the degree-``g``
@@ -162,11 +163,12 @@ def naive_poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool =
         q: ``[B, T, Hq, Dk]``; k1, k2: ``[B, S1, Hkv, Dk]``, ``[B, S2, Hkv, Dk]``;
         v1, v2: ``[B, S1, Hkv, Dv]``, ``[B, S2, Hkv, Dv]``.
         degree: even Taylor degree. causal: ``j1 <= i`` and ``j2 <= i``. scale: default ``1/sqrt(Dk)``.
+        check_finite: as in :func:`poly_tensor_attn`.
 
     Returns:
         ``[B, T, Hq, Dv]`` in q's dtype; accumulates in float32 (float64 for float64 inputs).
     """
-    B, T, Hq, Hkv, D, Dv, S1, S2, _ = check_attn_inputs(q, k1, k2, v1, v2, causal=causal)
+    B, T, Hq, Hkv, D, Dv, S1, S2, _ = check_attn_inputs(q, k1, k2, v1, v2, causal=causal, check_finite=check_finite)
     degree = _check_degree(degree)
     scale = check_scale(scale, D)
     acc, g = _acc(q.dtype), Hq // Hkv
@@ -340,6 +342,7 @@ class PolyTensorAttnFunction(torch.autograd.Function):
     """Torch path: chunked forward; the backward recomputes features chunk by chunk (no n x k arrays)."""
 
     @staticmethod
+    @no_autocast
     def forward(ctx, q, k1, k2, v1, v2, degree, causal, scale, chunk, ckpt):
         B, T, Hq, D = q.shape
         Hkv, Dv = k1.shape[2], v1.shape[3]
@@ -361,6 +364,7 @@ class PolyTensorAttnFunction(torch.autograd.Function):
         return o.transpose(1, 2).to(q.dtype)
 
     @staticmethod
+    @no_autocast
     def backward(ctx, do):
         q, k1, k2, v1, v2, o, den, *flat = ctx.saved_tensors
         degree, causal, scale, chunk, ckpt = ctx.cfg
@@ -430,7 +434,8 @@ BACKENDS = [_TritonBackend(), _TorchBackend()]
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
-def poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False, scale=None, backend: str = "auto"):
+def poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False, scale=None, backend: str = "auto",
+                     check_finite: Optional[bool] = None):
     """Tensor attention with ``exp`` replaced by its degree-``g`` Taylor polynomial, in linear time.
 
     For query ``i`` and visible key pairs ``(j1, j2)`` (all pairs; or ``j1 <= i`` and ``j2 <= i`` when
@@ -453,12 +458,15 @@ def poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False
         causal: keep only ``j1 <= i`` and ``j2 <= i`` (needs ``S1 == S2 == T``).
         scale: multiplies the trilinear form; default ``1 / sqrt(Dk)`` as in the exact op.
         backend: ``"auto"`` (the fused Triton kernels when they fit, else torch), ``"triton"`` or ``"torch"``.
+        check_finite: refuse NaN/Inf inputs with a ``ValueError``; ``None`` (default) checks CPU inputs only
+            (on a GPU the check would synchronise every call). An unchecked non-finite value spreads through
+            the shared states: to every row on the torch backend, to its chunk and later ones on Triton.
 
     Returns:
         ``[B, T, Hq, Dv]`` in q's dtype. Accumulates in float32 (float64 for float64 inputs);
         differentiable w.r.t. all five inputs.
     """
-    B, T, Hq, Hkv, D, Dv, S1, S2, _ = check_attn_inputs(q, k1, k2, v1, v2, causal=causal)
+    B, T, Hq, Hkv, D, Dv, S1, S2, _ = check_attn_inputs(q, k1, k2, v1, v2, causal=causal, check_finite=check_finite)
     degree = _check_degree(degree)
     scale = check_scale(scale, D)
     if not isinstance(backend, str):
@@ -469,6 +477,8 @@ def poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False
                          f"{MAX_RANK}; lower the degree or the key dim Dk (q.shape[3])")
     be = choose(BACKENDS, backend, dict(device=q.device, dtype=q.dtype, degree=degree, causal=causal,
                                          head_dim=D, value_dim=Dv), op="poly_tensor_attn")
+    if B == 0 or T == 0:  # nothing to attend from: an empty output, still connected to the inputs' graph
+        return q.new_zeros(B, T, Hq, Dv) + 0 * q.sum() + 0 * (k1.sum() + k2.sum() + v1.sum() + v2.sum())
     return be.run(q, k1, k2, v1, v2, degree, causal, scale)
 
 
@@ -523,6 +533,13 @@ def poly_tensor_attn_step(state: PolyTensorAttnState, q_t, k1_t, k2_t, v1_t, v2_
     xs = (q_t, k1_t, k2_t, v1_t, v2_t)
     for n, x in zip(names, xs):
         check_tensor(n, x, ndim=3)
+    check_same(names, xs)  # one device, one dtype
+    if q_t.device != state.a2.device:
+        raise ValueError(f"q_t is on device {q_t.device} but the state is on {state.a2.device}")
+    if state.a2.dtype == torch.float64 and q_t.dtype != torch.float64:
+        raise TypeError(f"the state accumulates in float64 but q_t has dtype {q_t.dtype}; feed float64 tokens")
+    if q_t.dtype == torch.float64 and state.a2.dtype != torch.float64:
+        raise TypeError("q_t is float64 but the state accumulates in float32; make the state with dtype=torch.float64")
     B, Hkv, k, Dp = state.a2.shape
     Hq, D = q_t.shape[1], q_t.shape[2]
     if poly_rank(D, state.degree) != k:
