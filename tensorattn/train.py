@@ -141,6 +141,23 @@ class TrainConfig:
         for k in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, k) < 1.0:
                 raise ValueError(f"config key {k!r} must be in [0, 1), got {getattr(self, k)}")
+        if self.p_degree % 2:
+            raise ValueError(f"config key 'p_degree' must be even (odd Taylor degrees can make the normaliser <= 0), "
+                             f"got {self.p_degree}")
+        for heads, kv in (("n_heads", "n_kv_heads"), ("t_heads", "t_kv_heads")):
+            h = getattr(self, heads) or self.n_heads
+            g = getattr(self, kv) or h
+            if h % g:
+                raise ValueError(f"config key {heads!r} ({h}) must be a multiple of {kv!r} ({g}) for grouped-query "
+                                 "attention")
+        from .exact import BACKENDS as EXACT_BACKENDS
+        from .poly import BACKENDS as POLY_BACKENDS
+
+        for k, names in (("backend", EXACT_BACKENDS), ("p_backend", [b.name for b in POLY_BACKENDS])):
+            if getattr(self, k) != "auto" and getattr(self, k) not in names:
+                raise ValueError(f"config key {k!r} must be 'auto' or one of {sorted(names)}, got {getattr(self, k)!r}")
+        if self.device.startswith("cuda:") and not self.device[5:].isdigit():
+            raise ValueError(f"config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.stop_at > self.steps:
             raise ValueError(f"config key 'stop_at' ({self.stop_at}) must be <= 'steps' ({self.steps}) or 0")
         if self.task in ("match3", "kjv"):
@@ -407,7 +424,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop lines logged after the checkpoint a run resumes from (they will be logged again)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    keep = []
+    for ln in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:  # a line torn by a crash mid-append: it is logged again after the resume
+            continue
+        if rec["step"] <= step:
+            keep.append(ln)
     atomic_write(path, lambda f: f.write("".join(ln + "\n" for ln in keep)))
 
 

@@ -113,17 +113,17 @@ def test_streaming_does_not_depend_on_block_sizes(kw, gen):
     """Tiny chunks (one score entry at a time along a row) exercise every chunk edge and skipped chunk."""
     q, k1, k2, v1, v2 = make_inputs(2, 11, 2, 1, 4, 3, gen=gen)
     causal, win = kw.get("causal", False), kw.get("window")
-    o_ref, lse_ref = naive_tensor_attn(q, k1, k2, v1, v2, return_lse=True, **kw)
+    scale = 0.3 if win else 0.5  # one scale for the forward and the backward
     for bq, be in ((64, 1 << 22), (5, 7), (3, 1)):
-        o, lse = exact_torch.torch_fwd(q, k1, k2, v1, v2, scale=0.3 if win else 0.5, causal=causal, window=win,
+        o, lse = exact_torch.torch_fwd(q, k1, k2, v1, v2, scale=scale, causal=causal, window=win,
                                        block_q=bq, block_elems=be)
-        o_ref2, lse_ref2 = naive_tensor_attn(q, k1, k2, v1, v2, scale=0.3 if win else 0.5, return_lse=True, **kw)
+        o_ref2, lse_ref2 = naive_tensor_attn(q, k1, k2, v1, v2, scale=scale, return_lse=True, **kw)
         torch.testing.assert_close(o, o_ref2, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(lse, lse_ref2, rtol=1e-12, atol=1e-12)  # natural log, [B, Hq, T]
         do = torch.randn(o.shape, generator=gen, dtype=o.dtype)
-        g_small = exact_torch.torch_bwd(do, q, k1, k2, v1, v2, o, lse, scale=0.5, causal=causal, window=win,
+        g_small = exact_torch.torch_bwd(do, q, k1, k2, v1, v2, o, lse, scale=scale, causal=causal, window=win,
                                         block_q=bq, block_elems=be)
-        g_big = exact_torch.naive_bwd(do, q, k1, k2, v1, v2, o, lse, scale=0.5, causal=causal, window=win)
+        g_big = exact_torch.naive_bwd(do, q, k1, k2, v1, v2, o, lse, scale=scale, causal=causal, window=win)
         for n, a, b in zip(NAMES, g_small, g_big):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"d{n} bq={bq} elems={be}")
 

@@ -56,6 +56,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, pattern):
     # a later line logged past the checkpoint must be dropped on resume (simulates a crash after logging)
     with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 6, "train_loss": 123.0}) + "\n")
+        f.write('{"step": 7, "lr": 0.00')  # and a line torn by the crash mid-append
     rest = train(_cfg(tmp_path, "split", pattern=pattern, steps=8, eval_every=4, log_every=2))
     assert rest["finished"] and rest["step"] == 8
     a, b = _lines(tmp_path / "full" / "metrics.jsonl"), _lines(tmp_path / "split" / "metrics.jsonl")
@@ -115,6 +116,11 @@ def test_config_file_and_overrides(tmp_path):
     (["min_lr=1", "lr=0.1"], ValueError, r"'min_lr' \(1.0\) must not exceed 'lr' \(0.1\)"),
     (["beta2=1.0"], ValueError, r"'beta2' must be in \[0, 1\)"),
     (["lr"], ValueError, r"override 'lr' must have the form key=value"),
+    (["p_degree=3"], ValueError, r"config key 'p_degree' must be even"),
+    (["n_heads=4", "t_kv_heads=3"], ValueError, r"'t_heads' \(4\) must be a multiple of 't_kv_heads' \(3\)"),
+    (["backend=foo"], ValueError, r"config key 'backend' must be 'auto' or one of"),
+    (["p_backend=cuda"], ValueError, r"config key 'p_backend' must be 'auto' or one of"),
+    (["device=cuda:x"], ValueError, r"config key 'device' must be"),
 ])
 def test_config_errors_are_clear(overrides, exc, pattern):
     with pytest.raises(exc, match=pattern):
