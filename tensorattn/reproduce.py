@@ -210,7 +210,8 @@ class Report:
         for i, s in enumerate(self.sections):
             lines += [f"## {i + 1}. {s.title}", "",
                       "Configuration: " + ", ".join(f"{k}={v}" for k, v in s.config.items())
-                      + f"; seed {self.preset.seed}; device {m['device']}.", ""]
+                      + f"; seed {self.preset.seed}; device {m['device']}; torch {m['torch']}, "
+                      f"python {m['python']}.", ""]
             lines += s.text + [""]
             for t in s.tables:
                 lines += [t, ""]
