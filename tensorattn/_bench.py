@@ -47,7 +47,8 @@ def machine_info(device: Optional[torch.device] = None) -> Dict[str, Any]:
     return info
 
 
-def _sync(device: torch.device) -> None:
+def _sync(device) -> None:
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

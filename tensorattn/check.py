@@ -9,7 +9,7 @@ import argparse
 import itertools
 import sys
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +54,15 @@ class Result:
         return self.max_rel == self.max_rel and self.max_rel <= self.tol  # NaN fails
 
 
-def _err(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> Result:
+def max_errors(got: torch.Tensor, ref: torch.Tensor) -> Tuple[float, float]:
+    """(max abs error, max abs error / max |ref|), computed in float64."""
     got, ref = got.detach().to(F64).cpu(), ref.detach().to(F64).cpu()
     diff = (got - ref).abs().max().item()
-    return Result(name, diff, diff / max(ref.abs().max().item(), 1e-300), tol)
+    return diff, diff / max(ref.abs().max().item(), 1e-300)
+
+
+def _err(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> Result:
+    return Result(name, *max_errors(got, ref), tol)
 
 
 def _qkv(gen, B, T, Hq, Hkv, D, Dv, device, S=None):

@@ -394,6 +394,9 @@ def load_checkpoint(path, *, model: nn.Module, optimizer: Optional[torch.optim.O
 # Sharding data
 # ==================================================================================================
 def _check_rank(rank, world_size) -> Tuple[int, int]:
+    """``(rank, world_size)`` validated, ``None`` meaning this process's own."""
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
     for nm, v in (("rank", rank), ("world_size", world_size)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{nm} must be an int, got {type(v).__name__} {v!r}")
@@ -410,8 +413,6 @@ def shard_range(n: int, rank: Optional[int] = None, world_size: Optional[int] = 
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
-    rank = get_rank() if rank is None else rank
-    world_size = get_world_size() if world_size is None else world_size
     rank, world_size = _check_rank(rank, world_size)
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
@@ -429,8 +430,6 @@ def shard_batch(x, rank: Optional[int] = None, world_size: Optional[int] = None,
         return type(x)(shard_batch(t, rank, world_size, dim=dim, even=even) for t in x)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor (or a tuple/list of them), got {type(x).__name__}")
-    rank = get_rank() if rank is None else rank
-    world_size = get_world_size() if world_size is None else world_size
     rank, world_size = _check_rank(rank, world_size)
     n = x.shape[dim]
     if even and n % world_size:
@@ -449,8 +448,6 @@ def shard_sequence(x: torch.Tensor, rank: Optional[int] = None, world_size: Opti
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    rank = get_rank() if rank is None else rank
-    world_size = get_world_size() if world_size is None else world_size
     rank, world_size = _check_rank(rank, world_size)
     T = x.shape[dim]
     if lengths is None:

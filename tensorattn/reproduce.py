@@ -35,7 +35,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import paper
-from ._bench import fmt, machine_info, markdown_table
+from ._bench import _sync, fmt, machine_info, markdown_table, time_fn
+from .check import max_errors as err
 from ._io import atomic_write, atomic_write_json, atomic_write_text
 
 F64 = torch.float64
@@ -138,12 +139,6 @@ def naive_order_2d(q, keys, values, scale):
     return o[0, :, 0]
 
 
-def err(a: torch.Tensor, b: torch.Tensor) -> Tuple[float, float]:
-    """(max abs error, max abs error / max |reference|) in float64."""
-    diff = (a.double() - b.double()).abs().max().item()
-    return diff, diff / max(b.double().abs().max().item(), 1e-300)
-
-
 def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     """Least-squares slope of log y against log x over the finite, positive points (NaN if < 2)."""
     pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if y and y > 0 and math.isfinite(y)]
@@ -155,23 +150,14 @@ def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx > 0 else float("nan")
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn: Callable[[], Any], device, repeats: int = 1) -> Tuple[float, Any]:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` calls after one warm-up call, and its result."""
-    out = fn()
-    _sync(device)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2], out
+    """Median time of ``fn()`` in seconds over ``repeats`` calls after one warm-up call, and its result.
+
+    The timing is :func:`tensorattn._bench.time_fn` (device events on CUDA), held to exactly ``repeats`` calls.
+    """
+    out = fn()  # the warm-up call also gives the result
+    t = time_fn(fn, device=device, warmup=0, rep=repeats, max_time_s=math.inf)
+    return t["ms"] / 1e3, out
 
 
 # ------------------------------------------------------------------------------------------------ report
