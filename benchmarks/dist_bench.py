@@ -19,8 +19,8 @@ What it measures (rank 0 writes ``OUT.json`` and ``OUT.md`` with :func:`tensorat
   AdamW, bf16 autocast on CUDA) wrapped in DDP, global tokens per second.
 
 The budget (``--budget-s``) is checked between rows only, so keep single rows short: the baseline
-rows stop at ``--baseline-max-tokens`` because the single-process op's non-causal path is a Python
-loop over 32-row chunks. Do not pipe the output through ``grep`` without ``--line-buffered``: a
+rows stop at ``--baseline-max-tokens`` because the single-process op's causal torch path (used for
+``Dk < 16``, where the fused kernel does not apply) walks small chunks in Python. Do not pipe the output through ``grep`` without ``--line-buffered``: a
 command killed at its time limit then loses everything printed.
 
 Timings are device time (CUDA events) of this rank around a call that includes the collectives; compare
@@ -64,8 +64,8 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--no-baseline", action="store_true", help="skip the single-process poly_tensor_attn rows")
     ap.add_argument("--baseline-max-tokens", type=int, default=262144,
-                    help="time poly_tensor_attn only up to this length: its non-causal torch path loops over rows "
-                         "in chunks of 32 in Python (T/32 iterations per call), minutes at millions of tokens")
+                    help="time poly_tensor_attn only up to this length: its causal torch path (Dk < 16) loops over "
+                         "small chunks in Python, minutes at millions of tokens")
     ap.add_argument("--ddp-steps", type=int, default=20, help="timed DDP steps (0 skips the DDP section)")
     ap.add_argument("--ddp-batch", type=int, default=16, help="sequences per rank per step")
     ap.add_argument("--ddp-seq", type=int, default=256)

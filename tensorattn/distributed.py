@@ -310,11 +310,16 @@ def wrap_model(model: nn.Module, strategy: str = "ddp", *, device: Optional[torc
     if ddp_kwargs:
         raise ValueError(f"keyword arguments {sorted(ddp_kwargs)} are for strategy='ddp' only")
     fully_shard = _fully_shard()
+    from torch.distributed.device_mesh import init_device_mesh
+
+    # FSDP2's default mesh is a CUDA one whenever CUDA exists, which would move a CPU (gloo) model to the
+    # GPU behind the caller's back; the mesh follows the model's device instead
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     if shard_modules is None:
         shard_modules = list(getattr(model, "blocks", []))
     for m in shard_modules:
-        fully_shard(m)
-    fully_shard(model)
+        fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 

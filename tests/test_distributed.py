@@ -181,6 +181,10 @@ def _dp_part(rank, world, tmpdir):
     # gradients agree to float32 rounding (~1e-8 relative, in norm), not float64; a wrong reduction or shard is O(1)
     for strategy in ("ddp", "fsdp"):
         model = td.wrap_model(copy.deepcopy(base), strategy)
+        # the model stays where it was (FSDP2's default mesh would move it to a GPU when one exists)
+        devices = sorted({str(p.device) for p in model.parameters()})
+        if devices != ["cpu"]:
+            errs.append(f"{strategy}: wrapping moved the parameters of a CPU model to {devices}")
         opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)  # momentum: state to checkpoint
         task.loss(model, local).backward()
         grads = _grads(model)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import skip_if_interpreter_broken
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -28,6 +29,7 @@ if not (INTERP or ON_GPU):
 
     @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
     def test_triton_kernels_under_interpreter():
+        skip_if_interpreter_broken()
         root = Path(__file__).resolve().parents[1]
         env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         r = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-x", "-q",
