@@ -19,8 +19,7 @@ What it measures (rank 0 writes ``OUT.json`` and ``OUT.md`` with :func:`tensorat
   AdamW, bf16 autocast on CUDA) wrapped in DDP, global tokens per second.
 
 The budget (``--budget-s``) is checked between rows only, so keep single rows short: the baseline
-rows stop at ``--baseline-max-tokens`` because the single-process op's causal torch path (used for
-``Dk < 16``, where the fused kernel does not apply) walks small chunks in Python. Do not pipe the output through ``grep`` without ``--line-buffered``: a
+rows stop at ``--baseline-max-tokens``. Do not pipe the output through ``grep`` without ``--line-buffered``: a
 command killed at its time limit then loses everything printed.
 
 Timings are device time (CUDA events) of this rank around a call that includes the collectives; compare
@@ -60,12 +59,12 @@ def parse_args(argv=None):
     ap.add_argument("--key-dim", type=int, default=4, help="Dk (feature rank C(Dk + degree, degree))")
     ap.add_argument("--value-dim", type=int, default=32, help="Dv")
     ap.add_argument("--degree", type=int, default=2)
-    ap.add_argument("--chunk", type=int, default=8192, help="causal chunk (memory knob of cp_poly_tensor_attn)")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="causal chunk (memory knob of cp_poly_tensor_attn); 0: its automatic choice")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--no-baseline", action="store_true", help="skip the single-process poly_tensor_attn rows")
     ap.add_argument("--baseline-max-tokens", type=int, default=262144,
-                    help="time poly_tensor_attn only up to this length: its causal torch path (Dk < 16) loops over "
-                         "small chunks in Python, minutes at millions of tokens")
+                    help="time poly_tensor_attn only up to this length (the baseline rows double the run time)")
     ap.add_argument("--ddp-steps", type=int, default=20, help="timed DDP steps (0 skips the DDP section)")
     ap.add_argument("--ddp-batch", type=int, default=16, help="sequences per rank per step")
     ap.add_argument("--ddp-seq", type=int, default=256)
@@ -134,7 +133,7 @@ def attn_rows(args, info, dtype):
                 if impl == "cp":
                     def op():
                         return td.cp_poly_tensor_attn(*xs, degree=args.degree, causal=causal,
-                                                      chunk_size=args.chunk if causal else None)
+                                                      chunk_size=(args.chunk or None) if causal else None)
                 else:
                     from tensorattn.poly import poly_tensor_attn
 
@@ -232,7 +231,7 @@ def main(argv=None) -> int:
                     nccl_nvls_enable=os.environ.get("NCCL_NVLS_ENABLE"))
         notes = (f"Context-parallel poly attention: B={args.batch}, Hq={args.heads}, Hkv={args.kv_heads}, "
                  f"Dk={args.key_dim}, Dv={args.value_dim}, degree={args.degree} (feature rank k={meta['feature_rank']}), "
-                 f"causal chunk {args.chunk}, {dtype} inputs (float32 accumulation). ms_fwd_bwd: median device time of "
+                 f"causal chunk {args.chunk or 'auto'}, {dtype} inputs (float32 accumulation). ms_fwd_bwd: median device time of "
                  "forward + backward on the slowest rank, collectives included; peak_gib: peak allocation of one "
                  "fwd+bwd beyond the inputs on the worst rank; tokens_per_s: global tokens / time. impl=poly: the "
                  "single-process tensorattn.poly.poly_tensor_attn on the same problem (world size 1 only). "

@@ -579,10 +579,6 @@ def _pack_states(U2, U3, v1, v2):
     return torch.cat([S2, S3, z2, z3], -1)
 
 
-def _unpack(st, Dv):
-    return st[..., :Dv], st[..., Dv:2 * Dv], st[..., 2 * Dv], st[..., 2 * Dv + 1]
-
-
 def _combine_states(local, causal: bool, group):
     if not causal:
         return all_reduce_sum(local, group)
@@ -592,70 +588,43 @@ def _combine_states(local, causal: bool, group):
     return allst[:get_rank(group)].sum(0)
 
 
-def _causal_chunk(u1, u2, u3, x1, x2, P2, P3, p2, p3):
-    """One chunk of causal attention from the running states before it. Returns (num, den, new states)."""
-    A2 = P2[:, None] + torch.cumsum(u2[..., None] * x1[..., None, :], 1)  # [B, c, Hkv, k, Dv]
-    A3 = P3[:, None] + torch.cumsum(u3[..., None] * x2[..., None, :], 1)
-    a2 = p2[:, None] + torch.cumsum(u2, 1)  # [B, c, Hkv, k]
-    a3 = p3[:, None] + torch.cumsum(u3, 1)
-    num = torch.einsum("bihgl,bihle->bihge", u1, A2 * A3)  # [B, c, Hkv, G, Dv]
-    den = torch.einsum("bihgl,bihl->bihg", u1, a2 * a3)  # [B, c, Hkv, G]
-    return num, den, A2[:, -1], A3[:, -1], a2[:, -1], a3[:, -1]
+class _ShardTotals(torch.autograd.Function):
+    """Packed totals ``[S2 | S3 | z2 | z3]`` of a shard's keys, ``chunk`` positions at a time.
 
-
-class _RecomputeChunk(torch.autograd.Function):
-    """:func:`_causal_chunk` that keeps only its inputs and recomputes itself in the backward.
-
-    (Activation checkpointing by hand: ``torch.utils.checkpoint`` would import ``torch._dynamo``,
-    seconds of start-up in every process.)
+    Nothing of size ``T_r x k`` is kept: the backward recomputes each chunk's features.
     """
 
     @staticmethod
-    def forward(ctx, *xs):
-        ctx.save_for_backward(*xs)
-        with torch.no_grad():
-            return _causal_chunk(*xs)
+    def forward(ctx, k1, k2, v1, v2, feat, chunk):
+        acc = feat.w.dtype
+        tot = None
+        for t0 in range(0, k1.shape[1], chunk):
+            sl = slice(t0, t0 + chunk)
+            part = _pack_states(feat.k(k1[:, sl].to(acc)), feat.k(k2[:, sl].to(acc)), v1[:, sl].to(acc),
+                                v2[:, sl].to(acc))
+            tot = part if tot is None else tot + part
+        ctx.save_for_backward(k1, k2, v1, v2)
+        ctx.cfg = (feat, chunk)
+        return tot
 
     @staticmethod
-    def backward(ctx, *gouts):
-        xs = [x.detach().requires_grad_(n) for x, n in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-        with torch.enable_grad():
-            outs = _causal_chunk(*xs)
-        need = [x for x in xs if x.requires_grad]
-        got = iter(torch.autograd.grad(outs, need, gouts, allow_unused=True) if need else [])
-        return tuple(next(got) if x.requires_grad else None for x in xs)
+    def backward(ctx, g):
+        from .poly import _chunk_grads
 
+        k1, k2, v1, v2 = ctx.saved_tensors
+        feat, chunk = ctx.cfg
+        acc = feat.w.dtype
+        grads = [torch.empty(x.shape, dtype=acc, device=x.device) for x in (k1, k2, v1, v2)]
 
-def _local_causal(U1, U2, U3, x1, x2, prefix, groups: int, chunk: Optional[int]):
-    """Causal polynomial attention of a shard given the exclusive prefix state of the ranks before it.
+        def part(a, b, c, d):
+            return _pack_states(feat.k(a), feat.k(b), c, d)
 
-    For local query ``i``, with ``L2_i = sum_{j <= i} U2[j] ⊗ V1[j]`` (likewise ``L3_i``, and ``l2_i``,
-    ``l3_i`` for the normaliser)::
-
-        num_i = U1[i] · ((P2 + L2_i) ∘ (P3 + L3_i))      den_i = U1[i] · ((p2 + l2_i) ∘ (p3 + l3_i))
-
-    which is the sum of the four blocks P2∘P3 + P2∘L3_i + L2_i∘P3 + L2_i∘L3_i. With ``chunk`` it runs
-    ``chunk`` positions at a time (a chunk's running sums start from the previous chunk's totals), each
-    chunk under activation checkpointing, so the ``[chunk, k, Dv]`` running sums are the largest
-    temporaries in the forward and the backward (at the price of recomputing each chunk once).
-    Returns ``(num [B, T, Hkv, G, Dv], den [B, T, Hkv, G])``.
-    """
-    B, T, Hq, k = U1.shape
-    Hkv = U2.shape[2]
-    Dv = x1.shape[-1]
-    P2, P3, p2, p3 = _unpack(prefix, Dv)  # [B, Hkv, k, Dv] x2, [B, Hkv, k] x2
-    U1g = U1.view(B, T, Hkv, groups, k)
-    if chunk is None or chunk >= T:
-        num, den = _causal_chunk(U1g, U2, U3, x1, x2, P2, P3, p2, p3)[:2]
-        return num, den
-    nums, dens = [], []
-    for t0 in range(0, T, chunk):
-        t1 = min(T, t0 + chunk)
-        num, den, P2, P3, p2, p3 = _RecomputeChunk.apply(U1g[:, t0:t1], U2[:, t0:t1], U3[:, t0:t1], x1[:, t0:t1],
-                                                         x2[:, t0:t1], P2, P3, p2, p3)
-        nums.append(num)
-        dens.append(den)
-    return torch.cat(nums, 1), torch.cat(dens, 1)
+        for t0 in range(0, k1.shape[1], chunk):
+            sl = slice(t0, t0 + chunk)
+            gs = _chunk_grads(part, [x[:, sl].to(acc) for x in (k1, k2, v1, v2)], g)
+            for buf, gx in zip(grads, gs):
+                buf[:, sl] = gx
+        return tuple(gx.to(x.dtype) for gx, x in zip(grads, (k1, k2, v1, v2))) + (None, None)
 
 
 def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, *,
@@ -686,16 +655,17 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
         causal: causal mask in global positions.
         scale: score scale, default ``1 / sqrt(D)``.
         group: the process group the sequence is split over (default: the world).
-        chunk_size: causal only: running sums are formed ``chunk_size`` positions at a time, each chunk
-            under activation checkpointing (a memory knob; the result does not depend on it).
-            ``None``: the whole shard at once.
+        chunk_size: causal only: running sums are formed ``chunk_size`` positions at a time, and the
+            backward recomputes each chunk (a memory knob; the result does not depend on it). ``None``:
+            as many positions as keep one ``[B, chunk, Hkv, k, Dv]`` running sum under 2^24 entries.
 
     Returns:
         ``[B, T_r, Hq, Dv]`` in the input dtype. Differentiable with respect to all five local inputs;
         gradients equal the corresponding rows of the single-process gradients of the summed per-rank loss.
 
-    Memory beyond the inputs, per head: ``O(T_r · k)`` non-causal; causal ``O(T_r · k · Dv)`` without
-    ``chunk_size``, ``O(T_r · k + chunk · k · Dv)`` with it. Accumulates in float32 (float64 for float64).
+    Memory beyond the inputs, per head: ``O(T_r · k)`` non-causal; causal ``O(chunk · k · Dv)`` for the
+    running sums plus ``O(T_r / chunk · k · Dv)`` for the saved chunk-start states (nothing ``T_r x k``
+    is kept). Accumulates in float32 (float64 for float64).
     """
     B, T, Hq, Hkv, D, Dv, S1, S2, _ = check_attn_inputs(q, k1, k2, v1, v2)
     if not (S1 == S2 == T):
@@ -709,15 +679,20 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
     scale = check_scale(scale, D)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    from .poly import EPS
+    from .poly import EPS, _unpack
 
-    U1, U2, U3 = _poly_features(q, k1, k2, degree, scale)  # [B, T_r, H, k] in the accumulation dtype
-    x1, x2 = v1.to(U1.dtype), v2.to(U1.dtype)
-    states = _combine_states(_pack_states(U2, U3, x1, x2), causal, group)  # [B, Hkv, k, 2Dv+2]
     groups = Hq // Hkv
     if causal:
-        num, den = _local_causal(U1, U2, U3, x1, x2, states, groups, chunk_size)
+        from .poly import _acc, _Feat, _scan_attn, _scan_chunk
+
+        feat = _Feat(D, degree, scale, _acc(q.dtype), q.device)
+        chunk = chunk_size or _scan_chunk(T, B, Hkv, feat.w.numel(), Dv)
+        totals = _ShardTotals.apply(k1, k2, v1, v2, feat, chunk)  # [B, Hkv, k, 2Dv+2]
+        return _scan_attn(q, k1, k2, v1, v2, _combine_states(totals, True, group), feat, chunk)
     else:
+        U1, U2, U3 = _poly_features(q, k1, k2, degree, scale)  # [B, T_r, H, k] in the accumulation dtype
+        x1, x2 = v1.to(U1.dtype), v2.to(U1.dtype)
+        states = _combine_states(_pack_states(U2, U3, x1, x2), False, group)  # [B, Hkv, k, 2Dv+2]
         S2_, S3_, z2, z3 = _unpack(states, Dv)
         U1g = U1.view(B, T, Hkv, groups, -1)
         num = torch.einsum("bihgl,bhle->bihge", U1g, S2_ * S3_)  # [B, T_r, Hkv, G, Dv]

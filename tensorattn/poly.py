@@ -392,6 +392,135 @@ class PolyTensorAttnFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------------
+# Scan path (causal): running sums by cumsum, chunk by chunk, from a prefix state. The torch backend's
+# causal algorithm on CUDA, and the local part of context parallelism (tensorattn.distributed)
+# --------------------------------------------------------------------------------------------------
+# The scan runs this many (batch x position x kv head x feature x value) entries per chunk at most when no
+# chunk is given: each [B, chunk, Hkv, k, Dv] running sum is then 64 MiB in float32.
+_SCAN_CHUNK_ELEMS = 1 << 24
+# The torch backend takes the scan on CUDA when one position holds at most this many B x Hkv x k x (Dv + 1)
+# entries (chunks of >= 256 positions, small saved chunk-start states); else the chunked pair algorithm.
+_SCAN_MAX_POS_ELEMS = 1 << 16
+
+
+def _scan_chunk(T: int, B: int, Hkv: int, k: int, Dv: int) -> int:
+    return max(1, min(T, _SCAN_CHUNK_ELEMS // max(1, B * Hkv * k * (Dv + 1))))
+
+
+def _use_scan(device: torch.device, B: int, Hkv: int, k: int, Dv: int) -> bool:
+    """The torch backend's causal algorithm: the scan on CUDA (few large kernels instead of a Python
+    loop over 32-position chunks), when its per-position running sums are small."""
+    return device.type == "cuda" and B * Hkv * k * (Dv + 1) <= _SCAN_MAX_POS_ELEMS
+
+
+def _unpack(st, Dv):
+    """``[S2 | S3 | z2 | z3]`` of a packed state ``[B, Hkv, k, 2 Dv + 2]``."""
+    return st[..., :Dv], st[..., Dv:2 * Dv], st[..., 2 * Dv], st[..., 2 * Dv + 1]
+
+
+def _chunk_features(feat, groups: int, q, k1, k2, v1, v2):
+    """Features of one chunk ``[B, c, H, *]`` (any dtype) -> u1 ``[B, c, Hkv, G, k]``, u2, u3, x1, x2."""
+    acc = feat.w.dtype
+    B, c, Hq, _ = q.shape
+    u1 = feat.q(q.to(acc))
+    return (u1.view(B, c, Hq // groups, groups, -1), feat.k(k1.to(acc)), feat.k(k2.to(acc)), v1.to(acc),
+            v2.to(acc))
+
+
+def _causal_chunk(u1, u2, u3, x1, x2, st):
+    """One chunk of causal attention from the packed running state ``st`` before it.
+
+    Returns ``(num [B, c, Hkv, G, Dv], den [B, c, Hkv, G], packed state after the chunk)``.
+    """
+    P2, P3, p2, p3 = _unpack(st, x1.shape[-1])
+    A2 = P2[:, None] + torch.cumsum(u2[..., None] * x1[..., None, :], 1)  # [B, c, Hkv, k, Dv]
+    A3 = P3[:, None] + torch.cumsum(u3[..., None] * x2[..., None, :], 1)
+    a2 = p2[:, None] + torch.cumsum(u2, 1)  # [B, c, Hkv, k]
+    a3 = p3[:, None] + torch.cumsum(u3, 1)
+    num = torch.einsum("bihgl,bihle->bihge", u1, A2 * A3)  # [B, c, Hkv, G, Dv]
+    den = torch.einsum("bihgl,bihl->bihg", u1, a2 * a3)  # [B, c, Hkv, G]
+    end = torch.cat([A2[:, -1], A3[:, -1], a2[:, -1, ..., None], a3[:, -1, ..., None]], -1)
+    return num, den, end
+
+
+def _chunk_grads(fn, xs, grad_outs):
+    """Run ``fn`` on detached float copies of ``xs`` with autograd and return the gradients (float)."""
+    leaves = [x.detach().requires_grad_(True) for x in xs]
+    with torch.enable_grad():
+        outs = fn(*leaves)
+    return torch.autograd.grad(outs, leaves, grad_outs, allow_unused=True)
+
+
+
+
+class _ScanCausal(torch.autograd.Function):
+    """Causal polynomial attention of a sequence (or a shard) after a packed prefix state ``[S2 | S3 | z2 | z3]``
+    (zeros for a whole sequence; in context parallelism the sum over the ranks before this one).
+
+    For query ``i`` of the shard, with ``L2_i = sum_{j <= i} U2[j] ⊗ V1[j]`` (likewise ``L3_i``, and ``l2_i``,
+    ``l3_i`` for the normaliser)::
+
+        num_i = U1[i] · ((P2 + L2_i) ∘ (P3 + L3_i))      den_i = U1[i] · ((p2 + l2_i) ∘ (p3 + l3_i))
+
+    It runs ``chunk`` positions at a time, each chunk's running sums starting from the state after the
+    previous chunk (:func:`_causal_chunk`). The forward keeps only the inputs and the state at each chunk
+    start (``T_r / chunk`` states of ``B · Hkv · k · (2 Dv + 2)`` numbers); the backward walks the chunks in
+    reverse, recomputes each one (features included) under autograd and carries the gradient of the
+    running state back to the prefix. The ``[B, chunk, Hkv, k, Dv]`` running sums are the largest
+    temporaries. Returns ``(num [B, T, Hkv, G, Dv], den [B, T, Hkv, G])`` in the accumulation dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k1, k2, v1, v2, prefix, feat, groups, chunk):
+        B, T, Hq, _ = q.shape
+        Hkv, Dv = k1.shape[2], v1.shape[3]
+        acc = feat.w.dtype
+        num = torch.empty(B, T, Hkv, groups, Dv, dtype=acc, device=q.device)
+        den = torch.empty(B, T, Hkv, groups, dtype=acc, device=q.device)
+        st = prefix
+        starts = []
+        for t0 in range(0, T, chunk):
+            sl = slice(t0, t0 + chunk)
+            starts.append(st)
+            n, d, st = _causal_chunk(*_chunk_features(feat, groups, q[:, sl], k1[:, sl], k2[:, sl], v1[:, sl],
+                                                      v2[:, sl]), st)
+            num[:, sl] = n
+            den[:, sl] = d
+        ctx.save_for_backward(q, k1, k2, v1, v2, torch.stack(starts))
+        ctx.cfg = (feat, groups, chunk)
+        return num, den
+
+    @staticmethod
+    def backward(ctx, gnum, gden):
+        q, k1, k2, v1, v2, starts = ctx.saved_tensors
+        feat, groups, chunk = ctx.cfg
+        acc = feat.w.dtype
+        xs = (q, k1, k2, v1, v2)
+        grads = [torch.empty(x.shape, dtype=acc, device=x.device) for x in xs]
+        gst = torch.zeros_like(starts[0])  # gradient of the state after the current chunk
+
+        def run(qc, k1c, k2c, v1c, v2c, st):
+            return _causal_chunk(*_chunk_features(feat, groups, qc, k1c, k2c, v1c, v2c), st)
+
+        T = q.shape[1]
+        for c, t0 in reversed(list(enumerate(range(0, T, chunk)))):
+            sl = slice(t0, t0 + chunk)
+            gs = _chunk_grads(run, [x[:, sl].to(acc) for x in xs] + [starts[c]], (gnum[:, sl], gden[:, sl], gst))
+            for buf, gx in zip(grads, gs[:5]):
+                buf[:, sl] = gx
+            gst = gs[5]
+        return tuple(gx.to(x.dtype) for gx, x in zip(grads, xs)) + (gst, None, None, None)
+
+
+def _scan_attn(q, k1, k2, v1, v2, prefix, feat: _Feat, chunk: int):
+    """Causal output ``[B, T, Hq, Dv]`` in q's dtype by :class:`_ScanCausal` from ``prefix``."""
+    B, T, Hq, _ = q.shape
+    Hkv, Dv = k1.shape[2], v1.shape[3]
+    num, den = _ScanCausal.apply(q, k1, k2, v1, v2, prefix, feat, Hq // Hkv, chunk)
+    return (num / (den[..., None] + EPS)).reshape(B, T, Hq, Dv).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------------
 class _TorchBackend(Backend):
@@ -401,6 +530,13 @@ class _TorchBackend(Backend):
         return []
 
     def run(self, q, k1, k2, v1, v2, degree, causal, scale):
+        B, T, _, D = q.shape
+        Hkv, Dv = k1.shape[2], v1.shape[3]
+        k = poly_rank(D, degree)
+        if causal and _use_scan(q.device, B, Hkv, k, Dv):
+            feat = _Feat(D, degree, scale, _acc(q.dtype), q.device)
+            prefix = torch.zeros(B, Hkv, k, 2 * Dv + 2, dtype=feat.w.dtype, device=q.device)
+            return _scan_attn(q, k1, k2, v1, v2, prefix, feat, _scan_chunk(T, B, Hkv, k, Dv))
         return PolyTensorAttnFunction.apply(q, k1, k2, v1, v2, degree, causal, scale, _TORCH_CHUNK, _TORCH_CKPT)
 
 

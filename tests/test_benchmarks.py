@@ -36,3 +36,30 @@ def test_bench_suites(capsys):
         assert main([suite]) != 0
         captured = capsys.readouterr()
         assert "needs a CUDA device" in captured.out + captured.err
+
+
+def test_dist_bench_runs_under_torchrun_with_two_cpu_ranks(tmp_path):
+    """benchmarks/dist_bench.py under torchrun (gloo, 2 ranks): every section writes finite rows."""
+    import os
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "dist"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on the CPU, also on a GPU machine
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                        f"--master_port={port}", str(ROOT / "benchmarks" / "dist_bench.py"), "--weak-lens", "48",
+                        "--strong-lens", "100", "--chunk", "16", "--warmup", "0", "--rep", "1", "--ddp-steps", "1",
+                        "--ddp-batch", "2", "--ddp-seq", "16", "--ddp-dim", "64", "--ddp-layers", "2",
+                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = data["rows"]
+    got = {(row["section"], row["mode"]) for row in rows}
+    assert got == {("weak", "noncausal"), ("weak", "causal"), ("strong", "noncausal"), ("strong", "causal"),
+                   ("ddp", "causal LM")}
+    assert all(row["world"] == 2 and row["ms_fwd_bwd"] > 0 for row in rows)
+    assert [row["global_tokens"] for row in rows if row["section"] == "weak"] == [96, 96]
+    assert data["meta"]["world_size"] == 2 and data["meta"]["backend"] == "gloo"
+    assert "| section |" in out.with_suffix(".md").read_text()

@@ -221,3 +221,35 @@ def test_noncausal_chunking_does_not_change_the_result(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     ref = P.naive_poly_tensor_attn(*[t.detach() for t in x])
     torch.testing.assert_close(o1.detach(), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_elems", [1, 1 << 24], ids=["chunks-of-1", "one-chunk"])
+@pytest.mark.parametrize("degree", [2, 4])
+def test_scan_path_matches_naive(monkeypatch, chunk_elems, degree):
+    """The torch backend's CUDA algorithm for causal calls (running sums by cumsum from a prefix state),
+    forced on the CPU: output and gradients equal the reference, with GQA and in bfloat16 (float32 sums)."""
+    import tensorattn.poly as P
+
+    monkeypatch.setattr(P, "_use_scan", lambda *a: True)
+    monkeypatch.setattr(P, "_SCAN_CHUNK_ELEMS", chunk_elems)
+    g = torch.Generator().manual_seed(11)
+    xs = [x.requires_grad_() for x in _inputs(g, 2, 13, 4, 2, 3, 5)]
+    out = P.poly_tensor_attn(*xs, degree=degree, causal=True, backend="torch")
+    ref = P.naive_poly_tensor_attn(*xs, degree=degree, causal=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    w = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), xs), torch.autograd.grad((ref * w).sum(), xs)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    lo = [x.detach().to(torch.bfloat16).requires_grad_() for x in xs]
+    out = P.poly_tensor_attn(*lo, degree=degree, causal=True, backend="torch")
+    assert out.dtype == torch.bfloat16 and _rel(out.double(), ref.detach()) < 1e-2
+    assert all(gx.dtype == torch.bfloat16 for gx in torch.autograd.grad(out.float().sum(), lo))
+
+
+def test_scan_path_is_chosen_on_cuda_for_small_states():
+    import tensorattn.poly as P
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert P._use_scan(cuda, 1, 4, P.poly_rank(4, 2), 32)  # the Dk < 16 case the fused kernel does not take
+    assert not P._use_scan(cpu, 1, 4, P.poly_rank(4, 2), 32)
+    assert not P._use_scan(cuda, 4, 4, P.poly_rank(32, 2), 64)  # large states: the chunked pair algorithm
