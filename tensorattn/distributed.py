@@ -139,7 +139,8 @@ def init_distributed(backend: Optional[str] = None, *, device: Optional[str] = N
     is created, so the collectives are exercised.
 
     The device is ``cuda:LOCAL_RANK`` when CUDA is available (and made current), else the CPU; the backend
-    defaults to ``nccl`` on CUDA and ``gloo`` on the CPU. Before a nccl group is made,
+    defaults to ``nccl`` on CUDA and ``gloo`` on the CPU. Joining an existing ``gloo`` group with
+    ``device=None`` gives the CPU, also on a machine with a GPU. Before a nccl group is made,
     ``NCCL_NVLS_ENABLE=0`` and ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` are set unless already set
     (NVLink multicast stays off). Calling it again when a group exists returns the current placement.
 
@@ -163,7 +164,10 @@ def init_distributed(backend: Optional[str] = None, *, device: Optional[str] = N
     local_rank = _env_int("LOCAL_RANK", 0 if rank is None else rank)
     dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count())) if use_cuda else torch.device("cpu")
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, str(dist.get_backend()), False)
+        be = str(dist.get_backend())
+        if device is None and be == "gloo":
+            dev = torch.device("cpu")  # a gloo group serves CPU ranks: "choose" must not put them on a GPU
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, be, False)
     ws = world_size if world_size is not None else _env_int("WORLD_SIZE", -1)
     if ws == -1 and init_method is None:
         if use_cuda:

@@ -466,8 +466,9 @@ def _init_dist(cfg: TrainConfig) -> "td.DistInfo":
     joined = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not joined and not os.environ.get("WORLD_SIZE"):
         return td.DistInfo(0, 1, 0, dev, None, False)
-    info = td.init_distributed(device=dev.type)
-    if info.world_size == 1:
+    # "auto" lets the group decide (an existing gloo group means CPU ranks, even where CUDA exists)
+    info = td.init_distributed(device=None if cfg.device == "auto" else dev.type)
+    if info.world_size == 1 and cfg.device != "auto":
         info = dataclasses.replace(info, device=dev)
     return info
 

@@ -83,8 +83,20 @@ def _compare(errs, name, o, grads, ref_o, ref_grads, sl, tol=1e-10):
 WORLD = 3
 
 
+def _placement_part():
+    """Joining the existing gloo group with the device left to choose stays on the CPU, even where CUDA
+    exists (simulated here: a GPU machine put the training ranks of a CPU group on the GPU)."""
+    real = torch.cuda.is_available
+    torch.cuda.is_available = lambda: True
+    try:
+        dev = td.init_distributed().device
+    finally:
+        torch.cuda.is_available = real
+    return [] if dev.type == "cpu" else [f"init_distributed() in a gloo group chose {dev}"]
+
+
 def _all_worker(rank, world, tmpdir, outdir):
-    report = {"cp": _cp_part(rank, world), "dp": _dp_part(rank, world, tmpdir)}
+    report = {"cp": _cp_part(rank, world), "dp": _dp_part(rank, world, tmpdir) + _placement_part()}
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
 
