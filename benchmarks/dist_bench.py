@@ -109,6 +109,16 @@ def _over_budget(args, device) -> bool:
     return args.budget_s > 0 and _max_over_ranks(time.perf_counter() - _T_START, device) > args.budget_s
 
 
+def _chunk(args, impl, causal, T):
+    """The causal scan's chunk for a cp row (the automatic one unless --chunk), else empty."""
+    if impl != "cp" or not causal:
+        return ""
+    from tensorattn.poly import _scan_chunk, poly_rank
+
+    return args.chunk or _scan_chunk(T, args.batch, args.kv_heads, poly_rank(args.key_dim, args.degree),
+                                     args.value_dim)
+
+
 def attn_rows(args, info, dtype):
     W, rank, dev = info.world_size, info.rank, info.device
     rows = []
@@ -121,7 +131,7 @@ def attn_rows(args, info, dtype):
             causal = mode == "causal"
             for impl in impls:
                 base = {"section": kind, "impl": impl, "mode": mode, "world": W, "global_tokens": global_T,
-                        "tokens_per_rank": local_T}
+                        "tokens_per_rank": local_T, "chunk": _chunk(args, impl, causal, local_T)}
                 if _over_budget(args, dev):
                     rows.append({**base, "ms_fwd_bwd": float("nan"), "note": "skipped (time budget)"})
                     continue
@@ -236,7 +246,7 @@ def main(argv=None) -> int:
                  "fwd+bwd beyond the inputs on the worst rank; tokens_per_s: global tokens / time. impl=poly: the "
                  "single-process tensorattn.poly.poly_tensor_attn on the same problem (world size 1 only). "
                  "DDP rows: one optimizer step (fwd+bwd+AdamW) on random tokens.")
-        cols = ["section", "impl", "mode", "world", "global_tokens", "tokens_per_rank", "ms_fwd_bwd", "ms_p20",
+        cols = ["section", "impl", "mode", "world", "global_tokens", "tokens_per_rank", "chunk", "ms_fwd_bwd", "ms_p20",
                 "ms_p80", "peak_gib", "tokens_per_s", "note"]
         paths = write_report(out, title=f"Distributed benchmark (world size {info.world_size})", rows=rows,
                              columns=cols, meta=meta, notes=notes)

@@ -661,7 +661,7 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
         group: the process group the sequence is split over (default: the world).
         chunk_size: causal only: running sums are formed ``chunk_size`` positions at a time, and the
             backward recomputes each chunk (a memory knob; the result does not depend on it). ``None``:
-            as many positions as keep one ``[B, chunk, Hkv, k, Dv]`` running sum under 2^24 entries.
+            as many positions as keep one ``[B, chunk, Hkv, k, Dv]`` running sum under 2^26 entries.
 
     Returns:
         ``[B, T_r, Hq, Dv]`` in the input dtype. Differentiable with respect to all five local inputs;

@@ -396,8 +396,9 @@ class PolyTensorAttnFunction(torch.autograd.Function):
 # causal algorithm on CUDA, and the local part of context parallelism (tensorattn.distributed)
 # --------------------------------------------------------------------------------------------------
 # The scan runs this many (batch x position x kv head x feature x value) entries per chunk at most when no
-# chunk is given: each [B, chunk, Hkv, k, Dv] running sum is then 64 MiB in float32.
-_SCAN_CHUNK_ELEMS = 1 << 24
+# chunk is given: each [B, chunk, Hkv, k, Dv] running sum is then 256 MiB in float32 (on the H100 at Dk = 16,
+# 4x larger chunks than with 2^24 ran 35 % faster for 2.2 GiB instead of 0.9: benchmarks/results/scan_chunk_sweep.json).
+_SCAN_CHUNK_ELEMS = 1 << 26
 # The torch backend takes the scan on CUDA when one position holds at most this many B x Hkv x k x (Dv + 1)
 # entries (chunks of >= 256 positions, small saved chunk-start states); else the chunked pair algorithm.
 _SCAN_MAX_POS_ELEMS = 1 << 16

@@ -30,7 +30,8 @@ from tensorattn.train import TrainConfig, load_config, train
 
 WORLD = 2
 BASE = dict(task="match3", pattern="T", match3_n=6, dim=16, n_heads=2, batch_size=8, eval_batches=2, progress=False,
-            warmup_steps=2, lr=3e-3, min_lr=3e-4, steps=6, eval_every=3, log_every=2)
+            warmup_steps=2, lr=3e-3, min_lr=3e-4, steps=6, eval_every=3, log_every=2,
+            device="cpu")  # the gloo ranks and the single-process references alike, also where CUDA exists
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 REL = 1e-5  # float32: sharded batches change the order of the reductions
 
