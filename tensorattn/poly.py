@@ -41,6 +41,12 @@ column of ones to v1 and v2 (``Dv' = Dv + 1``): the last output column is then t
   of the later chunks w.r.t. the states) and recovers ``A2(c), A3(c)`` by subtracting each chunk's
   update from checkpoints saved every ``ckpt`` chunks by the forward pass (so the subtraction never
   runs for more than ``ckpt`` chunks: no drift). Feature Jacobians are applied chunk by chunk.
+* causal on CUDA with small states (``B Hkv k (Dv + 1) <= 2^16``, e.g. Dk < 16 where the fused kernel
+  does not apply): the scan :class:`_ScanCausal` instead: running sums ``P + cumsum(U2 ⊗ [v1, 1])`` of
+  a chunk of ~``2^26 / (B Hkv k Dv')`` positions at once (a few large kernels instead of a Python loop over
+  32-position chunks: 68x faster on an H100 at Dk = 4, T = 262K), the backward recomputing each chunk.
+  The same scan, started from the ranks' prefix state, is the local part of
+  :func:`tensorattn.distributed.cp_poly_tensor_attn`.
 
 Accumulation dtype: float32 (float64 for float64 inputs) everywhere: features, states, products.
 
