@@ -63,9 +63,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ._io import atomic_write
 from ._validate import check_attn_inputs, check_scale
+from .dispatch import no_autocast
 
 __all__ = [
     "DistInfo",
@@ -167,6 +169,8 @@ def init_distributed(backend: Optional[str] = None, *, device: Optional[str] = N
         be = str(dist.get_backend())
         if device is None and be == "gloo":
             dev = torch.device("cpu")  # a gloo group serves CPU ranks: "choose" must not put them on a GPU
+        elif dev.type == "cuda":
+            dev = torch.device("cuda", torch.cuda.current_device())  # the caller placed this rank already
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, be, False)
     ws = world_size if world_size is not None else _env_int("WORLD_SIZE", -1)
     if ws == -1 and init_method is None:
@@ -316,9 +320,12 @@ def wrap_model(model: nn.Module, strategy: str = "ddp", *, device: Optional[torc
     fully_shard = _fully_shard()
     from torch.distributed.device_mesh import init_device_mesh
 
-    # FSDP2's default mesh is a CUDA one whenever CUDA exists, which would move a CPU (gloo) model to the
-    # GPU behind the caller's back; the mesh follows the model's device instead
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # FSDP2's default mesh is a CUDA one whenever CUDA exists, which would move the model of a CPU (gloo)
+    # group to the GPU behind the caller's back; the mesh follows the group's backend instead (a model built
+    # on the CPU or on meta inside an nccl group is still moved to the GPU by fully_shard)
+    be = str(dist.get_backend())
+    mesh = init_device_mesh("cpu" if be == "gloo" else "cuda" if be == "nccl" else device.type,
+                            (dist.get_world_size(),))
     if shard_modules is None:
         shard_modules = list(getattr(model, "blocks", []))
     for m in shard_modules:
@@ -599,6 +606,7 @@ class _ShardTotals(torch.autograd.Function):
     """
 
     @staticmethod
+    @no_autocast
     def forward(ctx, k1, k2, v1, v2, feat, chunk):
         acc = feat.w.dtype
         tot = None
@@ -612,6 +620,8 @@ class _ShardTotals(torch.autograd.Function):
         return tot
 
     @staticmethod
+    @once_differentiable
+    @no_autocast
     def backward(ctx, g):
         from .poly import _chunk_grads
 
@@ -693,15 +703,15 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
         chunk = chunk_size or _scan_chunk(T, B, Hkv, feat.w.numel(), Dv)
         totals = _ShardTotals.apply(k1, k2, v1, v2, feat, chunk)  # [B, Hkv, k, 2Dv+2]
         return _scan_attn(q, k1, k2, v1, v2, _combine_states(totals, True, group), feat, chunk)
-    else:
+    with torch.autocast(q.device.type, enabled=False):  # float32 sums, also under a caller's autocast
         U1, U2, U3 = _poly_features(q, k1, k2, degree, scale)  # [B, T_r, H, k] in the accumulation dtype
         x1, x2 = v1.to(U1.dtype), v2.to(U1.dtype)
         states = _combine_states(_pack_states(U2, U3, x1, x2), False, group)  # [B, Hkv, k, 2Dv+2]
         S2_, S3_, z2, z3 = _unpack(states, Dv)
-        U1g = U1.view(B, T, Hkv, groups, -1)
+        U1g = U1.view(B, T, Hkv, groups, U1.shape[-1])
         num = torch.einsum("bihgl,bhle->bihge", U1g, S2_ * S3_)  # [B, T_r, Hkv, G, Dv]
         den = torch.einsum("bihgl,bhl->bihg", U1g, z2 * z3)  # [B, T_r, Hkv, G]
-    return (num / (den[..., None] + EPS)).reshape(B, T, Hq, Dv).to(q.dtype)
+        return (num / (den[..., None] + EPS)).reshape(B, T, Hq, Dv).to(q.dtype)
 
 
 # ==================================================================================================

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._validate import check_attn_inputs, check_same, check_scale, check_tensor
 from .dispatch import Backend, choose, no_autocast, triton_device_reasons
@@ -370,6 +371,7 @@ class PolyTensorAttnFunction(torch.autograd.Function):
         return o.transpose(1, 2).to(q.dtype)
 
     @staticmethod
+    @once_differentiable  # a hand-written first-order backward: double backward raises
     @no_autocast
     def backward(ctx, do):
         q, k1, k2, v1, v2, o, den, *flat = ctx.saved_tensors
@@ -403,10 +405,10 @@ class PolyTensorAttnFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------
 # The scan runs this many (batch x position x kv head x feature x value) entries per chunk at most when no
 # chunk is given: each [B, chunk, Hkv, k, Dv] running sum is then 256 MiB in float32 (on the H100 at Dk = 16,
-# 4x larger chunks than with 2^24 ran 35 % faster for 2.2 GiB instead of 0.9: benchmarks/results/scan_chunk_sweep.json).
+# 4x larger chunks than with 2^24 took 35 % less time for 2.2 GiB instead of 0.9: benchmarks/results/scan_chunk_sweep.json).
 _SCAN_CHUNK_ELEMS = 1 << 26
 # The torch backend takes the scan on CUDA when one position holds at most this many B x Hkv x k x (Dv + 1)
-# entries (chunks of >= 256 positions, small saved chunk-start states); else the chunked pair algorithm.
+# entries (chunks of >= 1024 positions, small saved chunk-start states); else the chunked pair algorithm.
 _SCAN_MAX_POS_ELEMS = 1 << 16
 
 
@@ -430,7 +432,7 @@ def _chunk_features(feat, groups: int, q, k1, k2, v1, v2):
     acc = feat.w.dtype
     B, c, Hq, _ = q.shape
     u1 = feat.q(q.to(acc))
-    return (u1.view(B, c, Hq // groups, groups, -1), feat.k(k1.to(acc)), feat.k(k2.to(acc)), v1.to(acc),
+    return (u1.view(B, c, Hq // groups, groups, feat.w.numel()), feat.k(k1.to(acc)), feat.k(k2.to(acc)), v1.to(acc),
             v2.to(acc))
 
 
@@ -478,6 +480,7 @@ class _ScanCausal(torch.autograd.Function):
     """
 
     @staticmethod
+    @no_autocast
     def forward(ctx, q, k1, k2, v1, v2, prefix, feat, groups, chunk):
         B, T, Hq, _ = q.shape
         Hkv, Dv = k1.shape[2], v1.shape[3]
@@ -498,6 +501,8 @@ class _ScanCausal(torch.autograd.Function):
         return num, den
 
     @staticmethod
+    @once_differentiable  # the chunk gradients are taken without create_graph: double backward raises
+    @no_autocast
     def backward(ctx, gnum, gden):
         q, k1, k2, v1, v2, starts = ctx.saved_tensors
         feat, groups, chunk = ctx.cfg

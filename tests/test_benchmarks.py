@@ -63,3 +63,16 @@ def test_dist_bench_runs_under_torchrun_with_two_cpu_ranks(tmp_path):
     assert [row["global_tokens"] for row in rows if row["section"] == "weak"] == [96, 96]
     assert data["meta"]["world_size"] == 2 and data["meta"]["backend"] == "gloo"
     assert "| section |" in out.with_suffix(".md").read_text()
+
+
+def test_scan_vs_pairs_benchmark_writes_both_algorithms(tmp_path):
+    out = tmp_path / "svp"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scan_vs_pairs.py"), "--T", "40", "--dks", "4",
+                        "--rep", "1", "--warmup", "0", "--dtype", "float32", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert sorted(row["algo"] for row in rows) == ["pairs", "scan"]
+    assert [row["default"] for row in rows if row["algo"] == "pairs"] == ["yes"]  # the CPU keeps the pairs
+    assert all(row["ms_fwd_bwd"] > 0 for row in rows)
+    assert "device" in out.with_suffix(".md").read_text()

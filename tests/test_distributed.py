@@ -261,6 +261,19 @@ def test_causal_chunking_keeps_results_and_gradients(monkeypatch, chunk):
         assert _rel(a, b) < 1e-10, name
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_context_parallel_ignores_a_callers_autocast(monkeypatch, causal):
+    for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(v, raising=False)
+    xs, _ = _inputs(9, 1, 21, 2, 2, 3, 4, amp=0.8)
+    xs = [x.float() for x in xs]
+    plain = td.cp_poly_tensor_attn(*xs, causal=causal, chunk_size=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = td.cp_poly_tensor_attn(*xs, causal=causal, chunk_size=5)
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, plain, rtol=1e-6, atol=1e-7)
+
+
 def test_shard_helpers():
     assert [td.shard_range(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
     assert [td.shard_range(2, r, 3) for r in range(3)] == [(0, 1), (1, 2), (2, 2)]

@@ -253,3 +253,26 @@ def test_scan_path_is_chosen_on_cuda_for_small_states():
     assert P._use_scan(cuda, 1, 4, P.poly_rank(4, 2), 32)  # the Dk < 16 case the fused kernel does not take
     assert not P._use_scan(cpu, 1, 4, P.poly_rank(4, 2), 32)
     assert not P._use_scan(cuda, 4, 4, P.poly_rank(32, 2), 64)  # large states: the chunked pair algorithm
+
+
+def test_scan_path_ignores_a_callers_autocast_and_refuses_double_backward(monkeypatch):
+    """Under bf16 autocast the scan still sums in float32 (the same result as without autocast), and a
+    double backward raises instead of returning detached gradients."""
+    import tensorattn.poly as P
+
+    monkeypatch.setattr(P, "_use_scan", lambda *a: True)
+    g = torch.Generator().manual_seed(3)
+    xs = [x.float().requires_grad_() for x in _inputs(g, 1, 29, 2, 1, 4, 6)]
+    plain = P.poly_tensor_attn(*xs, causal=True, backend="torch")
+    gp = torch.autograd.grad(plain.sum(), xs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = P.poly_tensor_attn(*xs, causal=True, backend="torch")
+        ga = torch.autograd.grad(auto.sum(), xs)
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, plain, rtol=1e-6, atol=1e-7)
+    for a, b in zip(ga, gp):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    out = P.poly_tensor_attn(*xs, causal=True, backend="torch")
+    (gq,) = torch.autograd.grad(out.square().sum(), xs[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gq.sum().backward()
