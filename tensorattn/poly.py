@@ -41,7 +41,7 @@ column of ones to v1 and v2 (``Dv' = Dv + 1``): the last output column is then t
   of the later chunks w.r.t. the states) and recovers ``A2(c), A3(c)`` by subtracting each chunk's
   update from checkpoints saved every ``ckpt`` chunks by the forward pass (so the subtraction never
   runs for more than ``ckpt`` chunks: no drift). Feature Jacobians are applied chunk by chunk.
-* causal on CUDA with small states (``B Hkv k (Dv + 1) <= 2^16``, e.g. Dk < 16 where the fused kernel
+* causal on CUDA with small states (``B Hkv k (Dv + 1) <= 2^17``, e.g. Dk < 16 where the fused kernel
   does not apply): the scan :class:`_ScanCausal` instead: running sums ``P + cumsum(U2 ⊗ [v1, 1])`` of
   a chunk of ~``2^26 / (B Hkv k Dv')`` positions at once (a few large kernels instead of a Python loop over
   32-position chunks: 68x faster on an H100 at Dk = 4, T = 262K), the backward recomputing each chunk.
@@ -408,8 +408,10 @@ class PolyTensorAttnFunction(torch.autograd.Function):
 # 4x larger chunks than with 2^24 took 35 % less time for 2.2 GiB instead of 0.9: benchmarks/results/scan_chunk_sweep.json).
 _SCAN_CHUNK_ELEMS = 1 << 26
 # The torch backend takes the scan on CUDA when one position holds at most this many B x Hkv x k x (Dv + 1)
-# entries (chunks of >= 1024 positions, small saved chunk-start states); else the chunked pair algorithm.
-_SCAN_MAX_POS_ELEMS = 1 << 16
+# entries (chunks of >= 512 positions; the saved chunk-start states stay under 512 numbers per position);
+# else the chunked pair algorithm, whose memory stays bounded at any rank. On the H100 the scan was 15-60x
+# faster for every Dk from 4 to 32 (up to 74K entries): benchmarks/results/scan_vs_pairs.md.
+_SCAN_MAX_POS_ELEMS = 1 << 17
 
 
 def _scan_chunk(T: int, B: int, Hkv: int, k: int, Dv: int) -> int:
