@@ -67,9 +67,12 @@ def test_dist_bench_runs_under_torchrun_with_two_cpu_ranks(tmp_path):
 
 def test_scan_vs_pairs_benchmark_writes_both_algorithms(tmp_path):
     out = tmp_path / "svp"
+    import os
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the CPU choice is asserted below, also on a GPU machine
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scan_vs_pairs.py"), "--T", "40", "--dks", "4",
                         "--rep", "1", "--warmup", "0", "--dtype", "float32", "--out", str(out)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert sorted(row["algo"] for row in rows) == ["pairs", "scan"]
