@@ -213,7 +213,8 @@ def monomial_features(x: torch.Tensor, degree: int) -> torch.Tensor:
     blocks = [torch.ones(1, xt.shape[1], dtype=x.dtype, device=x.device)]
     for parent, var in zip(p.parents, p.vars):
         blocks.append(blocks[-1].index_select(0, parent.to(x.device)) * xt.index_select(0, var.to(x.device)))
-    return torch.cat(blocks, 0).T.reshape(*x.shape[:-1], -1)  # [..., k] (a transposed view for 2-D x)
+    feats = torch.cat(blocks, 0)  # [k, rows]
+    return feats.T.reshape(*x.shape[:-1], feats.shape[0])  # [..., k] (a transposed view for 2-D x; k explicit: rows may be 0)
 
 
 # --------------------------------------------------------------------------------------------------

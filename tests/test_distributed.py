@@ -274,6 +274,17 @@ def test_context_parallel_ignores_a_callers_autocast(monkeypatch, causal):
     torch.testing.assert_close(auto, plain, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_context_parallel_empty_batch(monkeypatch, causal):
+    for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(v, raising=False)
+    xs = [torch.randn(0, 5, 2, d, dtype=F64, requires_grad=True) for d in (3, 3, 3, 4, 4)]
+    o = td.cp_poly_tensor_attn(*xs, causal=causal)
+    assert o.shape == (0, 5, 2, 4)
+    o.sum().backward()
+    assert [tuple(x.grad.shape) for x in xs] == [tuple(x.shape) for x in xs]
+
+
 def test_shard_helpers():
     assert [td.shard_range(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
     assert [td.shard_range(2, r, 3) for r in range(3)] == [(0, 1), (1, 2), (2, 2)]
