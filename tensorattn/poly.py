@@ -409,7 +409,7 @@ class PolyTensorAttnFunction(torch.autograd.Function):
 _SCAN_CHUNK_ELEMS = 1 << 26
 # The torch backend takes the scan on CUDA when one position holds at most this many B x Hkv x k x (Dv + 1)
 # entries (chunks of >= 512 positions; the saved chunk-start states stay under 512 numbers per position);
-# else the chunked pair algorithm, whose memory stays bounded at any rank. On the H100 the scan was 15-60x
+# else the chunked pair algorithm, whose memory stays bounded at any rank. On the H100 the scan was 15-61x
 # faster for every Dk from 4 to 32 (up to 74K entries): benchmarks/results/scan_vs_pairs.md.
 _SCAN_MAX_POS_ELEMS = 1 << 17
 
@@ -455,13 +455,11 @@ def _causal_chunk(u1, u2, u3, x1, x2, st):
 
 
 def _chunk_grads(fn, xs, grad_outs):
-    """Run ``fn`` on detached float copies of ``xs`` with autograd and return the gradients (float)."""
+    """Gradients of ``fn(*xs)`` w.r.t. ``xs`` given ``grad_outs``, through detached copies (a chunk's own graph)."""
     leaves = [x.detach().requires_grad_(True) for x in xs]
     with torch.enable_grad():
         outs = fn(*leaves)
     return torch.autograd.grad(outs, leaves, grad_outs, allow_unused=True)
-
-
 
 
 class _ScanCausal(torch.autograd.Function):
