@@ -566,8 +566,8 @@ class _TritonBackend(Backend):
         if head_dim > 64 or head_dim < 16 or head_dim & (head_dim - 1):
             # tl.dot needs inner dimensions >= 16 (a Dk = 4 launch failed to compile on an H100)
             r.append(f"Dk must be a power of two in [16, 64], got {head_dim}")
-        if value_dim > 256:
-            r.append(f"Dv must be <= 256, got {value_dim}")
+        if value_dim > 128:
+            r.append(f"Dv must be <= 128 for the fused kernels, got {value_dim}")
         return r
 
     def run(self, q, k1, k2, v1, v2, degree, causal, scale):

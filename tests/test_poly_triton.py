@@ -1,5 +1,5 @@
-"""Fused Triton kernels of poly_tensor_attn: output and all five gradients vs the naive polynomial
-reference, under TRITON_INTERPRET=1 on tiny shapes (in a subprocess, so the variable, which must be
+"""Chunk-parallel Triton kernels of poly_tensor_attn: output and all five gradients vs the naive polynomial
+reference in float64, under TRITON_INTERPRET=1 on tiny shapes (in a subprocess, so the variable, which must be
 set before triton is imported, does not leak into other test modules) and on a CUDA device."""
 import json
 import os
@@ -16,17 +16,26 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (B, T, Hq, Hkv, Dk, Dv, checkpoint interval in chunks or 0 for the default)
-INTERP_CASES = [(1, 20, 1, 1, 16, 8, 0), (1, 37, 2, 1, 16, 20, 2), (2, 17, 2, 2, 16, 15, 1)]
+# (B, T, Hq, Hkv, Dk, Dv, state-chunk length F, segment budget in bytes or 0 for the default, backward split)
+INTERP_CASES = [
+    (1, 1, 1, 1, 16, 16, 64, 0, 1),  # one position: o = v1 ∘ v2, zero q/k gradients
+    (1, 7, 1, 1, 16, 8, 64, 0, 1),  # shorter than a sub-chunk
+    (1, 63, 2, 1, 16, 20, 32, 0, 1),  # GQA, Dv not a power of two, several sub-chunks and chunks
+    (2, 150, 2, 2, 16, 40, 32, 50_000, 1),  # B = 2, two value blocks in the backward, one chunk per segment
+    (1, 70, 2, 1, 16, 40, 32, 0, 0),  # the backward in three launches instead of six
+    (1, 40, 1, 1, 32, 16, 16, 0, 1),  # Dk = 32 (rank 561): a longer feature-block loop
+]
 
 _SCRIPT = textwrap.dedent("""
-    import json, os, sys
+    import json, sys
     import torch
     import tensorattn.triton.poly as tp
     from tensorattn.poly import naive_poly_tensor_attn, poly_tensor_attn
-    B, T, Hq, Hkv, D, Dv, every = json.loads(sys.argv[1])
-    if every:
-        tp._ckpt_every = lambda n_chunks, slot_bytes: every
+    B, T, Hq, Hkv, D, Dv, F, seg, split = json.loads(sys.argv[1])
+    tp.TUNE["F"] = F
+    tp.TUNE["BWD_SPLIT"] = split
+    if seg:
+        tp.SEG_BYTES = seg
     g = torch.Generator().manual_seed(7)
     xs = [0.5 * torch.randn(*s, generator=g) for s in
           [(B, T, Hq, D), (B, T, Hkv, D), (B, T, Hkv, D), (B, T, Hkv, Dv), (B, T, Hkv, Dv)]]
@@ -37,19 +46,20 @@ _SCRIPT = textwrap.dedent("""
     xd = [x.detach().double().requires_grad_() for x in xs]
     ref = naive_poly_tensor_attn(*xd, causal=True)
     gref = torch.autograd.grad((ref * w.double()).sum(), xd)
-    rel = lambda a, b: float((a.double() - b).norm() / b.norm())
-    print(json.dumps({"out": rel(out, ref), "grads": [rel(a, b) for a, b in zip(grads, gref)],
-                      "finite": bool(torch.isfinite(out).all())}))
+    # relative error, with the reference's norm floored at 1 (a single position has zero q/k gradients)
+    err = lambda a, b: float((a.detach().double() - b).norm() / max(float(b.norm()), 1.0))
+    print(json.dumps({"out": err(out, ref), "grads": [err(a, b) for a, b in zip(grads, gref)],
+                      "finite": bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(x).all()) for x in grads)}))
 """)
 
 
-@pytest.mark.parametrize("case", INTERP_CASES, ids=lambda c: "B{}-T{}-H{}/{}-Dk{}-Dv{}-ck{}".format(*c))
+@pytest.mark.parametrize("case", INTERP_CASES, ids=lambda c: "B{}-T{}-H{}/{}-Dk{}-Dv{}-F{}-seg{}-split{}".format(*c))
 def test_triton_interpreter_matches_naive(case):
     skip_if_interpreter_broken()
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(case)], env=env, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["finite"]
@@ -58,9 +68,28 @@ def test_triton_interpreter_matches_naive(case):
     assert max(res["grads"]) < 1e-5, res
 
 
+def _bf16_plain(q, k1, k2, v1, v2, scale=None):
+    """The reference computed the plain way in bf16 (scores, polynomial and sums in bf16): flash-attention's
+    yardstick for what bf16 costs."""
+    B, T, Hq, D = q.shape
+    g = Hq // k1.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    rep = lambda x: x.transpose(1, 2).repeat_interleave(g, 1)  # noqa: E731
+    qh, k1h, k2h, v1h, v2h = q.transpose(1, 2), rep(k1), rep(k2), rep(v1), rep(v2)
+    z = scale * torch.einsum("bhid,bhjd,bhkd->bhijk", qh, k1h, k2h)
+    p = 1 + z + z * z / 2
+    i = torch.arange(T, device=q.device)
+    vis = (i[None, :] <= i[:, None])
+    p = p * (vis[:, :, None] & vis[:, None, :])
+    num = torch.einsum("bhijk,bhje,bhke->bhie", p, v1h, v2h)
+    return (num / (p.sum((-1, -2))[..., None] + 1e-6)).transpose(1, 2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,T,Hq,Hkv,D,Dv", [(1, 17, 1, 1, 16, 64), (2, 300, 4, 2, 16, 64), (1, 257, 2, 1, 64, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,Dv", [(1, 1, 1, 1, 16, 64), (1, 7, 2, 2, 16, 64), (1, 63, 4, 1, 16, 32),
+                                             (2, 300, 4, 2, 16, 64), (1, 1037, 1, 1, 16, 64),
+                                             (1, 257, 2, 1, 32, 16), (1, 200, 2, 2, 64, 128)])
 def test_triton_gpu_matches_naive(B, T, Hq, Hkv, D, Dv, dtype):
     from tensorattn.poly import naive_poly_tensor_attn, poly_tensor_attn
 
@@ -71,14 +100,48 @@ def test_triton_gpu_matches_naive(B, T, Hq, Hkv, D, Dv, dtype):
     w = torch.randn(out.shape, generator=g, device="cuda")
     grads = torch.autograd.grad((out.float() * w).sum(), xs)
     xd = [x.detach().double().requires_grad_() for x in xs]
-    ref = naive_poly_tensor_attn(*xd, causal=True)
+    if T <= 400:
+        ref = naive_poly_tensor_attn(*xd, causal=True)
+    else:  # the T^3 reference is too large: the torch backend in float64 (held to it in test_poly.py)
+        ref = poly_tensor_attn(*xd, causal=True, backend="torch")
     gref = torch.autograd.grad((ref * w.double()).sum(), xd)
-    # flash-attention's rule: at most ~2x the error plain PyTorch makes in the same dtype (plus a floor)
-    xl = [x.detach().requires_grad_() for x in xs]
-    low = poly_tensor_attn(*xl, causal=True, backend="torch")
+    err = lambda a, b: float((a.detach().double() - b).norm() / max(float(b.norm()), 1e-2))  # noqa: E731
+    assert torch.isfinite(out).all() and all(torch.isfinite(x).all() for x in grads)
+    if dtype == torch.float32:
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert err(out, ref) < 1e-5
+        for n, a, b in zip(("q", "k1", "k2", "v1", "v2"), grads, gref):
+            assert err(a, b) < 1e-5, (n, err(a, b))
+        return
+    # bf16 / fp16: at most 2x the error of the plain bf16 computation (flash-attention's rule), plus a floor
+    if T > 400:  # the plain bf16 reference is T^3 too: hold the kernel to a fixed bound there
+        assert err(out, ref) < 2e-2
+        for n, a, b in zip(("q", "k1", "k2", "v1", "v2"), grads, gref):
+            assert err(a, b) < 3e-2, (n, err(a, b))
+        return
+    xl = [x.detach().bfloat16().requires_grad_() for x in xs]
+    low = _bf16_plain(*xl)
     glow = torch.autograd.grad((low.float() * w).sum(), xl)
-    rel = lambda a, b: float((a.detach().double() - b).norm() / b.norm())  # noqa: E731
-    floor = 2e-3  # tf32 products in the kernels
-    assert rel(out, ref) <= 2 * rel(low, ref) + floor
+    floor = 1e-3
+    assert err(out, ref) <= 2 * err(low, ref) + floor, (err(out, ref), err(low, ref))
     for n, a, al, b in zip(("q", "k1", "k2", "v1", "v2"), grads, glow, gref):
-        assert rel(a, b) <= 2 * rel(al, b) + floor, (n, rel(a, b), rel(al, b))
+        assert err(a, b) <= 2 * err(al, b) + floor, (n, err(a, b), err(al, b))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_gpu_float32_tf32_only_when_allowed():
+    """With TF32 allowed, float32 inputs may lose digits (about 1e-3); without, they must not."""
+    from tensorattn.poly import naive_poly_tensor_attn, poly_tensor_attn
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    xs = [torch.randn(1, 500, 2, 16, generator=g, device="cuda") for _ in range(3)]
+    xs += [torch.randn(1, 500, 2, 64, generator=g, device="cuda") for _ in range(2)]
+    ref = naive_poly_tensor_attn(*[x.double() for x in xs], causal=True)
+    rel = lambda a: float((a.double() - ref).norm() / ref.norm())  # noqa: E731
+    assert rel(poly_tensor_attn(*xs, causal=True, backend="triton")) < 1e-5
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert rel(poly_tensor_attn(*xs, causal=True, backend="triton")) < 1e-2
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

@@ -1,25 +1,43 @@
-"""Fused chunked Triton kernels for causal polynomial tensor attention (degree 2), forward and backward.
+"""Chunk-parallel Triton kernels for causal polynomial tensor attention (degree 2), forward and backward.
 
-The algorithm is the one of :mod:`tensorattn.poly` (read its module docstring first): chunks of
-``C = 16`` queries, running states ``A2 = sum φ(k1) ⊗ [v1, 1]`` and ``A3 = sum φ(k2) ⊗ [v2, 1]`` for the
-keys before the chunk, four blocks (B,B), (B,W), (W,B), (W,W) per chunk. What the kernels add:
+Math (see :mod:`tensorattn.poly` for the op): with features ``U1 = φ(scale q) / β!``, ``U2 = φ(k1)``,
+``U3 = φ(k2)`` (exact degree-2 monomials, rank ``k = C(Dk + 2, 2)``), the causal numerator of query ``i`` is
+``num_i = U1[i] · (L2_i ∘ L3_i)`` with prefix states ``L2_i = Σ_{j <= i} U2[j] ⊗ v1[j]`` (likewise ``L3``),
+and the normaliser ``den_i = U1[i] · (l2_i ∘ l3_i)`` with ``l2_i = Σ_{j <= i} U2[j]`` (vectors).
 
-* Features are recomputed from q, k1, k2 in registers (gathers of two coordinates per monomial,
-  ``index_a``/``index_b`` tables, coordinate ``Dk`` meaning the constant 1), never stored as n x k arrays.
-* Grid ``(B * Hq, NE, NMB)``: the value columns ``[v, 1]`` (``Dv + 1`` of them) are split into ``NE``
-  blocks of ``EB`` columns and the ``k`` features into ``NMB`` blocks of ``BM``: every (column, feature)
-  entry of the states evolves independently in this algorithm, so each program owns a ``[BM, EB]``
-  block of ``A2`` and ``A3`` in registers and walks the sequence chunk by chunk (sequentially: the
-  states are prefix sums). The feature blocks' contributions to the output add up through float32
-  atomics; the (W,W) block is computed by the programs of feature block 0 only.
-* The forward writes the unnormalised numerator (the last real column is the normaliser) in float32
-  and saves the states every ``KCK`` chunks (checkpoints) when a backward will follow.
-* The backward walks the chunks in reverse, recovers ``A(c)`` by subtracting chunk c's update from
-  ``A(c + 1)`` (or loads a checkpoint), carries ``dA2, dA3``, and applies the feature Jacobians with
-  one-hot matrix products; gradients reach q, k1, k2 (summed over column blocks) and v1, v2 (summed
-  over the query heads of a GQA group) through float32 atomic adds.
+Parallel over the sequence, in three levels:
 
-Accumulation is float32; matrix products use tf32 inputs on the GPU (``PREC``), exact under the interpreter.
+* **state chunks** of ``F`` positions (``TUNE["F"]``, 64): :func:`_state_kernel` computes every chunk's contribution
+  ``ΔS2[n] = U2_n^T v1_n`` (and ``ΔS3``, and the vector sums for the normaliser) for all chunks at once,
+  with tensor-core products; an in-place ``cumsum`` over chunks turns them into the state before each
+  chunk. The sequence is processed in *segments* of chunks whose states fit a fixed budget
+  (:data:`SEG_BYTES`), the state at each segment's end starting the next: memory stays bounded at any T.
+* **sub-chunks** of ``C = 16`` queries inside a state chunk: :func:`_fwd_kernel` runs one program per
+  (state chunk, query head, value block) and walks the chunk's ``F / C`` sub-chunks; for each it loops over
+  blocks of ``BK`` features, using the running state before the sub-chunk and then adding the sub-chunk's
+  keys to it. For one sub-chunk with states ``A2, A3`` before it, the pairs split into (before, before),
+  (before, inside), (inside, before) and (inside, inside)::
+
+      BB:  U1 (A2 ∘ A3)                                               [C, BK] x [BK, EB]
+      BW:  Σ_{j <= i} v2[j] ∘ ((U1[i] ∘ U3[j]) A2)   rows = the C² pairs (i, j): [C², BK] x [BK, EB]
+      WB:  likewise with U2, v1, A3
+      WW:  the exact polynomial on the C³ triples inside the sub-chunk (independent of the features)
+
+  The normaliser is a vector scan (``cumsum`` of the features inside the sub-chunk): O(k) per position.
+  The output is normalised in the kernel and written once in the input dtype; no float32 numerator.
+* **backward**: per segment, last to first, the forward states are recomputed (state kernel + cumsum from
+  the segment's saved start state); :func:`_rstate_kernel` computes every chunk's contribution
+  ``ΔR2[n] = Σ_{i in n} dL2_i`` to the gradient of the states (``dL2_i = (U1[i] ⊗ G_i) ∘ L3_i``), a
+  reversed in-place cumsum gives the suffix sums, and :func:`_grad_kernel` computes all five input
+  gradients of a chunk from its forward states and its suffix states, walking the sub-chunks forward
+  (forward states by addition, suffix states by subtraction of the sub-chunk's own part), in separate
+  launches per part and stream (``TUNE["BWD_SPLIT"]``) so that each holds fewer tiles.
+
+Measured figures, the FLOP and byte counts and what limits the kernels: ``benchmarks/NOTES_poly.md``.
+
+Accumulation: states, suffix states, outputs and gradients in float32. Matrix-product operands are bf16
+for bf16/fp16 inputs (the states' range exceeds fp16's), float32 for float32 inputs (exact ``ieee``
+products unless ``torch.backends.cuda.matmul.allow_tf32`` is set, then tf32).
 """
 from __future__ import annotations
 
@@ -29,260 +47,475 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
+from ..dispatch import no_autocast
 from ..features import multi_indices
 
-CHUNK = 16
-EB = 16
-BM = 32
+C = 16  # queries per sub-chunk (the pair products have C² = 256 rows)
+BK = 32  # features per block
 EPS = 1e-6
-# Checkpoints of the states may take at most this many bytes (the reverse pass subtracts in between).
-CKPT_BYTES = 1 << 30
-NUM_WARPS = int(os.environ.get("TENSORATTN_POLY_WARPS", "4"))
+# The states of one segment (forward states, plus suffix states in the backward) take at most this many bytes.
+SEG_BYTES = 1 << 30
+# Tunables (the benchmark sweeps them): state-chunk length F, value-block widths and warps per kernel.
+TUNE = dict(F=64, EB_FWD=64, EB_BWD=32, WARPS_FWD=8, WARPS_BWD=4, WARPS_STATE=4, BWD_SPLIT=1)
+for _k in list(TUNE):  # TENSORATTN_POLY_<KEY> overrides a default (benchmark sweeps)
+    if os.environ.get(f"TENSORATTN_POLY_{_k}") is not None:
+        TUNE[_k] = int(os.environ[f"TENSORATTN_POLY_{_k}"])
 
 
+# --------------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------------
 @triton.jit
-def _feat(x_ptr, rows, rmask, stride_t, ia, ib, D: tl.constexpr, scale):
-    """Gathered monomial factors: ya = scale * x[row, ia] (1 where ia == D), likewise yb. [C, BM] each."""
-    xa = tl.load(x_ptr + rows[:, None] * stride_t + ia[None, :], mask=rmask[:, None] & (ia[None, :] < D), other=0.0)
-    xb = tl.load(x_ptr + rows[:, None] * stride_t + ib[None, :], mask=rmask[:, None] & (ib[None, :] < D), other=0.0)
+def _gather(x_ptr, rows, rmask, stride, ia, ib, D: tl.constexpr, scale):
+    """Monomial factors ``ya = scale x[row, ia]`` (1 where ``ia == D``, the constant), likewise ``yb``."""
+    xa = tl.load(x_ptr + rows[:, None] * stride + ia[None, :], mask=rmask[:, None] & (ia[None, :] < D), other=0.0)
+    xb = tl.load(x_ptr + rows[:, None] * stride + ib[None, :], mask=rmask[:, None] & (ib[None, :] < D), other=0.0)
     ya = tl.where(ia[None, :] < D, xa.to(tl.float32) * scale, 1.0)
     yb = tl.where(ib[None, :] < D, xb.to(tl.float32) * scale, 1.0)
     return ya, yb
 
 
 @triton.jit
-def _load_chunk(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, rows, rmask, cols, sq, sk, sv, DV: tl.constexpr,
-                dk, scale):
-    qc = tl.load(q_ptr + rows[:, None] * sq + dk[None, :], mask=rmask[:, None], other=0.0).to(tl.float32) * scale
-    k1c = tl.load(k1_ptr + rows[:, None] * sk + dk[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    k2c = tl.load(k2_ptr + rows[:, None] * sk + dk[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    vm = rmask[:, None] & (cols[None, :] < DV)
-    one = tl.where(rmask[:, None] & (cols[None, :] == DV), 1.0, 0.0)  # the ones column gives the normaliser
-    v1c = tl.load(v1_ptr + rows[:, None] * sv + cols[None, :], mask=vm, other=0.0).to(tl.float32) + one
-    v2c = tl.load(v2_ptr + rows[:, None] * sv + cols[None, :], mask=vm, other=0.0).to(tl.float32) + one
-    return qc, k1c, k2c, v1c, v2c
+def _rows(x_ptr, rows, rmask, stride, cols, ncols):
+    """``x[rows, cols]`` as float32, zero outside the rows and columns."""
+    x = tl.load(x_ptr + rows[:, None] * stride + cols[None, :], mask=rmask[:, None] & (cols[None, :] < ncols),
+                other=0.0)
+    return x.to(tl.float32)
 
 
 @triton.jit
-def _poly_fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, num_ptr, ck_ptr, ia_ptr, ib_ptr, wq_ptr,
-                     T, HQ, GROUPS, NCOL, NS, scale,
-                     D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, EB: tl.constexpr, BM: tl.constexpr,
-                     KCK: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    pe = tl.program_id(1)
-    mb = tl.program_id(2)
-    b = pid // HQ
-    h = pid % HQ
-    hk = h // GROUPS
-    HK = HQ // GROUPS
-    sq = HQ * D
-    sk = HK * D
-    sv = HK * DV
-    q_ptr += b * T * sq + h * D
-    k1_ptr += b * T * sk + hk * D
-    k2_ptr += b * T * sk + hk * D
-    v1_ptr += b * T * sv + hk * DV
-    v2_ptr += b * T * sv + hk * DV
-    num_ptr += (b * T * HQ + h) * NCOL
-    prog = (pid * tl.num_programs(1) + pe) * tl.num_programs(2) + mb
-    ck_ptr += prog * (NS + 1) * 2 * BM * EB  # [NS + 1, 2, BM, EB]
-
-    ci = tl.arange(0, C)
-    dk = tl.arange(0, D)
-    cols = pe * EB + tl.arange(0, EB)
-    m = mb * BM + tl.arange(0, BM)
-    se = tl.arange(0, BM)[:, None] * EB + tl.arange(0, EB)[None, :]  # [BM, EB] offsets of a state
-    # (i, j) of the C*C pair rows and the causal masks of the chunk
-    pi = tl.arange(0, C * C) // C
-    pj = tl.arange(0, C * C) % C
-    m2 = (ci[None, :] <= ci[:, None]).to(tl.float32)  # [i, j]: j <= i
-    m3 = (pj[:, None] <= pi[:, None]) & (ci[None, :] <= pi[:, None])  # [(i, j1), j2]
-    ia = tl.load(ia_ptr + m)
-    ib = tl.load(ib_ptr + m)
-    wq = tl.load(wq_ptr + m)
-    a2 = tl.zeros((BM, EB), tl.float32)  # this program's block of the states, in registers
-    a3 = tl.zeros((BM, EB), tl.float32)
-
-    NC = tl.cdiv(T, C)
-    for c in range(NC):
-        rows = c * C + ci
-        rmask = rows < T
-        qc, k1c, k2c, v1c, v2c = _load_chunk(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, rows, rmask, cols, sq, sk, sv,
-                                             DV, dk, scale)
-        if SAVE:
-            if c % KCK == 0:
-                tl.store(ck_ptr + (c // KCK) * 2 * BM * EB + se, a2)
-                tl.store(ck_ptr + (c // KCK) * 2 * BM * EB + BM * EB + se, a3)
-        ya, yb = _feat(q_ptr, rows, rmask, sq, ia, ib, D, scale)
-        u1 = ya * yb * wq[None, :]  # [C, BM]
-        xa, xb = _feat(k1_ptr, rows, rmask, sk, ia, ib, D, 1.0)
-        u2 = xa * xb
-        xa, xb = _feat(k2_ptr, rows, rmask, sk, ia, ib, D, 1.0)
-        u3 = xa * xb
-        acc = tl.dot(u1, a2 * a3, input_precision=PREC)  # (B, B)
-        x13 = tl.reshape(u1[:, None, :] * u3[None, :, :], (C * C, BM))
-        t = tl.reshape(tl.dot(x13, a2, input_precision=PREC), (C, C, EB))
-        acc += tl.sum(t * v2c[None, :, :] * m2[:, :, None], axis=1)  # (B, W)
-        x12 = tl.reshape(u1[:, None, :] * u2[None, :, :], (C * C, BM))
-        t = tl.reshape(tl.dot(x12, a3, input_precision=PREC), (C, C, EB))
-        acc += tl.sum(t * v1c[None, :, :] * m2[:, :, None], axis=1)  # (W, B)
-        a2 += tl.dot(tl.trans(u2), v1c, input_precision=PREC)
-        a3 += tl.dot(tl.trans(u3), v2c, input_precision=PREC)
-        if mb == 0:
-            # (W, W): the exact polynomial on the pairs inside the chunk, once per column block
-            qk1 = tl.reshape(qc[:, None, :] * k1c[None, :, :], (C * C, D))
-            z = tl.dot(qk1, tl.trans(k2c), input_precision=PREC)  # [(i, j1), j2]
-            p = tl.where(m3, 1.0 + z + 0.5 * z * z, 0.0)
-            pv2 = tl.reshape(tl.dot(p, v2c, input_precision=PREC), (C, C, EB))
-            acc += tl.sum(pv2 * v1c[None, :, :], axis=1)  # [C, EB]
-        # the feature blocks of one column block add up here (float32 atomics)
-        tl.atomic_add(num_ptr + rows[:, None] * HQ * NCOL + cols[None, :], acc, mask=rmask[:, None])
-    if SAVE:
-        tl.store(ck_ptr + NS * 2 * BM * EB + se, a2)
-        tl.store(ck_ptr + NS * 2 * BM * EB + BM * EB + se, a3)
+def _mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    return tl.dot(a.to(DT), b.to(DT), input_precision=PREC)
 
 
 @triton.jit
-def _onehot_back(dx, ya, yb, ia, ib, dk, PREC: tl.constexpr):
-    """d/dx of ya * yb through the gathers: [C, BM] x one-hot [BM, D] products (exact for the one-hot)."""
-    ea = (ia[:, None] == dk[None, :]).to(tl.float32)
-    eb = (ib[:, None] == dk[None, :]).to(tl.float32)
-    return tl.dot(dx * yb, ea, input_precision=PREC) + tl.dot(dx * ya, eb, input_precision=PREC)
+def _pairs(a, b, C: tl.constexpr, W: tl.constexpr):
+    """``[C², W]`` rows ``(i, j) -> a[i] * b[j]``."""
+    return tl.reshape(a[:, None, :] * b[None, :, :], (C * C, W))
 
 
 @triton.jit
-def _poly_bwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_ptr,
-                     dq_ptr, dk1_ptr, dk2_ptr, dv1_ptr, dv2_ptr, ck_ptr, ia_ptr, ib_ptr, wq_ptr,
-                     T, HQ, GROUPS, NS, scale,
-                     D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, EB: tl.constexpr, BM: tl.constexpr,
-                     KCK: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    pe = tl.program_id(1)
-    mb = tl.program_id(2)
-    b = pid // HQ
-    h = pid % HQ
+def _sub_feats(qb, k1b, k2b, rows, rmask, sq, sk, ia, ib, wq, D: tl.constexpr, scale):
+    """One sub-chunk's features in one feature block: ``U1``, ``U2``, ``U3`` ``[C, BK]`` (zero past T) and the
+    gathered factors each is the product of (for the feature Jacobians)."""
+    ya, yb = _gather(qb, rows, rmask, sq, ia, ib, D, scale)
+    u1 = tl.where(rmask[:, None], ya * yb * wq[None, :], 0.0)
+    x1a, x1b = _gather(k1b, rows, rmask, sk, ia, ib, D, 1.0)
+    u2 = tl.where(rmask[:, None], x1a * x1b, 0.0)
+    x2a, x2b = _gather(k2b, rows, rmask, sk, ia, ib, D, 1.0)
+    u3 = tl.where(rmask[:, None], x2a * x2b, 0.0)
+    return u1, u2, u3, ya, yb, x1a, x1b, x2a, x2b
+
+
+@triton.jit
+def _bases(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, n, bh, HQ, GROUPS, T, NS1, KP,
+           D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+    """Batch ``b``, query head ``h``, the row strides, this head's input pointers, the offset of its output rows
+    and the states before chunk ``n`` of its kv head."""
+    b = bh // HQ
+    h = bh % HQ
     hk = h // GROUPS
     HK = HQ // GROUPS
     sq = HQ * D
     sk = HK * D
     sv = HK * DV
     so = HQ * DV
-    q_ptr += b * T * sq + h * D
-    dq_ptr += b * T * sq + h * D
-    k1_ptr += b * T * sk + hk * D
-    k2_ptr += b * T * sk + hk * D
-    dk1_ptr += b * T * sk + hk * D
-    dk2_ptr += b * T * sk + hk * D
-    v1_ptr += b * T * sv + hk * DV
-    v2_ptr += b * T * sv + hk * DV
-    dv1_ptr += b * T * sv + hk * DV
-    dv2_ptr += b * T * sv + hk * DV
-    do_ptr += b * T * so + h * DV
-    den_ptr += b * T * HQ + h
-    delta_ptr += b * T * HQ + h
-    prog = (pid * tl.num_programs(1) + pe) * tl.num_programs(2) + mb
-    ck_ptr += prog * (NS + 1) * 2 * BM * EB
+    ko = b * T * sk + hk * D
+    vo = b * T * sv + hk * DV
+    stb = st_ptr + ((b * HK + hk) * NS1 + n) * 2 * KP * DVP
+    sdb = sd_ptr + ((b * HK + hk) * NS1 + n) * 2 * KP
+    return (b, h, sq, sk, sv, so, q_ptr + b * T * sq + h * D, k1_ptr + ko, k2_ptr + ko, v1_ptr + vo, v2_ptr + vo,
+            b * T * so + h * DV, stb, sdb)
+
+
+@triton.jit
+def _feature_block(ia_ptr, ib_ptr, wq_ptr, stb, sdb, kb, cols, KP, BK: tl.constexpr, DVP: tl.constexpr):
+    """Feature block kb: its indices, gather tables, query weights, and the states' ``[BK, EB]`` blocks."""
+    m = kb * BK + tl.arange(0, BK)
+    soff = m[:, None] * DVP + cols[None, :]
+    return (m, tl.load(ia_ptr + m), tl.load(ib_ptr + m), tl.load(wq_ptr + m), soff, tl.load(stb + soff),
+            tl.load(stb + KP * DVP + soff), tl.load(sdb + m), tl.load(sdb + KP + m))
+
+
+@triton.jit
+def _sub_values(v1b, v2b, dob, denb, rows, rmask, sv, so, HQ, cols, DV: tl.constexpr):
+    """One sub-chunk's value blocks, its normaliser and ``G = dO / den`` (the gradient of the numerator)."""
+    den = tl.load(denb + rows * HQ, mask=rmask, other=1.0)
+    return (_rows(v1b, rows, rmask, sv, cols, DV), _rows(v2b, rows, rmask, sv, cols, DV), den,
+            _rows(dob, rows, rmask, so, cols, DV) / den[:, None])
+
+
+@triton.jit
+def _own_part(g, u1, u_o, v_o, a_o, m2, C: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr, DT: tl.constexpr,
+              PREC: tl.constexpr):
+    """One sub-chunk's part of the gradient of one stream's state, ``Σ_i (U1[i] ⊗ G_i) ∘ L_o,i`` with the other
+    stream's running state ``L_o,i = a_o + Σ_{j <= i} u_o[j] ⊗ v_o[j]``: ``[BK, EB]``."""
+    z = tl.reshape(g[:, None, :] * v_o[None, :, :] * m2[:, :, None], (C * C, EB))
+    return _mm(tl.trans(u1), g, DT, PREC) * a_o + _mm(tl.trans(_pairs(u1, u_o, C, BK)), z, DT, PREC)
+
+
+@triton.jit
+def _pair_part(g, u1, u_o, v_o, a, m2, C: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr, DT: tl.constexpr,
+               PREC: tl.constexpr):
+    """Gradients of one (before, inside) block ``Σ_{j <= i} v_o[j] ∘ ((U1[i] ∘ u_o[j]) a)``: w.r.t. U1, u_o
+    (``[C, BK]`` each) and v_o (``[C, EB]``)."""
+    z = tl.reshape(g[:, None, :] * v_o[None, :, :] * m2[:, :, None], (C * C, EB))
+    y = tl.reshape(_mm(z, tl.trans(a), DT, PREC), (C, C, BK))  # [(i, j), m]
+    t = tl.reshape(_mm(_pairs(u1, u_o, C, BK), a, DT, PREC), (C, C, EB))
+    return (tl.sum(y * u_o[None, :, :], axis=1), tl.sum(y * u1[:, None, :], axis=0),
+            tl.sum(t * g[:, None, :] * m2[:, :, None], axis=0))
+
+
+@triton.jit
+def _onehot_back(dx, ya, yb, ia, ib, dk, DT: tl.constexpr, PREC: tl.constexpr):
+    """d/dx of ``ya * yb`` through the gathers: ``[C, BK] x one-hot [BK, D]`` products."""
+    ea = (ia[:, None] == dk[None, :]).to(tl.float32)
+    eb = (ib[:, None] == dk[None, :]).to(tl.float32)
+    return _mm(dx * yb, ea, DT, PREC) + _mm(dx * ya, eb, DT, PREC)
+
+
+@triton.jit
+def _ww_fwd(qb, k1b, k2b, v1b, v2b, rows, rmask, sq, sk, sv, dk, cols, scale, m3,
+            D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, EB: tl.constexpr, DT: tl.constexpr,
+            PREC: tl.constexpr):
+    """(inside, inside): ``Σ_{j1, j2 <= i} P(z) v1[j1] ∘ v2[j2]`` of one sub-chunk, ``[C, EB]``."""
+    qc = _rows(qb, rows, rmask, sq, dk, D) * scale
+    k1c = _rows(k1b, rows, rmask, sk, dk, D)
+    k2c = _rows(k2b, rows, rmask, sk, dk, D)
+    v1c = _rows(v1b, rows, rmask, sv, cols, DV)
+    v2c = _rows(v2b, rows, rmask, sv, cols, DV)
+    z = _mm(_pairs(qc, k1c, C, D), tl.trans(k2c), DT, PREC)  # [(i, j1), j2]
+    p = tl.where(m3, 1.0 + z + 0.5 * z * z, 0.0)
+    pv2 = tl.reshape(_mm(p, v2c, DT, PREC), (C, C, EB))
+    return tl.sum(pv2 * v1c[None, :, :], axis=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _state_kernel(k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, ia_ptr, ib_ptr, T, t0, NS1, HK, KP,
+                  D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, BK: tl.constexpr,
+                  DT: tl.constexpr, PREC: tl.constexpr):
+    """Chunk n's contributions ``U2_n^T v1_n``, ``U3_n^T v2_n`` and ``Σ U2_n``, ``Σ U3_n`` -> slot n + 1."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    kb = tl.program_id(2)
+    b = bh // HK
+    hk = bh % HK
+    sk = HK * D
+    sv = HK * DV
+    rows = t0 + n * F + tl.arange(0, F)
+    rmask = rows < T
+    m = kb * BK + tl.arange(0, BK)
+    ia = tl.load(ia_ptr + m)
+    ib = tl.load(ib_ptr + m)
+    cols = tl.arange(0, DVP)
+    slot = (bh * NS1 + n + 1) * 2
+    soff = m[:, None] * DVP + cols[None, :]
+    kb_off = b * T * sk + hk * D
+    vb_off = b * T * sv + hk * DV
+    _state_one(k1_ptr + kb_off, v1_ptr + vb_off, st_ptr + slot * KP * DVP + soff, sd_ptr + slot * KP + m, rows, rmask,
+               sk, sv, ia, ib, cols, D, DV, DT, PREC)
+    _state_one(k2_ptr + kb_off, v2_ptr + vb_off, st_ptr + (slot + 1) * KP * DVP + soff, sd_ptr + (slot + 1) * KP + m,
+               rows, rmask, sk, sv, ia, ib, cols, D, DV, DT, PREC)
+
+
+@triton.jit
+def _state_one(kp, vp, st_out, sd_out, rows, rmask, sk, sv, ia, ib, cols, D: tl.constexpr, DV: tl.constexpr,
+               DT: tl.constexpr, PREC: tl.constexpr):
+    xa, xb = _gather(kp, rows, rmask, sk, ia, ib, D, 1.0)
+    u = tl.where(rmask[:, None], xa * xb, 0.0)
+    v = _rows(vp, rows, rmask, sv, cols, DV)
+    tl.store(st_out, _mm(tl.trans(u), v, DT, PREC))
+    tl.store(sd_out, tl.sum(u, axis=0))
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o_ptr, den_ptr, ia_ptr, ib_ptr,
+                wq_ptr, T, t0, NS1, HQ, GROUPS, KP, NKB, scale,
+                D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
+                BK: tl.constexpr, EB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Output rows of chunk n for one query head and value block: sub-chunks outside, feature blocks inside, so
+    that the pair products of all feature blocks add up in the product accumulators before one reduction per
+    sub-chunk. The running state of each feature block passes from one sub-chunk to the next through this
+    program's scratch ``sc`` ``[NKB, 2, BK, EB]`` + ``[2, KP]`` (float32, L2-resident; a barrier after each
+    sub-chunk makes the writes visible to all of the program's threads)."""
+    NSUB: tl.constexpr = F // C
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    pe = tl.program_id(2)
+    b, h, sq, sk, sv, so, qb, k1b, k2b, v1b, v2b, oo, stb, sdb = _bases(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr,
+                                                                         sd_ptr, n, bh, HQ, GROUPS, T, NS1, KP, D, DV,
+                                                                         DVP)
+    scb = sc_ptr + ((n * tl.num_programs(1) + bh) * tl.num_programs(2) + pe) * (NKB * 2 * BK * EB + 2 * KP)
 
     ci = tl.arange(0, C)
     dk = tl.arange(0, D)
     cols = pe * EB + tl.arange(0, EB)
-    m = mb * BM + tl.arange(0, BM)
-    se = tl.arange(0, BM)[:, None] * EB + tl.arange(0, EB)[None, :]
     pi = tl.arange(0, C * C) // C
     pj = tl.arange(0, C * C) % C
     m2 = (ci[None, :] <= ci[:, None]).to(tl.float32)
     m3 = (pj[:, None] <= pi[:, None]) & (ci[None, :] <= pi[:, None])
-    ia = tl.load(ia_ptr + m)
-    ib = tl.load(ib_ptr + m)
-    wq = tl.load(wq_ptr + m)
-    # states after the last chunk (checkpoint NS); gradients w.r.t. them start at 0
-    a2n = tl.load(ck_ptr + NS * 2 * BM * EB + se)
-    a3n = tl.load(ck_ptr + NS * 2 * BM * EB + BM * EB + se)
-    da2 = tl.zeros((BM, EB), tl.float32)
-    da3 = tl.zeros((BM, EB), tl.float32)
-
-    NC = tl.cdiv(T, C)
-    for cc in range(NC):
-        c = NC - 1 - cc
-        rows = c * C + ci
+    se = tl.arange(0, BK)[:, None] * EB + tl.arange(0, EB)[None, :]
+    r0 = t0 + n * F
+    for s in range(NSUB):
+        rows = r0 + s * C + ci
         rmask = rows < T
-        qc, k1c, k2c, v1c, v2c = _load_chunk(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, rows, rmask, cols, sq, sk, sv,
-                                             DV, dk, scale)
-        # G = d loss / d num': [dO / den, -<dO, o> / den] in the columns of this block
-        den = tl.load(den_ptr + rows * HQ, mask=rmask, other=1.0)
-        delta = tl.load(delta_ptr + rows * HQ, mask=rmask, other=0.0)
-        g = tl.load(do_ptr + rows[:, None] * so + cols[None, :], mask=rmask[:, None] & (cols[None, :] < DV),
-                    other=0.0).to(tl.float32)
-        g = tl.where(cols[None, :] == DV, -delta[:, None], g) / den[:, None]
-        g = tl.where(rmask[:, None], g, 0.0)
-        ya, yb = _feat(q_ptr, rows, rmask, sq, ia, ib, D, scale)
-        u1 = ya * yb * wq[None, :]
-        x1a, x1b = _feat(k1_ptr, rows, rmask, sk, ia, ib, D, 1.0)
-        u2 = x1a * x1b
-        x2a, x2b = _feat(k2_ptr, rows, rmask, sk, ia, ib, D, 1.0)
-        u3 = x2a * x2b
-        # states before this chunk: one subtraction, or the forward's exact checkpoint
-        a2 = a2n - tl.dot(tl.trans(u2), v1c, input_precision=PREC)
-        a3 = a3n - tl.dot(tl.trans(u3), v2c, input_precision=PREC)
-        if c % KCK == 0:
-            a2 = tl.load(ck_ptr + (c // KCK) * 2 * BM * EB + se)
-            a3 = tl.load(ck_ptr + (c // KCK) * 2 * BM * EB + BM * EB + se)
-        # this chunk's keys as seen by every later query, through the states
-        du2 = tl.dot(v1c, tl.trans(da2), input_precision=PREC)  # [C, BM]
-        du3 = tl.dot(v2c, tl.trans(da3), input_precision=PREC)
-        dv1 = tl.dot(u2, da2, input_precision=PREC)  # [C, EB]
-        dv2 = tl.dot(u3, da3, input_precision=PREC)
-        # (B, B)
-        du1 = tl.dot(g, tl.trans(a2 * a3), input_precision=PREC)
-        r = tl.dot(tl.trans(u1), g, input_precision=PREC)  # [BM, EB]
-        da2 += r * a3
-        da3 += r * a2
-        # (B, W): pairs (i, j2 <= i), Z[(i, j2)] = G[i] ∘ v2[j2]
-        z2 = tl.reshape(g[:, None, :] * v2c[None, :, :] * m2[:, :, None], (C * C, EB))
-        x = tl.reshape(u1[:, None, :] * u3[None, :, :], (C * C, BM))
-        y = tl.reshape(tl.dot(z2, tl.trans(a2), input_precision=PREC), (C, C, BM))
-        du1 += tl.sum(y * u3[None, :, :], axis=1)
-        du3 += tl.sum(y * u1[:, None, :], axis=0)
-        xa_ = tl.reshape(tl.dot(x, a2, input_precision=PREC), (C, C, EB))
-        dv2 += tl.sum(xa_ * g[:, None, :] * m2[:, :, None], axis=0)
-        da2 += tl.dot(tl.trans(x), z2, input_precision=PREC)
-        # (W, B)
-        z1 = tl.reshape(g[:, None, :] * v1c[None, :, :] * m2[:, :, None], (C * C, EB))
-        x = tl.reshape(u1[:, None, :] * u2[None, :, :], (C * C, BM))
-        y = tl.reshape(tl.dot(z1, tl.trans(a3), input_precision=PREC), (C, C, BM))
-        du1 += tl.sum(y * u2[None, :, :], axis=1)
-        du2 += tl.sum(y * u1[:, None, :], axis=0)
-        xa_ = tl.reshape(tl.dot(x, a3, input_precision=PREC), (C, C, EB))
-        dv1 += tl.sum(xa_ * g[:, None, :] * m2[:, :, None], axis=0)
-        da3 += tl.dot(tl.trans(x), z1, input_precision=PREC)
-        a2n = a2
-        a3n = a3
-        # feature Jacobians (u1 = wq ya yb with ya = scale q[ia]: the scale is applied here)
-        dq = _onehot_back(du1 * wq[None, :], ya, yb, ia, ib, dk, PREC) * scale
-        dk1 = _onehot_back(du2, x1a, x1b, ia, ib, dk, PREC)
-        dk2 = _onehot_back(du3, x2a, x2b, ia, ib, dk, PREC)
-        if mb == 0:
-            # (W, W) by the exact polynomial: z = <scale q_i, k1_j1 ∘ k2_j2>, P' = 1 + z
-            qk1 = tl.reshape(qc[:, None, :] * k1c[None, :, :], (C * C, D))
-            z = tl.dot(qk1, tl.trans(k2c), input_precision=PREC)  # [(i, j1), j2]
+        v1c = _rows(v1b, rows, rmask, sv, cols, DV)
+        v2c = _rows(v2b, rows, rmask, sv, cols, DV)
+        part = tl.zeros((C, EB), tl.float32)
+        t2 = tl.zeros((C * C, EB), tl.float32)
+        t3 = tl.zeros((C * C, EB), tl.float32)
+        dpart = tl.zeros((C,), tl.float32)
+        for kb in range(NKB):
+            m = kb * BK + tl.arange(0, BK)
+            ia = tl.load(ia_ptr + m)
+            ib = tl.load(ib_ptr + m)
+            wq = tl.load(wq_ptr + m)
+            sck = scb + kb * 2 * BK * EB
+            if s == 0:
+                soff = m[:, None] * DVP + cols[None, :]
+                a2 = tl.load(stb + soff)
+                a3 = tl.load(stb + KP * DVP + soff)
+                a2d = tl.load(sdb + m)
+                a3d = tl.load(sdb + KP + m)
+            else:
+                a2 = tl.load(sck + se)
+                a3 = tl.load(sck + BK * EB + se)
+                a2d = tl.load(scb + NKB * 2 * BK * EB + m)
+                a3d = tl.load(scb + NKB * 2 * BK * EB + KP + m)
+            u1, u2, u3, ya, yb, x1a, x1b, x2a, x2b = _sub_feats(qb, k1b, k2b, rows, rmask, sq, sk, ia, ib, wq, D, scale)
+            part += _mm(u1, a2 * a3, DT, PREC)  # (before, before)
+            t2 = tl.dot(_pairs(u1, u3, C, BK).to(DT), a2.to(DT), t2, input_precision=PREC)
+            t3 = tl.dot(_pairs(u1, u2, C, BK).to(DT), a3.to(DT), t3, input_precision=PREC)
+            l2 = a2d[None, :] + tl.cumsum(u2, axis=0)  # normaliser: inclusive vector scan
+            l3 = a3d[None, :] + tl.cumsum(u3, axis=0)
+            dpart += tl.sum(u1 * l2 * l3, axis=1)
+            if s + 1 < NSUB:
+                tl.store(sck + se, a2 + _mm(tl.trans(u2), v1c, DT, PREC))
+                tl.store(sck + BK * EB + se, a3 + _mm(tl.trans(u3), v2c, DT, PREC))
+                tl.store(scb + NKB * 2 * BK * EB + m, a2d + tl.sum(u2, axis=0))
+                tl.store(scb + NKB * 2 * BK * EB + KP + m, a3d + tl.sum(u3, axis=0))
+        tl.debug_barrier()  # this sub-chunk's state updates are visible to every thread of the program
+        part += tl.sum(tl.reshape(t2, (C, C, EB)) * v2c[None, :, :] * m2[:, :, None], axis=1)  # (before, inside)
+        part += tl.sum(tl.reshape(t3, (C, C, EB)) * v1c[None, :, :] * m2[:, :, None], axis=1)  # (inside, before)
+        part += _ww_fwd(qb, k1b, k2b, v1b, v2b, rows, rmask, sq, sk, sv, dk, cols, scale, m3, D, DV, C, EB, DT, PREC)
+        den = dpart + 1e-6
+        tl.store(o_ptr + oo + rows[:, None] * so + cols[None, :],
+                 (part / den[:, None]).to(o_ptr.dtype.element_ty), mask=rmask[:, None] & (cols[None, :] < DV))
+        if pe == 0:
+            tl.store(den_ptr + b * T * HQ + h + rows * HQ, den, mask=rmask)
+
+
+@triton.jit
+def _rstate_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_ptr, st_ptr, sd_ptr, rs_ptr,
+                   rd_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, NS1, HQ, GROUPS, KP, NKB, scale,
+                   D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
+                   BK: tl.constexpr, EB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, STREAM: tl.constexpr):
+    """Chunk n's contribution ``Σ_{i in n} dL2_i`` (and dL3, and the normaliser's vectors) to the gradient
+    of the states, per query head -> slot ``NS1 - 1 - n`` (reversed, so a forward cumsum gives suffixes).
+    ``STREAM``: 2 or 3 computes that stream's states only, 4 the normaliser's only, 0 all of them."""
+    S2: tl.constexpr = STREAM == 0 or STREAM == 2
+    S3: tl.constexpr = STREAM == 0 or STREAM == 3
+    SD: tl.constexpr = STREAM == 0 or STREAM == 4
+    NSUB: tl.constexpr = F // C
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    pe = tl.program_id(2)
+    b, h, sq, sk, sv, so, qb, k1b, k2b, v1b, v2b, oo, stb, sdb = _bases(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr,
+                                                                         sd_ptr, n, bh, HQ, GROUPS, T, NS1, KP, D, DV,
+                                                                         DVP)
+    dob = do_ptr + oo
+    rsb = rs_ptr + (bh * NS1 + NS1 - 1 - n) * 2 * KP * DVP
+    rdb = rd_ptr + (bh * NS1 + NS1 - 1 - n) * 2 * KP
+
+    ci = tl.arange(0, C)
+    cols = pe * EB + tl.arange(0, EB)
+    m2 = (ci[None, :] <= ci[:, None]).to(tl.float32)
+    r0 = t0 + n * F
+    for kb in range(NKB):
+        m, ia, ib, wq, soff, a2, a3, a2d, a3d = _feature_block(ia_ptr, ib_ptr, wq_ptr, stb, sdb, kb, cols, KP, BK, DVP)
+        r2 = tl.zeros((BK, EB), tl.float32)
+        r3 = tl.zeros((BK, EB), tl.float32)
+        r2d = tl.zeros((BK,), tl.float32)
+        r3d = tl.zeros((BK,), tl.float32)
+        for s in range(NSUB):
+            rows = r0 + s * C + ci
+            rmask = rows < T
+            u1, u2, u3, ya, yb, x1a, x1b, x2a, x2b = _sub_feats(qb, k1b, k2b, rows, rmask, sq, sk, ia, ib, wq, D, scale)
+            v1c, v2c, den, g = _sub_values(v1b, v2b, dob, den_ptr + b * T * HQ + h, rows, rmask, sv, so, HQ, cols, DV)
+            if S2:
+                r2 += _own_part(g, u1, u3, v2c, a3, m2, C, BK, EB, DT, PREC)
+            if S3:
+                r3 += _own_part(g, u1, u2, v1c, a2, m2, C, BK, EB, DT, PREC)
+            if SD:
+                if pe == 0:
+                    gd = -tl.load(delta_ptr + b * T * HQ + h + rows * HQ, mask=rmask, other=0.0) / den
+                    l2 = a2d[None, :] + tl.cumsum(u2, axis=0)
+                    l3 = a3d[None, :] + tl.cumsum(u3, axis=0)
+                    r2d += tl.sum(gd[:, None] * u1 * l3, axis=0)
+                    r3d += tl.sum(gd[:, None] * u1 * l2, axis=0)
+                    a2d += tl.sum(u2, axis=0)
+                    a3d += tl.sum(u3, axis=0)
+            a2 += _mm(tl.trans(u2), v1c, DT, PREC)
+            a3 += _mm(tl.trans(u3), v2c, DT, PREC)
+        if S2:
+            tl.store(rsb + soff, r2)
+        if S3:
+            tl.store(rsb + KP * DVP + soff, r3)
+        if SD:
+            if pe == 0:
+                tl.store(rdb + m, r2d)
+                tl.store(rdb + KP + m, r3d)
+
+
+@triton.jit
+def _grad_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_ptr, st_ptr, sd_ptr, rs_ptr, rd_ptr,
+                 dq_ptr, dk1_ptr, dk2_ptr, dv1_ptr, dv2_ptr, ia_ptr, ib_ptr, wq_ptr,
+                 T, t0, NS1, HQ, GROUPS, KP, NKB, scale,
+                 D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
+                 BK: tl.constexpr, EB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
+                 STREAM: tl.constexpr):
+    """Gradients of chunk n's rows for one query head and value block, in three parts (launched separately,
+    so that each holds fewer tiles in registers); every part adds into float32 buffers of the segment's rows
+    ``[B, TS, Hq, *]`` by atomics (feature blocks, value blocks and parts add up; the launcher sums GQA groups).
+
+    * ``PART == 0``: through the states: the keys of a sub-chunk seen by every later query (suffix states,
+      the chunk's inclusive suffix less each sub-chunk's own part), and the normaliser's vector scans.
+    * ``PART == 1``: the (before, before), (before, inside) and (inside, before) pairs.
+    * ``PART == 2``: the (inside, inside) triples by the exact polynomial (no feature loop).
+    """
+    NSUB: tl.constexpr = F // C
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    pe = tl.program_id(2)
+    b, h, sq, sk, sv, so, qb, k1b, k2b, v1b, v2b, oo, stb, sdb = _bases(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr,
+                                                                         sd_ptr, n, bh, HQ, GROUPS, T, NS1, KP, D, DV,
+                                                                         DVP)
+    TS = (NS1 - 1) * F
+    dob = do_ptr + oo
+    rsb = rs_ptr + (bh * NS1 + NS1 - 1 - n) * 2 * KP * DVP  # inclusive suffix from chunk n
+    rdb = rd_ptr + (bh * NS1 + NS1 - 1 - n) * 2 * KP
+    gqb = b * TS * sq + h * D  # this head's rows in the segment's gradient buffers
+    gvb = b * TS * so + h * DV
+
+    ci = tl.arange(0, C)
+    dk = tl.arange(0, D)
+    cols = pe * EB + tl.arange(0, EB)
+    pi = tl.arange(0, C * C) // C
+    pj = tl.arange(0, C * C) % C
+    m2 = (ci[None, :] <= ci[:, None]).to(tl.float32)
+    m3 = (pj[:, None] <= pi[:, None]) & (ci[None, :] <= pi[:, None])
+    r0 = t0 + n * F
+    if PART == 2:
+        # (inside, inside) by the exact polynomial: z = <scale q_i, k1_j1 ∘ k2_j2>, P'(z) = 1 + z
+        for s in range(NSUB):
+            rows = r0 + s * C + ci
+            rmask = rows < T
+            qc = _rows(qb, rows, rmask, sq, dk, D) * scale
+            k1c = _rows(k1b, rows, rmask, sk, dk, D)
+            k2c = _rows(k2b, rows, rmask, sk, dk, D)
+            v1c, v2c, den, g = _sub_values(v1b, v2b, dob, den_ptr + b * T * HQ + h, rows, rmask, sv, so, HQ, cols, DV)
+            qk1 = _pairs(qc, k1c, C, D)
+            z = _mm(qk1, tl.trans(k2c), DT, PREC)  # [(i, j1), j2]
             p = tl.where(m3, 1.0 + z + 0.5 * z * z, 0.0)
-            gv1 = tl.reshape(g[:, None, :] * v1c[None, :, :], (C * C, EB))
-            w = tl.dot(gv1, tl.trans(v2c), input_precision=PREC)  # [(i, j1), j2] = sum_e G v1 v2
+            gv1 = _pairs(g, v1c, C, EB)
+            w = _mm(gv1, tl.trans(v2c), DT, PREC)  # Σ_e G[i] v1[j1] v2[j2]
             dz = tl.where(m3, (1.0 + z) * w, 0.0)
-            dzk2 = tl.reshape(tl.dot(dz, k2c, input_precision=PREC), (C, C, D))
-            dq += tl.sum(dzk2 * k1c[None, :, :], axis=1) * scale  # [C, D]
-            dk1 += tl.sum(dzk2 * qc[:, None, :], axis=0)
-            dk2 += tl.dot(tl.trans(dz), qk1, input_precision=PREC)
-            pv2 = tl.reshape(tl.dot(p, v2c, input_precision=PREC), (C, C, EB))
-            dv1 += tl.sum(pv2 * g[:, None, :], axis=0)
-            dv2 += tl.dot(tl.trans(p), gv1, input_precision=PREC)
-        tl.atomic_add(dq_ptr + rows[:, None] * sq + dk[None, :], dq, mask=rmask[:, None])
-        tl.atomic_add(dk1_ptr + rows[:, None] * sk + dk[None, :], dk1, mask=rmask[:, None])
-        tl.atomic_add(dk2_ptr + rows[:, None] * sk + dk[None, :], dk2, mask=rmask[:, None])
-        vm = rmask[:, None] & (cols[None, :] < DV)
-        tl.atomic_add(dv1_ptr + rows[:, None] * sv + cols[None, :], dv1, mask=vm)
-        tl.atomic_add(dv2_ptr + rows[:, None] * sv + cols[None, :], dv2, mask=vm)
+            dzk2 = tl.reshape(_mm(dz, k2c, DT, PREC), (C, C, D))
+            lq = gqb + (rows - t0)[:, None] * sq + dk[None, :]
+            lv = gvb + (rows - t0)[:, None] * so + cols[None, :]
+            vm = rmask[:, None] & (cols[None, :] < DV)
+            tl.atomic_add(dq_ptr + lq, tl.sum(dzk2 * k1c[None, :, :], axis=1) * scale, mask=rmask[:, None])
+            tl.atomic_add(dk1_ptr + lq, tl.sum(dzk2 * qc[:, None, :], axis=0), mask=rmask[:, None])
+            tl.atomic_add(dk2_ptr + lq, _mm(tl.trans(dz), qk1, DT, PREC), mask=rmask[:, None])
+            pv2 = tl.reshape(_mm(p, v2c, DT, PREC), (C, C, EB))
+            tl.atomic_add(dv1_ptr + lv, tl.sum(pv2 * g[:, None, :], axis=0), mask=vm)
+            tl.atomic_add(dv2_ptr + lv, _mm(tl.trans(p), gv1, DT, PREC), mask=vm)
+    else:
+        # S2 / S3: this launch computes the terms of stream 2 (k1, v1 keys seen through A3's partner) or 3, or
+        # both (0); S4: the normaliser only. Launching them apart halves the tiles held at once.
+        S2: tl.constexpr = STREAM == 0 or STREAM == 2
+        S3: tl.constexpr = STREAM == 0 or STREAM == 3
+        SD: tl.constexpr = PART == 0 and (STREAM == 0 or STREAM == 4)
+        P0: tl.constexpr = PART == 0
+        P1: tl.constexpr = PART == 1
+        DQ: tl.constexpr = P1 or SD
+        DK1: tl.constexpr = ((P0 and S2) or (P1 and S3)) or SD
+        DK2: tl.constexpr = ((P0 and S3) or (P1 and S2)) or SD
+        DV1: tl.constexpr = (P0 and S2) or (P1 and S3)
+        DV2: tl.constexpr = (P0 and S3) or (P1 and S2)
+        for kb in range(NKB):
+            m, ia, ib, wq, soff, a2, a3, a2d, a3d = _feature_block(ia_ptr, ib_ptr, wq_ptr, stb, sdb, kb, cols, KP, BK,
+                                                                   DVP)
+            e2 = tl.load(rsb + soff)
+            e3 = tl.load(rsb + KP * DVP + soff)
+            e2d = tl.load(rdb + m)
+            e3d = tl.load(rdb + KP + m)
+            for s in range(NSUB):
+                rows = r0 + s * C + ci
+                rmask = rows < T
+                u1, u2, u3, ya, yb, x1a, x1b, x2a, x2b = _sub_feats(qb, k1b, k2b, rows, rmask, sq, sk, ia, ib, wq, D,
+                                                                    scale)
+                v1c, v2c, den, g = _sub_values(v1b, v2b, dob, den_ptr + b * T * HQ + h, rows, rmask, sv, so, HQ, cols,
+                                               DV)
+                du1 = tl.zeros((C, BK), tl.float32)
+                du2 = tl.zeros((C, BK), tl.float32)
+                du3 = tl.zeros((C, BK), tl.float32)
+                dv1 = tl.zeros((C, EB), tl.float32)
+                dv2 = tl.zeros((C, EB), tl.float32)
+                if PART == 0:
+                    # suffix states after this sub-chunk: the inclusive ones less this sub-chunk's own part
+                    if S2:
+                        e2 -= _own_part(g, u1, u3, v2c, a3, m2, C, BK, EB, DT, PREC)
+                        du2 += _mm(v1c, tl.trans(e2), DT, PREC)
+                        dv1 += _mm(u2, e2, DT, PREC)
+                    if S3:
+                        e3 -= _own_part(g, u1, u2, v1c, a2, m2, C, BK, EB, DT, PREC)
+                        du3 += _mm(v2c, tl.trans(e3), DT, PREC)
+                        dv2 += _mm(u3, e3, DT, PREC)
+                    if SD:
+                        if pe == 0:
+                            # the normaliser (a column of ones): vector scans, once per query head
+                            gd = -tl.load(delta_ptr + b * T * HQ + h + rows * HQ, mask=rmask, other=0.0) / den
+                            l2 = a2d[None, :] + tl.cumsum(u2, axis=0)
+                            l3 = a3d[None, :] + tl.cumsum(u3, axis=0)
+                            du1 += gd[:, None] * l2 * l3
+                            g2 = gd[:, None] * u1 * l3
+                            g3 = gd[:, None] * u1 * l2
+                            du2 += e2d[None, :] - (tl.cumsum(g2, axis=0) - g2)  # Σ_{i >= j}: this and later rows
+                            du3 += e3d[None, :] - (tl.cumsum(g3, axis=0) - g3)
+                            e2d -= tl.sum(g2, axis=0)
+                            e3d -= tl.sum(g3, axis=0)
+                            a2d += tl.sum(u2, axis=0)
+                            a3d += tl.sum(u3, axis=0)
+                else:
+                    if S2:  # (before, before) and (before, inside)
+                        du1 += _mm(g, tl.trans(a2 * a3), DT, PREC)
+                        d1, du3, dv2 = _pair_part(g, u1, u3, v2c, a2, m2, C, BK, EB, DT, PREC)
+                        du1 += d1
+                    if S3:  # (inside, before)
+                        d1, du2, dv1 = _pair_part(g, u1, u2, v1c, a3, m2, C, BK, EB, DT, PREC)
+                        du1 += d1
+                a2 += _mm(tl.trans(u2), v1c, DT, PREC)
+                a3 += _mm(tl.trans(u3), v2c, DT, PREC)
+                lq = gqb + (rows - t0)[:, None] * sq + dk[None, :]
+                lv = gvb + (rows - t0)[:, None] * so + cols[None, :]
+                vm = rmask[:, None] & (cols[None, :] < DV)
+                if DQ:
+                    tl.atomic_add(dq_ptr + lq, _onehot_back(du1 * wq[None, :], ya, yb, ia, ib, dk, DT, PREC) * scale,
+                                  mask=rmask[:, None])
+                if DK1:
+                    tl.atomic_add(dk1_ptr + lq, _onehot_back(du2, x1a, x1b, ia, ib, dk, DT, PREC), mask=rmask[:, None])
+                if DK2:
+                    tl.atomic_add(dk2_ptr + lq, _onehot_back(du3, x2a, x2b, ia, ib, dk, DT, PREC), mask=rmask[:, None])
+                if DV1:
+                    tl.atomic_add(dv1_ptr + lv, dv1, mask=vm)
+                if DV2:
+                    tl.atomic_add(dv2_ptr + lv, dv2, mask=vm)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,12 +525,13 @@ _TABLES = {}
 
 
 def _tables(D: int, device):
-    """index_a, index_b (coordinate D = the constant 1) and query weights 1/β! of the degree-2 monomials."""
+    """index_a, index_b (coordinate D = the constant 1) and query weights 1/β! of the degree-2 monomials,
+    padded to a multiple of BK (padded features: query weight 0, finite key features, so they add nothing)."""
     key = (D, str(device))
     if key not in _TABLES:
         beta = multi_indices(D, 2)  # [K, D]
         K = beta.shape[0]
-        KP = -(-K // BM) * BM
+        KP = -(-K // BK) * BK
         ia = torch.full((KP,), D, dtype=torch.int32)
         ib = torch.full((KP,), D, dtype=torch.int32)
         wq = torch.zeros(KP, dtype=torch.float32)
@@ -306,79 +540,163 @@ def _tables(D: int, device):
             idx += [D] * (2 - len(idx))
             ia[m], ib[m] = idx[0], idx[1]
             wq[m] = 1.0 / math.prod(math.factorial(int(x)) for x in beta[m].tolist())
-        # padded features: query weight 0, so they add nothing (their key features are finite)
         _TABLES[key] = (ia.to(device), ib.to(device), wq.to(device), KP)
     return _TABLES[key]
 
 
-def _prec(device) -> str:
-    return "tf32" if device.type == "cuda" else "ieee"
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
 
 
-def _ckpt_every(n_chunks: int, slot_bytes: int) -> int:
-    # at least every 64 chunks; less often if the checkpoints would exceed CKPT_BYTES
-    return max(64, -(-n_chunks * slot_bytes // CKPT_BYTES))
+class _Cfg:
+    """Shapes, block sizes and product precision of one call."""
+
+    def __init__(self, q, k1, v1):
+        self.B, self.T, self.HQ, self.D = q.shape
+        self.HK, self.DV = k1.shape[2], v1.shape[3]
+        self.G = self.HQ // self.HK
+        self.ia, self.ib, self.wq, self.KP = _tables(self.D, q.device)
+        self.NKB = self.KP // BK
+        self.DVP = max(16, _next_pow2(self.DV))
+        self.F = int(TUNE["F"])
+        if self.F % C or self.F < C or self.F & (self.F - 1):
+            raise ValueError(f"TUNE['F'] must be a power of two >= {C}, got {self.F}")
+        self.EBF = min(self.DVP, int(TUNE["EB_FWD"]))
+        self.EBB = min(self.DVP, int(TUNE["EB_BWD"]))
+        self.NF = -(-self.T // self.F)
+        if q.dtype == torch.float32:
+            self.DT = tl.float32
+            tf32 = q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+            self.PREC = "tf32" if tf32 else "ieee"
+        else:  # bf16 operands for bf16 and fp16 inputs: the states outgrow fp16's range
+            self.DT, self.PREC = tl.bfloat16, "ieee"
+        self.kw = dict(D=self.D, DV=self.DV, DVP=self.DVP, F=self.F, BK=BK, DT=self.DT, PREC=self.PREC)
+
+    def seg_chunks(self, heads: int) -> int:
+        """State chunks per segment so that ``heads`` states of ``[2, KP, DVP]`` per chunk fit SEG_BYTES."""
+        per_chunk = self.B * heads * 2 * self.KP * (self.DVP + 1) * 4
+        return max(1, min(self.NF, SEG_BYTES // per_chunk))
+
+
+def _segment_states(cfg: _Cfg, k1, k2, v1, v2, c0: int, nf: int, prefix, prefd):
+    """Forward states before each of chunks ``c0 .. c0 + nf - 1`` (slots 0..nf-1) and after them (slot nf)."""
+    dev = k1.device
+    st = torch.empty(cfg.B * cfg.HK, nf + 1, 2, cfg.KP, cfg.DVP, dtype=torch.float32, device=dev)
+    sd = torch.empty(cfg.B * cfg.HK, nf + 1, 2, cfg.KP, dtype=torch.float32, device=dev)
+    st[:, 0] = prefix
+    sd[:, 0] = prefd
+    _state_kernel[(nf, cfg.B * cfg.HK, cfg.NKB)](k1, k2, v1, v2, st, sd, cfg.ia, cfg.ib, cfg.T, c0 * cfg.F, nf + 1,
+                                                 cfg.HK, cfg.KP, num_warps=TUNE["WARPS_STATE"], **cfg.kw)
+    st.cumsum_(1)
+    sd.cumsum_(1)
+    return st, sd
 
 
 def poly_fwd(q, k1, k2, v1, v2, scale: float, *, save: bool = True):
-    """Forward launcher. Returns ``num`` float32 ``[B, T, Hq, NE*EB]`` (column Dv is the normaliser),
-    the checkpoints and the checkpoint interval."""
-    B, T, HQ, D = q.shape
-    HK, DV = k1.shape[2], v1.shape[3]
-    ia, ib, wq, KP = _tables(D, q.device)
-    NE = -(-(DV + 1) // EB)
-    NC = -(-T // CHUNK)
-    NMB = KP // BM
-    slot = B * HQ * NE * 2 * KP * EB * 4
-    KCK = _ckpt_every(NC, slot)
-    NS = -(-NC // KCK)
-    num = torch.zeros(B, T, HQ, NE * EB, dtype=torch.float32, device=q.device)
-    ck = torch.empty((B * HQ * NE * NMB, NS + 1, 2, BM, EB) if save else (1,), dtype=torch.float32, device=q.device)
-    _poly_fwd_kernel[(B * HQ, NE, NMB)](q, k1, k2, v1, v2, num, ck, ia, ib, wq, T, HQ, HQ // HK, NE * EB, NS,
-                                        scale, D=D, DV=DV, C=CHUNK, EB=EB, BM=BM, KCK=KCK, SAVE=save,
-                                        PREC=_prec(q.device), num_warps=NUM_WARPS)
-    return num, ck, KCK
+    """Forward: ``o`` ``[B, T, Hq, Dv]`` in q's dtype, the normaliser ``den`` float32 ``[B, T, Hq]``, and (when
+    ``save``) the state at each segment's start with the segment's chunk range, for the backward."""
+    cfg = _Cfg(q, k1, v1)
+    dev = q.device
+    o = torch.empty(cfg.B, cfg.T, cfg.HQ, cfg.DV, dtype=q.dtype, device=dev)
+    den = torch.empty(cfg.B, cfg.T, cfg.HQ, dtype=torch.float32, device=dev)
+    prefix = torch.zeros(cfg.B * cfg.HK, 2, cfg.KP, cfg.DVP, dtype=torch.float32, device=dev)
+    prefd = torch.zeros(cfg.B * cfg.HK, 2, cfg.KP, dtype=torch.float32, device=dev)
+    seg = cfg.seg_chunks(cfg.HK + cfg.HQ)  # the forward's scratch is as large as the states, per query head
+    saved = []
+    NE = cfg.DVP // cfg.EBF
+    for c0 in range(0, cfg.NF, seg):
+        nf = min(seg, cfg.NF - c0)
+        if save:
+            saved.append((c0, nf, prefix, prefd))
+        st, sd = _segment_states(cfg, k1, k2, v1, v2, c0, nf, prefix, prefd)
+        grid = (nf, cfg.B * cfg.HQ, NE)
+        args = (cfg.ia, cfg.ib, cfg.wq, cfg.T, c0 * cfg.F, nf + 1, cfg.HQ, cfg.G, cfg.KP, cfg.NKB, scale)
+        kw = dict(C=C, EB=cfg.EBF, num_warps=TUNE["WARPS_FWD"], **cfg.kw)
+        sc = torch.empty(nf * cfg.B * cfg.HQ * NE * (cfg.NKB * 2 * BK * cfg.EBF + 2 * cfg.KP), dtype=torch.float32,
+                         device=dev)
+        _fwd_kernel[grid](q, k1, k2, v1, v2, st, sd, sc, o, den, *args, **kw)
+        del sc
+        prefix, prefd = st[:, nf].clone(), sd[:, nf].clone()
+        del st, sd
+    return o, den, saved
 
 
-def poly_bwd(q, k1, k2, v1, v2, do, den, delta, ck, KCK: int, scale: float):
-    """Backward launcher: float32 gradients of q, k1, k2, v1, v2 (k/v gradients summed over GQA groups)."""
-    B, T, HQ, D = q.shape
-    HK, DV = k1.shape[2], v1.shape[3]
-    ia, ib, wq, KP = _tables(D, q.device)
-    NE = -(-(DV + 1) // EB)
-    NS = ck.shape[1] - 1
-    f32 = dict(dtype=torch.float32, device=q.device)
-    dq = torch.zeros(B, T, HQ, D, **f32)
-    dk1, dk2 = torch.zeros(B, T, HK, D, **f32), torch.zeros(B, T, HK, D, **f32)
-    dv1, dv2 = torch.zeros(B, T, HK, DV, **f32), torch.zeros(B, T, HK, DV, **f32)
-    _poly_bwd_kernel[(B * HQ, NE, KP // BM)](q, k1, k2, v1, v2, do, den, delta, dq, dk1, dk2, dv1, dv2, ck,
-                                             ia, ib, wq, T, HQ, HQ // HK, NS, scale, D=D, DV=DV, C=CHUNK, EB=EB,
-                                             BM=BM, KCK=KCK, PREC=_prec(q.device), num_warps=NUM_WARPS)
+def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float):
+    """Backward: gradients of q, k1, k2, v1, v2 in their dtypes (k/v gradients summed over GQA groups)."""
+    cfg = _Cfg(q, k1, v1)
+    dev = q.device
+    B, T, HQ, HK, D, DV, F = cfg.B, cfg.T, cfg.HQ, cfg.HK, cfg.D, cfg.DV, cfg.F
+    dq = torch.empty_like(q)
+    dk1, dk2 = torch.empty_like(k1), torch.empty_like(k2)
+    dv1, dv2 = torch.empty_like(v1), torch.empty_like(v2)
+    carry = torch.zeros(B * HQ, 2, cfg.KP, cfg.DVP, dtype=torch.float32, device=dev)
+    carryd = torch.zeros(B * HQ, 2, cfg.KP, dtype=torch.float32, device=dev)
+    NE = cfg.DVP // cfg.EBB
+    f32 = dict(dtype=torch.float32, device=dev)
+    for c0, nf, prefix, prefd in reversed(saved):
+        st, sd = _segment_states(cfg, k1, k2, v1, v2, c0, nf, prefix, prefd)
+        rs = torch.empty(B * HQ, nf + 1, 2, cfg.KP, cfg.DVP, **f32)
+        rd = torch.empty(B * HQ, nf + 1, 2, cfg.KP, **f32)
+        rs[:, 0] = carry
+        rd[:, 0] = carryd
+        grid = (nf, B * HQ, NE)
+        common = (cfg.ia, cfg.ib, cfg.wq)
+        for stream, ne in ([(2, NE), (3, NE), (4, 1)] if TUNE["BWD_SPLIT"] else [(0, NE)]):
+            _rstate_kernel[(nf, B * HQ, ne)](q, k1, k2, v1, v2, do, den, delta, st, sd, rs, rd, *common, T, c0 * F,
+                                             nf + 1, HQ, cfg.G, cfg.KP, cfg.NKB, scale, C=C, EB=cfg.EBB, STREAM=stream,
+                                             num_warps=TUNE["WARPS_BWD"], **cfg.kw)
+        rs.cumsum_(1)
+        rd.cumsum_(1)
+        r0, r1 = c0 * F, min(T, (c0 + nf) * F)
+        TS = nf * F
+        gq = torch.zeros(B, TS, HQ, D, **f32)
+        gk1 = torch.zeros(B, TS, HQ, D, **f32)
+        gk2 = torch.zeros(B, TS, HQ, D, **f32)
+        gv1 = torch.zeros(B, TS, HQ, DV, **f32)
+        gv2 = torch.zeros(B, TS, HQ, DV, **f32)
+        if TUNE["BWD_SPLIT"]:
+            launches = [(0, 2, NE), (0, 3, NE), (0, 4, 1), (1, 2, NE), (1, 3, NE), (2, 0, NE)]
+        else:
+            launches = [(0, 0, NE), (1, 0, NE), (2, 0, NE)]
+        for part, stream, ne in launches:
+            _grad_kernel[(nf, B * HQ, ne)](q, k1, k2, v1, v2, do, den, delta, st, sd, rs, rd, gq, gk1, gk2, gv1, gv2,
+                                           *common, T, c0 * F, nf + 1, HQ, cfg.G, cfg.KP, cfg.NKB, scale, C=C,
+                                           EB=cfg.EBB, PART=part, STREAM=stream, num_warps=TUNE["WARPS_BWD"], **cfg.kw)
+        carry, carryd = rs[:, nf].clone(), rd[:, nf].clone()
+        del st, sd, rs, rd
+        n = r1 - r0
+        dq[:, r0:r1] = gq[:, :n]
+        for dst, src in ((dk1, gk1), (dk2, gk2), (dv1, gv1), (dv2, gv2)):
+            src = src[:, :n]
+            if cfg.G > 1:
+                src = src.view(B, n, HK, cfg.G, src.shape[-1]).sum(3)
+            dst[:, r0:r1] = src
     return dq, dk1, dk2, dv1, dv2
 
 
 class PolyTensorAttnTritonFunction(torch.autograd.Function):
-    """Causal degree-2 polynomial tensor attention on the fused kernels."""
+    """Causal degree-2 polynomial tensor attention on the chunk-parallel kernels."""
 
     @staticmethod
+    @no_autocast
     def forward(ctx, q, k1, k2, v1, v2, scale):
         q, k1, k2, v1, v2 = (x.contiguous() for x in (q, k1, k2, v1, v2))
-        DV = v1.shape[3]
         save = any(ctx.needs_input_grad[:5])
-        num, ck, KCK = poly_fwd(q, k1, k2, v1, v2, scale, save=save)
-        den = num[..., DV] + EPS  # [B, T, Hq]
-        o = (num[..., :DV] / den[..., None]).to(q.dtype)
-        del num
+        o, den, saved = poly_fwd(q, k1, k2, v1, v2, scale, save=save)
         if save:
-            ctx.save_for_backward(q, k1, k2, v1, v2, o, den.contiguous(), ck)
-            ctx.cfg = (scale, KCK)
+            flat = [t for _, _, p, pd in saved for t in (p, pd)]
+            ctx.save_for_backward(q, k1, k2, v1, v2, o, den, *flat)
+            ctx.cfg = (scale, [(c0, nf) for c0, nf, _, _ in saved])
         return o
 
     @staticmethod
+    @once_differentiable  # a hand-written first-order backward: double backward raises
+    @no_autocast
     def backward(ctx, do):
-        q, k1, k2, v1, v2, o, den, ck = ctx.saved_tensors
-        scale, KCK = ctx.cfg
+        q, k1, k2, v1, v2, o, den, *flat = ctx.saved_tensors
+        scale, ranges = ctx.cfg
+        saved = [(c0, nf, flat[2 * i], flat[2 * i + 1]) for i, (c0, nf) in enumerate(ranges)]
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).contiguous()  # <dO, o> per row: [B, T, Hq]
-        dq, dk1, dk2, dv1, dv2 = poly_bwd(q, k1, k2, v1, v2, do, den, delta, ck, KCK, scale)
-        return dq.to(q.dtype), dk1.to(k1.dtype), dk2.to(k2.dtype), dv1.to(v1.dtype), dv2.to(v2.dtype), None
+        grads = poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale)
+        return (*grads, None)
