@@ -114,16 +114,27 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def guarded(fn: Callable[[], Dict[str, Any]], device="cpu") -> Dict[str, Any]:
-    """Run one measurement; an out-of-memory error becomes ``{"oom": True}`` with NaN figures."""
+def guarded(fn: Callable[[], Dict[str, Any]], device="cpu", catch_all: bool = False) -> Dict[str, Any]:
+    """Run one measurement; an out-of-memory error becomes ``{"oom": True}`` with NaN figures.
+
+    With ``catch_all`` any other exception becomes ``{"error": "Type: message", "ms": NaN}`` too (for optional
+    peers, whose failure is a note in the report, not a crash); the traceback is printed.
+    """
     try:
         return fn()
-    except (RuntimeError, MemoryError) as e:
-        if not is_oom(e) and not isinstance(e, MemoryError):
+    except Exception as e:
+        oom = isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and is_oom(e))
+        if not oom and not catch_all:
             raise
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-        return {"oom": True, "ms": float("nan")}
+        if oom:
+            return {"oom": True, "ms": float("nan")}
+        import traceback
+
+        traceback.print_exc()
+        msg = " ".join(str(e).split())
+        return {"error": f"{type(e).__name__}: {msg[:300]}", "ms": float("nan")}
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -143,14 +154,19 @@ def markdown_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> st
 
 
 def write_report(stem, *, title: str, rows: Sequence[Dict[str, Any]], columns: Sequence[str],
-                 meta: Dict[str, Any], notes: str = "") -> Dict[str, str]:
-    """Write ``stem.json`` (meta + rows) and ``stem.md`` (device, versions, command, table) atomically."""
+                 meta: Dict[str, Any], notes: str = "", preamble: str = "") -> Dict[str, str]:
+    """Write ``stem.json`` (meta + rows) and ``stem.md`` (device, versions, command, table) atomically.
+
+    ``preamble`` (markdown) goes before the table, ``notes`` after it.
+    """
     stem = str(stem)
     atomic_write_json(stem + ".json", {"meta": meta, "rows": list(rows)})
     lines = [f"# {title}", ""]
     for key in ("device", "command", "time_utc", "torch", "triton", "cuda", "python"):
         if meta.get(key) is not None:
             lines.append(f"- {key}: `{meta[key]}`" if key == "command" else f"- {key}: {meta[key]}")
+    if preamble:
+        lines += ["", preamble.strip()]
     lines += ["", markdown_table(rows, columns)]
     if notes:
         lines += ["", notes.strip(), ""]

@@ -79,3 +79,117 @@ def test_scan_vs_pairs_benchmark_writes_both_algorithms(tmp_path):
     assert [row["default"] for row in rows if row["algo"] == "pairs"] == ["yes"]  # the CPU keeps the pairs
     assert all(row["ms_fwd_bwd"] > 0 for row in rows)
     assert "device" in out.with_suffix(".md").read_text()
+
+
+def test_bench_poly_help_lists_the_peer_flags():
+    r = subprocess.run([sys.executable, "-m", "tensorattn", "bench", "poly", "--help"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for flag in ("--no-fla", "--no-power", "--no-sdpa", "--sdpa-max-T", "--T", "--budget-s"):
+        assert flag in r.stdout
+
+
+def _row(impl, mode, Dk, T, ms, peer=False, **kw):
+    return dict(impl=impl, mode=mode, Dk=Dk, T=T, ms=ms, peak_gib=kw.pop("peak_gib", 1.0), peer=peer, **kw)
+
+
+def test_bench_poly_summary_ratios_and_targets():
+    from tensorattn import bench_poly as bp
+
+    P, S, W, F = bp.POLY, bp.sdpa_name(64), bp.WINDOW, bp.FLA
+    rows = []
+    for T, poly_fb, sdpa_fb in ((16384, 20.0, 10.0), (32768, 40.0, 45.0), (1048576, 200.0, None)):
+        rows += [_row(P, "fwd", 16, T, poly_fb / 4), _row(P, "fwd+bwd", 16, T, poly_fb, peak_gib=12.0, input_gib=5.5),
+                 _row(F, "fwd+bwd", 16, T, poly_fb * 3), _row(W, "fwd+bwd", 16, T, poly_fb * 1.5)]
+        if sdpa_fb:
+            rows.append(_row(S, "fwd+bwd", 64, T, sdpa_fb, peer=True))
+    rows.append(_row(S, "fwd+bwd", 64, 1048576, float("nan"), peer=True, note="not run at T >= 1048576: beyond"))
+    rows.append(dict(impl=bp.power_name(64, 128), mode="-", Dk=64, peer=True, ms=float("nan"), note="unavailable: x"))
+    rows.append(_row(P, "fwd+bwd", 64, 16384, 100.0))  # another Dk: in the summary, not in the targets
+    summary, targets = bp.summarize(rows, target_dk=16)
+    by = {(s["Dk"], s["T"]): s for s in summary}
+    assert set(by) == {(16, 16384), (16, 32768), (16, 1048576), (64, 16384)}
+    s = by[(16, 32768)]
+    assert s["bwd_over_fwd"] == 3.0 and s["fla_over_poly"] == 3.0 and s["window_over_poly"] == 1.5
+    assert abs(s["sdpa_over_poly"] - 45 / 40) < 1e-12 and s["power_over_poly"] is None
+    assert by[(16, 16384)]["sdpa_over_poly"] == 0.5 and by[(16, 1048576)]["sdpa_over_poly"] is None
+    assert by[(64, 16384)]["sdpa_over_poly"] == 0.1 and by[(64, 16384)]["fla_over_poly"] is None
+    verdict = {t["target"].split(" (")[0]: t["verdict"] for t in targets}
+    assert verdict["poly fwd+bwd at T = 1,048,576 <= 250 ms"] == "met"
+    assert verdict["poly fwd+bwd peak at T = 1,048,576 <= 16 GiB"] == "met"
+    assert verdict["poly fwd+bwd >= 2x faster than fla at every T"] == "met"
+    assert verdict["poly fwd+bwd faster than SDPA from T = 32,768"] == "met"  # 16K (0.5) is before 32K
+    assert verdict["poly fwd+bwd faster than exact window(512,32) at every T >= 16,384"] == "met"
+    assert verdict["poly bwd <= 3x fwd"] == "met"
+    md = bp.summary_markdown(summary, targets)
+    assert "## Summary" in md and "## Targets" in md and "sdpa/poly" in md and "—" in md
+
+    rows[1]["ms"] = 300.0  # poly fwd+bwd at 16K: slower than SDPA, fla and window only by < 2x; bwd > 3x fwd
+    _, targets = bp.summarize(rows, target_dk=16)
+    verdict = {t["target"].split(" (")[0]: t["verdict"] for t in targets}
+    assert verdict["poly fwd+bwd >= 2x faster than fla at every T"] == "missed"
+    assert verdict["poly fwd+bwd faster than exact window(512,32) at every T >= 16,384"] == "missed"
+    assert verdict["poly bwd <= 3x fwd"] == "missed"
+    _, targets = bp.summarize([r for r in rows if r["impl"] != P], target_dk=16)
+    assert [t["verdict"] for t in targets] == ["not measured"]
+
+
+def test_bench_poly_main_writes_report_with_peer_notes(tmp_path, monkeypatch):
+    """The whole loop on the CPU with fake measurements: a peer that fails to import, one that crashes and one that
+    runs out of memory are notes in their rows; the length and memory predictions stop jobs; files are written."""
+    import torch
+
+    from tensorattn import bench_poly as bp
+
+    calls = []
+
+    def fake_measure(fn, xs, mode, max_s):
+        T = xs[0][2] if fn is bp._sdpa else xs[0][1]
+        calls.append((getattr(fn, "tag", "?"), mode, T))
+        if getattr(fn, "tag", "") == "power" and T >= 65536:
+            raise RuntimeError("triton compile failed")
+        if fn is bp._sdpa and mode == "fwd+bwd" and T >= 32768:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        ms = 1e-4 * T * (3 if mode == "fwd+bwd" else 1)
+        return dict(ms=ms, ms_p20=ms, ms_p80=ms, reps=5, peak_gib=T * 2e-5)
+
+    def load_power(chunk):
+        f = lambda q, k, v: None  # noqa: E731
+        f.tag = "power"
+        return f
+
+    def no_fla():
+        raise ModuleNotFoundError("No module named 'fla'")
+
+    monkeypatch.setattr(bp, "_inputs", lambda shapes, dtype, grad, seed=0: list(shapes))
+    monkeypatch.setattr(bp, "_measure", fake_measure)
+    monkeypatch.setattr(bp, "_load_power", load_power)
+    monkeypatch.setattr(bp, "_load_fla", no_fla)
+    monkeypatch.setattr(bp, "_cuda_ok", lambda: True)
+    monkeypatch.setattr(bp, "machine_info", lambda device: {"device": "fake GPU", "torch": torch.__version__})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (60 * 2**30, 140 * 2**30))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    out = tmp_path / "bp"
+    rc = bp.main(["--out", str(out), "--T", "16384", "32768", "65536", "131072", "262144", "4194304",
+                  "--dk", "16", "--no-errors", "--sdpa-max-T", "131072", "--max-call-s", "60"])
+    assert rc == 0
+    data = json.loads((out / "bench_poly.json").read_text())
+    rows = data["rows"]
+    note = {(r["impl"], r["mode"], r.get("T")): r.get("note", "") for r in rows}
+    assert note[(bp.FLA, "-", None)].startswith("unavailable: ModuleNotFoundError")
+    pw = bp.power_name(64, 128)
+    assert note[(pw, "fwd", 65536)] == "RuntimeError: triton compile failed"
+    assert (pw, "fwd", 131072) not in note  # a crashed peer is not tried at longer lengths
+    assert note[(bp.sdpa_name(64), "fwd+bwd", 32768)] == "OOM"
+    assert note[(bp.sdpa_name(64), "fwd", 262144)].startswith("not run at T >= 262144: beyond --sdpa-max-T")
+    # 4M: poly's memory at 256K (5.2 GiB peak + 1.4 GiB inputs) extrapolates past 92% of the 60 GiB free
+    assert "GiB free" in note[(bp.POLY, "fwd+bwd", 4194304)]
+    assert note[(bp.EXACT_FULL, "fwd", 16384)].startswith("not run at T >= 16384: beyond --exact-full-max-T")
+    assert ("power", "fwd", 32768) in calls and not any(c[2] == 4194304 for c in calls)
+    meta = data["meta"]
+    assert {t["verdict"] for t in meta["targets"]} <= {"met", "missed", "not measured"}
+    assert [s["T"] for s in meta["summary"]] == [16384, 32768, 65536, 131072, 262144, 4194304]
+    md = (out / "bench_poly.md").read_text()
+    assert "## Summary" in md and "## Targets" in md and "| note |" in md and "fake GPU" in md
+    assert (out / "bench_poly.png").read_bytes()[:4] == b"\x89PNG"
