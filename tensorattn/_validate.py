@@ -1,14 +1,25 @@
 """Input checks shared by every public entry point.
 
 Every error names the argument, what was expected and what was given, so that a user never has to
-guess which of five tensors was wrong. The non-finite check forces a device synchronisation, so the
-public ops run it by default only on CPU tensors (``check_finite=None``; see :func:`maybe_check_finite`).
+guess which of five tensors was wrong.
+
+One rule for non-finite inputs, applied by every public entry point that takes floating-point tensors
+(the five-tensor ops, ``naive_order_attn``, ``fast_order_attn`` and its siblings, the ``paper`` functions,
+the layers and the models): NaN/Inf inputs are refused with a ``ValueError`` naming the argument when the
+inputs are on the CPU (``check_finite=None``, the default), always with ``check_finite=True`` and never with
+``check_finite=False``. On a GPU the check is opt-in because it forces a device synchronisation per call
+(see :func:`maybe_check_finite`).
+
+Flags are bools (Python or numpy bools, :func:`check_bool`): a string such as ``"False"`` is refused rather
+than read by its truthiness. Every check here looks at types, shapes and dtypes only (static, so traceable
+by ``torch.compile``), except the optional non-finite check.
 """
 from __future__ import annotations
 
 import math
 from typing import Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 
@@ -35,6 +46,22 @@ def check_same(names: Sequence[str], xs: Sequence[torch.Tensor], *, dtype: bool 
                              "all inputs must be on one device")
         if dtype and x.dtype != t0.dtype:
             raise TypeError(f"{n} has dtype {x.dtype} but {d0} has {t0.dtype}; all inputs must share a dtype")
+
+
+def _type_name(value) -> str:
+    t = type(value)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def check_bool(name: str, value) -> bool:
+    """A flag: ``True``/``False`` or a numpy bool, returned as a Python bool.
+
+    Anything else (``"False"``, ``0``, ``None``) is a ``TypeError`` naming the argument: truthiness would
+    read ``"False"`` as true.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {_type_name(value)} {value!r}")
 
 
 def check_finite(names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
@@ -65,9 +92,23 @@ def normalize_window(window, seq_len: Optional[int] = None) -> Optional[Tuple[in
     return int(w1), int(w2)
 
 
-def check_scale(scale, head_dim: int) -> float:
-    """Default 1/sqrt(head_dim); an explicit scale must be a finite real number."""
+def scale_bound(dtype: torch.dtype) -> float:
+    """Largest ``|scale|`` the exact ops accept for inputs of ``dtype``: ``sqrt`` of the largest finite value of
+    the accumulation dtype (float32, or float64 for float64 inputs), about 1.8e19 (1.3e154 for float64).
+
+    Scores ``scale * <q, k1 ∘ k2>`` are formed in that dtype; this bound keeps them finite whenever
+    ``|<q, k1 ∘ k2>|`` is below the same number (a larger score sum is the caller's to avoid).
+    """
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return math.sqrt(torch.finfo(acc).max)
+
+
+def check_scale(scale, head_dim: int, *, dtype: Optional[torch.dtype] = None) -> float:
+    """Default 1/sqrt(head_dim); an explicit scale must be a finite real number, and, when the inputs' ``dtype``
+    is given (the exact ops), ``|scale| <= scale_bound(dtype)``."""
     if scale is None:
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"the head dim must be >= 1 for the default scale 1/sqrt(head dim), got {head_dim!r}")
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1:
@@ -77,14 +118,22 @@ def check_scale(scale, head_dim: int) -> float:
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    if dtype is not None and abs(scale) > scale_bound(dtype):
+        acc = "float64" if dtype == torch.float64 else "float32"
+        raise ValueError(f"|scale| must be <= {scale_bound(dtype):.3g} for {dtype} inputs, got scale={scale:g}: "
+                         f"larger scales overflow the scores scale * <q, k1 * k2> in the {acc} accumulator (the "
+                         "result would be NaN); use a smaller scale"
+                         + ("" if dtype == torch.float64 else " or float64 inputs (bound 1.3e154)"))
     return float(scale)
 
 
 def maybe_check_finite(flag: Optional[bool], names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
     """``check_finite`` policy of the public ops: ``True`` always, ``False`` never, ``None`` only for CPU tensors
     (on a GPU the check costs a device synchronisation per call)."""
-    if flag is not None and not isinstance(flag, bool):
-        raise TypeError(f"check_finite must be None or a bool, got {type(flag).__name__}")
+    if flag is not None:
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"check_finite must be None or a bool, got {_type_name(flag)} {flag!r}")
+        flag = bool(flag)
     if flag or (flag is None and xs[0].device.type == "cpu"):
         check_finite(names, xs)
 
@@ -134,8 +183,7 @@ def check_attn_inputs(q, k1, k2, v1, v2, *, causal: bool = False, window=None, s
         raise ValueError(f"k1 and k2 must have at least one position, got lengths {S1} and {S2}")
     win = normalize_window(window)
     maybe_check_finite(check_finite, names, xs)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    causal = check_bool("causal", causal)
     if (causal or win is not None) and not (S1 == T and S2 == T):
         raise ValueError(f"causal masking and windows need k1/v1 and k2/v2 as long as q: got T={T}, "
                          f"len(k1)={S1}, len(k2)={S2}")

@@ -43,6 +43,55 @@ def no_autocast(fn):
     return wrapper
 
 
+class _DoubleBackwardError(torch.autograd.Function):
+    """Passes the first ``n`` tensors (the gradients of a hand-written backward) through and takes the tensors
+    they depend on (incoming gradients, saved inputs) as extra inputs, so that a second differentiation reaches
+    this node, whose backward raises, instead of treating the gradients as constants."""
+
+    @staticmethod
+    def forward(ctx, op: str, n: int, *tensors):
+        ctx.op = op
+        return tuple(t.clone() for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(f"{ctx.op} does not support double backward: its backward is hand-written and not "
+                           "differentiable, so the gradient of its gradient (create_graph=True, then a second "
+                           "backward; gradgradcheck; Hessian-vector products) would be wrong")
+
+
+def refuse_double_backward(op: str):
+    """For ``autograd.Function.backward``: run the backward without recording a graph and, when a graph is being
+    built (``create_graph=True``), return gradients whose own backward raises a ``RuntimeError`` saying that
+    ``op`` does not support double backward. This is ``torch.autograd.function.once_differentiable`` with a
+    message that names the op, and connected to the saved inputs too, so that differentiating the gradients
+    with respect to the inputs raises rather than reporting them unused (or, with ``allow_unused``, zero)."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(ctx, *grad_outputs):
+            with torch.no_grad():
+                grads = fn(ctx, *grad_outputs)
+            if not torch.is_grad_enabled():  # create_graph=False: nobody will differentiate these
+                return grads
+            single = not isinstance(grads, tuple)
+            grads = (grads,) if single else grads
+            idx = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+            deps = [t for t in (*grad_outputs, *getattr(ctx, "saved_tensors", ()))
+                    if isinstance(t, torch.Tensor) and t.requires_grad]
+            if not idx or not deps:
+                return grads[0] if single else grads
+            wrapped = _DoubleBackwardError.apply(op, len(idx), *(grads[i] for i in idx), *deps)
+            out = list(grads)
+            for i, w in zip(idx, wrapped):
+                out[i] = w
+            return out[0] if single else tuple(out)
+
+        return wrapper
+
+    return deco
+
+
 def triton_available() -> bool:
     """Triton is importable and can run: on a CUDA device, or on the CPU under TRITON_INTERPRET=1."""
     return importlib.util.find_spec("triton") is not None
@@ -52,15 +101,31 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_device_reasons(device) -> List[str]:
+# dtypes whose tl.dot the Triton interpreter computes wrongly (bf16 products off by ~1e9 with Triton 3.x)
+_INTERPRETER_BAD_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def triton_interpreter_dtype_reasons(dtype) -> List[str]:
+    """Why a Triton backend must not run ``dtype`` here (empty if it may): under ``TRITON_INTERPRET=1`` every
+    kernel runs in the interpreter, whose bfloat16/float16 ``tl.dot`` gives wrong results, so only float32
+    (and wider) is declared. Shared by every Triton backend (exact and poly ops)."""
+    if triton_interpret() and dtype in _INTERPRETER_BAD_DTYPES:
+        return [f"dtype {dtype} under TRITON_INTERPRET=1: the Triton interpreter's bfloat16/float16 tl.dot "
+                "products are wrong, so the interpreter runs float32 only"]
+    return []
+
+
+def triton_device_reasons(device, dtype=None) -> List[str]:
     """Why a Triton backend cannot run on ``device`` (empty if it can): Triton installed, and CUDA, or the CPU
-    under ``TRITON_INTERPRET=1``."""
+    under ``TRITON_INTERPRET=1``. With ``dtype``, also :func:`triton_interpreter_dtype_reasons`."""
     reasons = [] if triton_available() else ["triton is not installed"]
     if device.type == "cpu":
         if not triton_interpret():
             reasons.append("inputs are on the CPU and TRITON_INTERPRET=1 is not set (the kernels need CUDA)")
     elif device.type != "cuda":
         reasons.append(f"device type {device.type!r} is not supported (needs cuda)")
+    if dtype is not None:
+        reasons += triton_interpreter_dtype_reasons(dtype)
     return reasons
 
 

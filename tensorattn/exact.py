@@ -25,8 +25,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from . import exact_torch
-from ._validate import check_attn_inputs, check_scale
-from .dispatch import Backend, choose, no_autocast, triton_device_reasons
+from ._validate import check_attn_inputs, check_bool, check_scale
+from .dispatch import Backend, choose, no_autocast, refuse_double_backward, triton_device_reasons
 
 __all__ = ["tensor_attn", "TensorAttnFunction", "BACKENDS", "AUTO_BACKENDS", "choose_backend"]
 
@@ -62,7 +62,8 @@ class TorchBackend(Backend):
 
 
 class TritonBackend(Backend):
-    """Fused Triton kernels: float32/bfloat16/float16, head dims up to 128, CUDA (or TRITON_INTERPRET=1 on CPU)."""
+    """Fused Triton kernels: float32/bfloat16/float16, head dims up to 128, CUDA (or TRITON_INTERPRET=1 on CPU,
+    float32 only: the interpreter's bfloat16/float16 products are wrong)."""
 
     name = "triton"
     DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -70,7 +71,7 @@ class TritonBackend(Backend):
 
     def not_supported_reasons(self, *, device: torch.device, dtype: torch.dtype, head_dim: int, head_dim_v: int,
                               **problem: Any) -> List[str]:
-        reasons = triton_device_reasons(device)
+        reasons = triton_device_reasons(device, dtype)
         if dtype not in self.DTYPES:
             reasons.append(f"dtype {dtype} is not supported (float32, bfloat16, float16)")
         if max(head_dim, head_dim_v) > self.MAX_HEAD_DIM:
@@ -106,7 +107,12 @@ def choose_backend(requested: str, problem: Dict[str, Any]) -> Backend:
 
 
 class TensorAttnFunction(torch.autograd.Function):
-    """Autograd wrapper: saves the inputs, the output and the natural-log LSE; the backward recomputes P."""
+    """Autograd wrapper: saves the inputs, the output and the natural-log LSE; the backward recomputes P.
+
+    Differentiable once, on every backend: the backward is hand-written, so a double backward
+    (``create_graph=True`` then differentiating the gradients) raises a ``RuntimeError`` instead of returning a
+    wrong Hessian-vector product or treating the gradients as constants.
+    """
 
     @staticmethod
     @no_autocast  # the backward must recompute exactly the scores whose log-sum-exp is saved here
@@ -117,6 +123,7 @@ class TensorAttnFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @refuse_double_backward("tensor_attn")
     @no_autocast
     def backward(ctx, do):
         q, k1, k2, v1, v2, o, lse = ctx.saved_tensors
@@ -144,13 +151,17 @@ def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
         q: ``[B, T, Hq, D]`` queries.
         k1, v1: ``[B, S1, Hkv, D]`` and ``[B, S1, Hkv, Dv]``.
         k2, v2: ``[B, S2, Hkv, D]`` and ``[B, S2, Hkv, Dv]``. ``S1 == S2 == T`` with a mask; ``Hq % Hkv == 0``.
-        scale: multiplies the trilinear score; default ``1 / sqrt(D)``.
-        causal: causal mask on both key streams.
+        scale: multiplies the trilinear score; default ``1 / sqrt(D)``. ``|scale|`` must be at most
+            :func:`tensorattn._validate.scale_bound` (about 1.8e19; 1.3e154 for float64 inputs), above which the
+            float32 scores would overflow.
+        causal: causal mask on both key streams (a bool; numpy bools are accepted).
         window: ``None``, ``w`` or ``(w1, w2)`` with ``w1, w2 >= 1``.
         backend: ``"auto"`` (triton on CUDA, else torch), ``"triton"``, ``"torch"`` or ``"naive"``.
         check_finite: refuse NaN/Inf inputs with a ``ValueError``. ``None`` (default) checks CPU inputs only:
             on a GPU the check would synchronise every call. An unchecked non-finite value poisons the rows it
             reaches, and on the torch/naive backends also rows that cannot see it (0 · NaN in the masked sums).
+
+    Differentiable once: double backward raises a ``RuntimeError`` on every backend.
 
     Returns:
         ``o``: ``[B, T, Hq, Dv]`` in the input dtype (accumulated in float32; float64 for float64 inputs).
@@ -164,9 +175,10 @@ def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
         >>> tensor_attn(q, k1, k2, v1, v2, window=(4, 2)).shape
         torch.Size([1, 16, 2, 8])
     """
+    causal = check_bool("causal", causal)
     B, T, Hq, Hkv, D, Dv, S1, S2, win = check_attn_inputs(q, k1, k2, v1, v2, causal=causal, window=window,
                                                           check_finite=check_finite)
-    scale = check_scale(scale, D)
+    scale = check_scale(scale, D, dtype=q.dtype)
     if win is not None:
         # a window at least as long as the sequence is the causal mask; the fused kernels take the causal path
         win = None if (win[0] >= T and win[1] >= T) else win

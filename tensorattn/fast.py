@@ -48,16 +48,16 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._validate import check_same, check_scale, check_tensor
+from ._validate import check_bool, check_same, check_scale, check_tensor, maybe_check_finite
 from .features import (
     FAMILIES,
     check_positive,
+    check_rank,
     degree_for,
     exp_coefficients,
     logit_bounds,
     monomial_features,
     multinomial_weights,
-    rank,
     shift_coefficients,
 )
 
@@ -115,40 +115,43 @@ def _check_poly_args(degree, eps, family) -> None:
             raise ValueError(f"eps must be in (0, 1) (a max relative error of exp), got {eps}")
 
 
-def _check_order_inputs(q, keys, values, E=None) -> Tuple[int, int, int]:
+def _check_order_inputs(q, keys, values, E=None, *, check_finite: Optional[bool] = False) -> Tuple[int, int, int]:
+    """Shapes, dtypes and devices of ``q [n, d]``, ``keys`` (m x ``[S_r, d]``), ``values`` (m x ``[S_r, dv]``, or
+    ``None`` when only the keys matter: dv is then 0) and ``E [n, dv]``; then the non-finite policy."""
     check_tensor("q", q, ndim=2)
-    if not isinstance(keys, (list, tuple)) or not isinstance(values, (list, tuple)):
+    if not isinstance(keys, (list, tuple)) or not isinstance(values, (list, tuple, type(None))):
         raise TypeError(f"keys and values must be lists (or tuples) of tensors, got {type(keys).__name__} and "
                         f"{type(values).__name__}")
     m = len(keys)
     if m < 1:
         raise ValueError("keys must hold at least one tensor (order m >= 1), got an empty sequence")
-    if len(values) != m:
-        raise ValueError(f"values must hold as many tensors as keys ({m}), got {len(values)}")
-    names = ["q"] + [f"keys[{r}]" for r in range(m)] + [f"values[{r}]" for r in range(m)]
-    xs = [q, *keys, *values]
+    vals = [] if values is None else list(values)
+    if values is not None and len(vals) != m:
+        raise ValueError(f"values must hold as many tensors as keys ({m}), got {len(vals)}")
+    names = ["q"] + [f"keys[{r}]" for r in range(m)] + [f"values[{r}]" for r in range(len(vals))] \
+        + (["E"] if E is not None else [])
+    xs = [q, *keys, *vals] + ([E] if E is not None else [])
     for nm, x in zip(names[1:], xs[1:]):
         check_tensor(nm, x, ndim=2)
-    if E is not None:
-        check_tensor("E", E, ndim=2)
-        names.append("E")
-        xs.append(E)
     check_same(names, xs)
     n, d = q.shape
     if n == 0 or d == 0:
         raise ValueError(f"q must have at least one row and one column, got shape {tuple(q.shape)}")
-    dv = values[0].shape[1]
+    dv = vals[0].shape[1] if vals else 0
+    if vals and dv == 0:
+        raise ValueError(f"values[0] must have at least one column (dv >= 1), got shape {tuple(vals[0].shape)}")
     for r in range(m):
         if keys[r].shape[1] != d:
             raise ValueError(f"keys[{r}] must have shape [S_{r}, d] with d = {d} (q's last dim), got "
                              f"{tuple(keys[r].shape)}")
         if keys[r].shape[0] == 0:
             raise ValueError(f"keys[{r}] must have at least one row, got shape {tuple(keys[r].shape)}")
-        if values[r].shape != (keys[r].shape[0], dv):
+        if vals and vals[r].shape != (keys[r].shape[0], dv):
             raise ValueError(f"values[{r}] must have shape [S_{r}, dv] = {(keys[r].shape[0], dv)} (keys[{r}]'s "
-                             f"length, values[0]'s width), got {tuple(values[r].shape)}")
+                             f"length, values[0]'s width), got {tuple(vals[r].shape)}")
     if E is not None and tuple(E.shape) != (n, dv):
         raise ValueError(f"E must have shape [n, dv] = {(n, dv)}, got {tuple(E.shape)}")
+    maybe_check_finite(check_finite, names, xs)
     return n, d, dv
 
 
@@ -183,11 +186,22 @@ def plan_poly(q: torch.Tensor, keys: Sequence[torch.Tensor], *, scale: float, de
     lo, hi = logit_bounds(q, keys, scale)  # float64 [n]
     centre = (lo + hi) / 2
     radius = float(((hi - lo) / 2).max())
+    if not math.isfinite(radius):
+        raise ValueError(f"the logit bound scale * sum_l |q_il| prod_r max_j |keys[r][j, l]| is {radius}, not finite: "
+                         "q or keys contain NaN/Inf (pass check_finite=True to find which) or their products "
+                         f"overflow float64 (scale={scale:g})")
+    d = q.shape[1]
     if degree is None:
         degree = degree_for(radius, DEFAULT_EPS if eps is None else float(eps), family, positive=True)
+        how = (f"degree {degree} is what eps={DEFAULT_EPS if eps is None else eps:g} needs at the logit radius "
+               f"{radius:.4g}: raise eps, pass a smaller degree, lower the head dim d = {d}, scale the inputs down, "
+               "or use exact attention")
+    else:
+        how = f"lower degree={degree} or the head dim d = {d}"
+    k = check_rank(d, degree, hint=how)  # before any feature of size k exists
     coeffs = exp_coefficients(degree, family, radius)
     err, _ = check_positive(coeffs, degree, family, radius)
-    return PolyPlan(degree, family, rank(q.shape[1], degree), radius, err, coeffs, centre)
+    return PolyPlan(degree, family, k, radius, err, coeffs, centre)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,7 +250,8 @@ def _as_acc(xs):
 # order-m API at the Q/K level
 def fast_order_attn(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
                     scale: Optional[float] = None, degree: Optional[int] = None, eps: Optional[float] = None,
-                    family: str = "taylor", chunk_size: Optional[int] = None, return_plan: bool = False):
+                    family: str = "taylor", chunk_size: Optional[int] = None, return_plan: bool = False,
+                    check_finite: Optional[bool] = None):
     """Approximate order-m attention by the polynomial method, in ``O((n + sum S_r) k dv)`` time.
 
     Semantics as :func:`tensorattn.naive_order_attn` (one joint softmax over all key tuples, no mask)
@@ -256,11 +271,17 @@ def fast_order_attn(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Seque
         family: ``"taylor"`` or ``"chebyshev"``.
         chunk_size: rows of features built at once (memory knob; the result does not depend on it).
         return_plan: also return the :class:`PolyPlan` (degree used, rank, measured error).
+        check_finite: refuse NaN/Inf inputs (``None``: only for CPU tensors), as the exact ops.
 
     Returns:
         ``[n, dv]`` in q's dtype (computed in float64), and the plan when ``return_plan``.
+
+    Raises:
+        ValueError: bad inputs; or a rank ``k = C(d + g, g)`` above :data:`tensorattn.features.MAX_RANK`
+            (checked before any feature is built; e.g. d = 16 with the default eps can need k ~ 6e8).
     """
-    n, d, dv = _check_order_inputs(q, keys, values)
+    return_plan = check_bool("return_plan", return_plan)
+    n, d, dv = _check_order_inputs(q, keys, values, check_finite=check_finite)
     scale = check_scale(scale, d)
     plan = plan_poly(q, keys, scale=scale, degree=degree, eps=eps, family=family)
     rows = _chunk_rows(plan.rank, chunk_size)
@@ -278,7 +299,8 @@ def fast_order_attn(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Seque
 
 
 def approx_probs(q: torch.Tensor, keys: Sequence[torch.Tensor], *, scale: Optional[float] = None,
-                 degree: Optional[int] = None, eps: Optional[float] = None, family: str = "taylor"):
+                 degree: Optional[int] = None, eps: Optional[float] = None, family: str = "taylor",
+                 check_finite: Optional[bool] = None):
     """The approximate softmax ``f̃`` materialised as ``[n, S_1, ..., S_m]`` (float64; tests and tiny sizes).
 
     Built from the same CP factors as :func:`fast_order_attn` (``f̃ = (U_q / w) (U_1 ⊘ ... ⊘ U_m)^T``),
@@ -287,7 +309,7 @@ def approx_probs(q: torch.Tensor, keys: Sequence[torch.Tensor], *, scale: Option
     Returns:
         ``(f̃, plan)``.
     """
-    n, d = q.shape
+    n, d, _ = _check_order_inputs(q, keys, None, check_finite=check_finite)
     scale = check_scale(scale, d)
     plan = plan_poly(q, keys, scale=scale, degree=degree, eps=eps, family=family)
     ks = _as_acc(keys)
@@ -303,7 +325,7 @@ def fast_order_loss_grad(Aq: torch.Tensor, A_keys: Sequence[torch.Tensor], A_val
                          E: torch.Tensor, WQ: torch.Tensor, WK: Sequence[torch.Tensor],
                          WV: Sequence[torch.Tensor], *, scale: Optional[float] = None, degree: Optional[int] = None,
                          eps: Optional[float] = None, family: str = "taylor", chunk_size: Optional[int] = None,
-                         return_loss: bool = False, return_plan: bool = False):
+                         return_loss: bool = False, return_plan: bool = False, check_finite: Optional[bool] = None):
     """``dLoss/dX`` of the order-m loss ``½‖Att − E‖_F²`` by the polynomial method (Algorithm 1, any m).
 
     Order-m version of the paper's problem: ``Q = Aq WQ``, ``K_r = A_keys[r] WK[r]``,
@@ -325,6 +347,7 @@ def fast_order_loss_grad(Aq: torch.Tensor, A_keys: Sequence[torch.Tensor], A_val
         degree, eps, family, chunk_size: as :func:`fast_order_attn`.
         return_loss: also return the (approximate) loss value.
         return_plan: also return the :class:`PolyPlan`.
+        check_finite: refuse NaN/Inf in any input tensor (``None``: only for CPU tensors).
 
     Returns:
         ``[d, d^m]`` in Aq's dtype (computed in float64) (``G.reshape(-1)`` is the paper's ``vec``
@@ -333,12 +356,19 @@ def fast_order_loss_grad(Aq: torch.Tensor, A_keys: Sequence[torch.Tensor], A_val
     if not isinstance(A_keys, (list, tuple)) or not isinstance(WK, (list, tuple)) \
             or not isinstance(A_values, (list, tuple)) or not isinstance(WV, (list, tuple)):
         raise TypeError("A_keys, A_values, WK and WV must be lists (or tuples) of tensors")
+    return_loss = check_bool("return_loss", return_loss)
+    return_plan = check_bool("return_plan", return_plan)
     m = len(A_keys)
+    if m < 1:
+        raise ValueError("A_keys must hold at least one tensor (order m >= 1), got an empty sequence")
     if len(WK) != m or len(A_values) != m or len(WV) != m:
         raise ValueError(f"A_keys, A_values, WK and WV must all hold m tensors; got {m}, {len(A_values)}, "
                          f"{len(WK)}, {len(WV)}")
+    check_tensor("Aq", Aq, ndim=2)
+    if Aq.shape[0] == 0 or Aq.shape[1] == 0:
+        raise ValueError(f"Aq must have at least one row and one column, got shape {tuple(Aq.shape)}")
     check_tensor("WQ", WQ, ndim=2)
-    d = Aq.shape[1] if isinstance(Aq, torch.Tensor) and Aq.dim() == 2 else None
+    d = Aq.shape[1]
     for nm, W in [("WQ", WQ)] + [(f"WK[{r}]", w) for r, w in enumerate(WK)]:
         check_tensor(nm, W, ndim=2)
         if d is not None and tuple(W.shape) != (d, d):
@@ -354,9 +384,12 @@ def fast_order_loss_grad(Aq: torch.Tensor, A_keys: Sequence[torch.Tensor], A_val
         if A_values[r].shape[0] != A_keys[r].shape[0]:
             raise ValueError(f"A_values[{r}] must have as many rows as A_keys[{r}] ({A_keys[r].shape[0]}), got "
                              f"{A_values[r].shape[0]}")
-    check_same(["Aq", "WQ"] + [f"WK[{r}]" for r in range(m)] + [f"WV[{r}]" for r in range(m)] +
-               [f"A_keys[{r}]" for r in range(m)] + [f"A_values[{r}]" for r in range(m)],
-               [Aq, WQ, *WK, *WV, *A_keys, *A_values])
+    all_names = (["Aq", "WQ"] + [f"WK[{r}]" for r in range(m)] + [f"WV[{r}]" for r in range(m)] +
+                 [f"A_keys[{r}]" for r in range(m)] + [f"A_values[{r}]" for r in range(m)])
+    all_xs = [Aq, WQ, *WK, *WV, *A_keys, *A_values]
+    check_same(all_names, all_xs)
+    check_tensor("E", E, ndim=2)
+    maybe_check_finite(check_finite, all_names + ["E"], all_xs + [E])
     Q = Aq @ WQ
     Ks = [A @ W for A, W in zip(A_keys, WK)]
     Vs = [A @ W for A, W in zip(A_values, WV)]
@@ -399,24 +432,28 @@ def fast_order_loss_grad(Aq: torch.Tensor, A_keys: Sequence[torch.Tensor], A_val
 
 # --------------------------------------------------------------------------------------------------
 # the paper's interface (tensorattn.paper delegates method="fast" here)
-def _check_paper(As, Ws, E=None) -> Tuple[int, int]:
-    """Shapes of the paper's problem: A1..A5 (and E) ``[n, d]``, weights ``[d, d]``, one dtype and device."""
+def _check_paper(As, Ws, E=None, *, check_finite: Optional[bool] = None) -> Tuple[int, int]:
+    """Shapes of the paper's problem: A1..A5 (and E) ``[n, d]`` with ``n, d >= 1``, weights ``[d, d]``, one dtype
+    and device; then the non-finite policy (``check_finite``, default: CPU tensors only)."""
     names = ["A1", "A2", "A3", "A4", "A5", "WQ", "WK1", "WK2", "WV1", "WV2"] + (["E"] if E is not None else [])
     xs = list(As) + list(Ws) + ([E] if E is not None else [])
     for nm, x in zip(names, xs):
         check_tensor(nm, x, ndim=2)
     check_same(names, xs)
     n, d = As[0].shape
+    if n < 1 or d < 1:
+        raise ValueError(f"A1 must have shape [n, d] with n >= 1 tokens and d >= 1 features, got {tuple(As[0].shape)}")
     for nm, x in zip(names, xs):
         want = (d, d) if nm.startswith("W") else (n, d)
         if tuple(x.shape) != want:
             raise ValueError(f"{nm} must have shape {want} ({'[d, d]' if nm.startswith('W') else '[n, d]'}, from "
                              f"A1's shape {(n, d)}), got {tuple(x.shape)}")
+    maybe_check_finite(check_finite, names, xs)
     return n, d
 
 
 def fast_attention(A1, A2, A3, A4, A5, WQ, WK1, WK2, WV1, WV2, *, degree=None, eps=None, family="taylor",
-                   chunk_size=None) -> torch.Tensor:
+                   chunk_size=None, check_finite: Optional[bool] = None) -> torch.Tensor:
     """Tensor attention of Definition 2.5 (scale ``1/d``) by the polynomial method (SPEC §4.2).
 
     ``Q = A1 WQ``, ``K1 = A2 WK1``, ``K2 = A3 WK2``, ``V1 = A4 WV1``, ``V2 = A5 WV2``, then
@@ -426,17 +463,18 @@ def fast_attention(A1, A2, A3, A4, A5, WQ, WK1, WK2, WV1, WV2, *, degree=None, e
     Args:
         A1..A5: ``[n, d]``; WQ, WK1, WK2, WV1, WV2: ``[d, d]``.
         degree, eps, family, chunk_size: see :func:`fast_order_attn` (even Taylor degrees only).
+        check_finite: refuse NaN/Inf inputs, naming the argument (``None``: only for CPU tensors).
 
     Returns:
         ``[n, d]`` in the inputs' dtype; computed in float64.
     """
-    n, d = _check_paper((A1, A2, A3, A4, A5), (WQ, WK1, WK2, WV1, WV2))
+    n, d = _check_paper((A1, A2, A3, A4, A5), (WQ, WK1, WK2, WV1, WV2), check_finite=check_finite)
     return fast_order_attn(A1 @ WQ, [A2 @ WK1, A3 @ WK2], [A4 @ WV1, A5 @ WV2], scale=1.0 / d, degree=degree,
-                           eps=eps, family=family, chunk_size=chunk_size)
+                           eps=eps, family=family, chunk_size=chunk_size, check_finite=False)
 
 
 def fast_loss_grad(A1, A2, A3, A4, A5, E, WQ, WK1, WK2, WV1, WV2, *, degree=None, eps=None, family="taylor",
-                   chunk_size=None) -> torch.Tensor:
+                   chunk_size=None, check_finite: Optional[bool] = None) -> torch.Tensor:
     """``dLoss/dX`` (``[d, d²]``) of Definition 2.8 by the paper's Algorithm 1 (SPEC §4.3, §4.6).
 
     Five low-rank stages (f̃ in CP form, c̃ = Õ − E, q = c̃ (V1⊘V2)^T, p1 = f̃∘q of rank k·d, p2 =
@@ -447,10 +485,11 @@ def fast_loss_grad(A1, A2, A3, A4, A5, E, WQ, WK1, WK2, WV1, WV2, *, degree=None
     Args:
         A1..A5, E: ``[n, d]``; WQ, WK1, WK2, WV1, WV2: ``[d, d]``.
         degree, eps, family, chunk_size: see :func:`fast_order_attn` (even Taylor degrees only).
+        check_finite: refuse NaN/Inf inputs, naming the argument (``None``: only for CPU tensors).
 
     Returns:
         ``[d, d²]`` in the inputs' dtype (``G.reshape(-1)`` = the paper's ``vec`` order); computed in float64.
     """
-    n, d = _check_paper((A1, A2, A3, A4, A5), (WQ, WK1, WK2, WV1, WV2), E)
+    n, d = _check_paper((A1, A2, A3, A4, A5), (WQ, WK1, WK2, WV1, WV2), E, check_finite=check_finite)
     return fast_order_loss_grad(A1, [A2, A3], [A4, A5], E, WQ, [WK1, WK2], [WV1, WV2], scale=1.0 / d,
-                                degree=degree, eps=eps, family=family, chunk_size=chunk_size)
+                                degree=degree, eps=eps, family=family, chunk_size=chunk_size, check_finite=False)

@@ -33,10 +33,12 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ._validate import check_tensor
+from ._validate import check_bool, check_tensor
 
 __all__ = [
     "FAMILIES",
+    "MAX_RANK",
+    "check_rank",
     "multi_indices",
     "rank",
     "monomial_features",
@@ -62,6 +64,9 @@ _GRID = 20001
 # monomial coefficients made of rounding noise (c_t / R^t); a wider interval is always still valid.
 _CHEB_MIN_R = 0.25
 MAX_DEGREE = 64
+# Largest feature count k = C(d + g, g) the feature map and the fast (polynomial) method build: a chunk of 64
+# float64 feature rows is then 512 MiB, and the d x d^m loss gradient holds [d * dv, k] float64 arrays.
+MAX_RANK = 1 << 20
 
 
 def _check_int(name: str, v, lo: int) -> int:
@@ -89,6 +94,18 @@ def _check_radius(radius) -> float:
     return radius
 
 
+def check_rank(d: int, degree: int, *, max_rank: Optional[int] = None, hint: Optional[str] = None) -> int:
+    """``k = C(d + degree, degree)`` if it is at most ``max_rank`` (default :data:`MAX_RANK`), else a ``ValueError``
+    with the rank, the limit and what to change; checked before anything of size ``k`` is allocated."""
+    limit = MAX_RANK if max_rank is None else max_rank
+    k = math.comb(d + degree, degree)
+    if k > limit:
+        raise ValueError(f"the feature rank k = C(d + degree, degree) = C({d} + {degree}, {degree}) = {k:,} exceeds "
+                         f"the limit {limit:,} (tensorattn.features.MAX_RANK), so its features would not fit in "
+                         f"memory; " + (hint or "lower the degree or the head dim d"))
+    return k
+
+
 # --------------------------------------------------------------------------------------------------
 # Monomial features
 # --------------------------------------------------------------------------------------------------
@@ -107,8 +124,13 @@ class _Plan(NamedTuple):
     vars: List[torch.Tensor]  # per degree t = 1..g: [n_t] int64 variable multiplied in
 
 
-@functools.lru_cache(maxsize=32)
 def _plan(d: int, degree: int) -> _Plan:
+    check_rank(d, degree)
+    return _plan_cached(d, degree)
+
+
+@functools.lru_cache(maxsize=32)
+def _plan_cached(d: int, degree: int) -> _Plan:
     betas = [torch.zeros(1, d, dtype=torch.long)]
     last = [torch.zeros(1, dtype=torch.long)]  # last variable used (0 for the empty product)
     mults = [torch.ones(1, dtype=torch.float64)]
@@ -334,8 +356,9 @@ def degree_for(radius: float, eps: float, family: str = "taylor", *, positive: b
     if not (0 < eps < 1):
         raise ValueError(f"eps must be in (0, 1) (a relative error), got {eps}")
     family = _check_family(family)
+    positive = check_bool("positive", positive)
     max_degree = _check_int("max_degree", max_degree, 0)
-    return _degree_for(radius, float(eps), family, bool(positive), max_degree)
+    return _degree_for(radius, float(eps), family, positive, max_degree)
 
 
 def check_positive(coeffs: torch.Tensor, degree: int, family: str, radius: float) -> Tuple[float, float]:

@@ -12,6 +12,11 @@ layers share one calling convention, so a model can swap them by a letter of its
 
 Semantics of the ops (score, joint softmax over pairs, visibility, GQA) are those of
 :func:`tensorattn.naive_tensor_attn`. Layout inside the layers is ``[B, T, H, D]``.
+
+Checks: constructor sizes are ints ``>= 1`` and flags are bools (numpy bools accepted); ``forward`` checks
+that ``x, y, z`` are floating ``[B, T, dim]`` tensors with one batch size, on the parameters' device and (outside
+autocast) of their dtype, and, by the library's non-finite rule, refuses NaN/Inf inputs on the CPU
+(``check_finite=None``; ``True``/``False`` to always/never check).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import normalize_window
+from ._validate import check_bool, check_tensor, maybe_check_finite, normalize_window
 from .naive import naive_tensor_attn
 
 __all__ = ["RotaryEmbedding", "SoftmaxAttention", "TensorAttention", "PolyTensorAttention", "tensor_ops"]
@@ -61,6 +66,38 @@ def _check_dims(**dims: int) -> None:
             raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
+
+
+def _check_finite_flag(check_finite) -> Optional[bool]:
+    if check_finite is None:
+        return None
+    return check_bool("check_finite", check_finite)
+
+
+def _check_inputs(layer: nn.Module, named, keys, check_finite: Optional[bool]) -> None:
+    """``named``: ``[(name, tensor)]`` of a layer's inputs, the queries first: each a floating ``[B, T, dim]`` tensor
+    with the queries' batch size, on the parameters' device and of their dtype (unless autocast is on); those
+    named in ``keys`` (the ones keys and values come from) with at least one position; then the non-finite rule."""
+    w = next(layer.parameters())
+    ref_name, ref = named[0]
+    for nm, x in named:
+        check_tensor(nm, x, ndim=3)
+        if x.shape[2] != layer.dim:
+            raise ValueError(f"{nm} must have shape [B, T, dim] with dim = {layer.dim} (the layer's width), got "
+                             f"shape {tuple(x.shape)}")
+        if x.shape[0] != ref.shape[0]:
+            raise ValueError(f"{nm} has batch size {x.shape[0]} but {ref_name} has {ref.shape[0]}; the inputs must "
+                             "share the batch dim")
+        if x.device != w.device:
+            raise ValueError(f"{nm} is on device {x.device} but the layer's parameters are on {w.device}")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{nm} has dtype {x.dtype} but the layer's parameters are {w.dtype}; cast the input "
+                            "or the layer (or run under torch.autocast)")
+    for nm, x in named:
+        if nm in keys and x.shape[1] == 0:
+            raise ValueError(f"{nm} must have at least one position (the keys and values come from it), got shape "
+                             f"{tuple(x.shape)}")
+    maybe_check_finite(check_finite, [n for n, _ in named], [x for _, x in named])
 
 
 def _check_heads(n_heads: int, n_kv_heads: int) -> None:
@@ -116,19 +153,24 @@ class SoftmaxAttention(nn.Module):
         causal, window: visibility, as above (``window`` needs self-attention lengths).
         rope: rotate q and k with :class:`RotaryEmbedding`.
         bias: bias in the projections.
+        check_finite: refuse NaN/Inf in ``x``/``y`` (``None``: only for CPU tensors).
     """
 
     def __init__(self, dim: int, n_heads: int, *, head_dim: Optional[int] = None, n_kv_heads: Optional[int] = None,
-                 causal: bool = False, window: Optional[int] = None, rope: bool = False, bias: bool = False):
+                 causal: bool = False, window: Optional[int] = None, rope: bool = False, bias: bool = False,
+                 check_finite: Optional[bool] = None):
         super().__init__()
+        _check_dims(dim=dim, n_heads=n_heads)
         head_dim = dim // n_heads if head_dim is None else head_dim
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        _check_dims(dim=dim, n_heads=n_heads, head_dim=head_dim, n_kv_heads=n_kv_heads)
+        _check_dims(head_dim=head_dim, n_kv_heads=n_kv_heads)
+        causal, rope, bias = check_bool("causal", causal), check_bool("rope", rope), check_bool("bias", bias)
+        self.check_finite = _check_finite_flag(check_finite)
         _check_heads(n_heads, n_kv_heads)
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be None or an int >= 1 for SoftmaxAttention, got {window!r}")
         self.dim, self.n_heads, self.n_kv_heads, self.head_dim = dim, n_heads, n_kv_heads, head_dim
-        self.causal, self.window = bool(causal), window
+        self.causal, self.window = causal, window
         self.q = nn.Linear(dim, n_heads * head_dim, bias=bias)
         self.k = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.v = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
@@ -137,6 +179,8 @@ class SoftmaxAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x``: ``[B, T, dim]`` (queries); ``y``: ``[B, S, dim]`` (keys/values, default ``x``)."""
+        _check_inputs(self, [("x", x)] if y is None else [("x", x), ("y", y)], ("x" if y is None else "y",),
+                      self.check_finite)
         y = x if y is None else y
         B, T, _ = x.shape
         S = y.shape[1]
@@ -185,6 +229,7 @@ class TensorAttention(nn.Module):
         scale: the score scale; default ``1 / sqrt(D)``.
         backend: passed to :func:`tensorattn.exact.tensor_attn` (``"auto"`` picks the fastest that fits).
         bias: bias in the projections.
+        check_finite: refuse NaN/Inf in ``x``/``y``/``z`` (``None``: only for CPU tensors).
 
     Parameters: ``6 · dim · H · D`` without GQA (five input projections and the output), versus
     ``4 · dim · H · D`` for :class:`SoftmaxAttention`.
@@ -192,17 +237,19 @@ class TensorAttention(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, *, head_dim: Optional[int] = None, n_kv_heads: Optional[int] = None,
                  causal: bool = False, window=None, rope: bool = False, scale: Optional[float] = None,
-                 backend: str = "auto", bias: bool = False, _key_dim: Optional[int] = None):
+                 backend: str = "auto", bias: bool = False, _key_dim: Optional[int] = None,
+                 check_finite: Optional[bool] = None):
         super().__init__()
+        _check_dims(dim=dim, n_heads=n_heads)
         head_dim = dim // n_heads if head_dim is None else head_dim
         key_dim = head_dim if _key_dim is None else _key_dim
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        _check_dims(dim=dim, n_heads=n_heads, head_dim=head_dim, n_kv_heads=n_kv_heads, key_dim=key_dim)
+        _check_dims(head_dim=head_dim, n_kv_heads=n_kv_heads, key_dim=key_dim)
         _check_heads(n_heads, n_kv_heads)
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        causal, rope, bias = check_bool("causal", causal), check_bool("rope", rope), check_bool("bias", bias)
+        self.check_finite = _check_finite_flag(check_finite)
         self.window = normalize_window(window)
         self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.key_dim = dim, n_heads, n_kv_heads, head_dim, key_dim
         self.causal, self.scale, self.backend = causal, scale, backend
@@ -241,6 +288,8 @@ class TensorAttention(nn.Module):
 
         Returns ``[B, T, dim]``.
         """
+        named = [("x", x)] + [(n, t) for n, t in (("y", y), ("z", z)) if t is not None]
+        _check_inputs(self, named, ("x" if y is None else "y", "x" if z is None else "z"), self.check_finite)
         q, k1, k2, v1, v2 = self._project(x, y, z)
         o = self._attend(q, k1, k2, v1, v2)  # [B, T, Hq, Dv]
         B, T = x.shape[:2]
@@ -275,13 +324,16 @@ class PolyTensorAttention(TensorAttention):
         scale: the score scale; default ``1 / sqrt(Dk)``.
         backend: passed to :func:`tensorattn.poly.poly_tensor_attn`.
         bias: bias in the projections.
+        check_finite: refuse NaN/Inf in ``x``/``y``/``z`` (``None``: only for CPU tensors).
     """
 
     def __init__(self, dim: int, n_heads: int, *, head_dim: Optional[int] = None, key_dim: Optional[int] = None,
                  n_kv_heads: Optional[int] = None, degree: int = 2, causal: bool = False, rope: bool = False,
-                 scale: Optional[float] = None, backend: str = "auto", bias: bool = False):
+                 scale: Optional[float] = None, backend: str = "auto", bias: bool = False,
+                 check_finite: Optional[bool] = None):
         super().__init__(dim, n_heads, head_dim=head_dim, n_kv_heads=n_kv_heads, causal=causal, window=None,
-                         rope=rope, scale=scale, backend=backend, bias=bias, _key_dim=key_dim)
+                         rope=rope, scale=scale, backend=backend, bias=bias, _key_dim=key_dim,
+                         check_finite=check_finite)
         _check_dims(degree=degree)
         self.degree = degree
 

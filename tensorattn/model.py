@@ -12,14 +12,20 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from .layers import PolyTensorAttention, SoftmaxAttention, TensorAttention, _init_like_gpt
+from ._validate import check_bool, check_tensor, maybe_check_finite
+from .layers import PolyTensorAttention, SoftmaxAttention, TensorAttention, _check_dims, _init_like_gpt
 
 __all__ = ["Transformer", "MultiViewClassifier", "parse_pattern"]
 
 _LETTERS = {"S": "softmax", "T": "exact tensor", "P": "fast (polynomial) tensor"}
+
+
+def _check_optional_dims(**dims) -> None:
+    _check_dims(**{k: v for k, v in dims.items() if v is not None})
 
 
 def parse_pattern(pattern: str, n_layer: int) -> str:
@@ -95,9 +101,15 @@ class Transformer(nn.Module):
                  window=None, p_key_dim: Optional[int] = None, p_degree: int = 2, causal: bool = True,
                  pos: str = "learned", mlp_ratio: int = 4, backend: str = "auto", p_backend: str = "auto"):
         super().__init__()
+        _check_dims(vocab_size=vocab_size, block_size=block_size, dim=dim, n_layer=n_layer, n_heads=n_heads,
+                    mlp_ratio=mlp_ratio)
+        _check_optional_dims(n_out=n_out, head_dim=head_dim, n_kv_heads=n_kv_heads, t_heads=t_heads,
+                             t_head_dim=t_head_dim, t_kv_heads=t_kv_heads, p_key_dim=p_key_dim)
+        causal = check_bool("causal", causal)
         if pos not in ("learned", "rope", "none"):
             raise ValueError(f"pos must be 'learned', 'rope' or 'none', got {pos!r}")
         self.layout = parse_pattern(pattern, n_layer)
+        self.vocab_size = vocab_size
         self.block_size, self.pos = block_size, pos
         head_dim = dim // n_heads if head_dim is None else head_dim
         t_heads = n_heads if t_heads is None else t_heads
@@ -129,10 +141,24 @@ class Transformer(nn.Module):
             nn.init.normal_(b.mlp.proj.weight, 0.0, 0.02 / (2 * n_layer) ** 0.5)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """``idx``: ``[B, T]`` token ids, ``T <= block_size``. Returns logits ``[B, T, n_out]``."""
+        """``idx``: ``[B, T]`` token ids (int64 or int32) in ``[0, vocab_size)``, ``1 <= T <= block_size``.
+        Returns logits ``[B, T, n_out]``. Ids out of range are refused for CPU tensors (on a GPU the check would
+        synchronise; the embedding then fails with a device-side assert)."""
+        check_tensor("idx", idx, ndim=2, floating=False)
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"idx must hold integer token ids (torch.int64 or torch.int32), got dtype {idx.dtype}")
         B, T = idx.shape
         if T > self.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
+            raise ValueError(f"idx has sequence length {T} (idx.shape[1]), which exceeds block_size {self.block_size}")
+        if T == 0:
+            raise ValueError(f"idx must have at least one position (idx.shape[1] >= 1), got shape {tuple(idx.shape)}")
+        if idx.device != self.tok.weight.device:
+            raise ValueError(f"idx is on device {idx.device} but the model's parameters are on {self.tok.weight.device}")
+        if idx.device.type == "cpu" and idx.numel():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"idx must hold token ids in [0, vocab_size) = [0, {self.vocab_size}), got values in "
+                                 f"[{lo}, {hi}]")
         x = self.tok(idx)  # [B, T, dim]
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(T, device=idx.device))
@@ -174,6 +200,11 @@ class MultiViewClassifier(nn.Module):
         super().__init__()
         if mixer not in ("tensor", "softmax", "concat"):
             raise ValueError(f"mixer must be 'tensor', 'softmax' or 'concat', got {mixer!r}")
+        if isinstance(view_dims, (str, bytes)) or not hasattr(view_dims, "__len__"):
+            raise TypeError(f"view_dims must be a sequence of ints (features per view), got {type(view_dims).__name__}")
+        _check_dims(**{f"view_dims[{v}]": int(d) if isinstance(d, np.integer) else d for v, d in enumerate(view_dims)})
+        _check_dims(n_classes=n_classes, n_tokens=n_tokens, dim=dim, n_heads=n_heads, hidden=hidden)
+        _check_optional_dims(head_dim=head_dim, t_head_dim=t_head_dim)
         view_dims = [int(d) for d in view_dims]
         if len(view_dims) < 3 and mixer != "concat":
             raise ValueError(f"cross-view attention needs at least 3 views, got {len(view_dims)}")
@@ -204,12 +235,24 @@ class MultiViewClassifier(nn.Module):
         return out
 
     def forward(self, views: List[torch.Tensor]) -> torch.Tensor:
-        """``views``: list of ``[B, F_v]`` tensors. Returns logits ``[B, n_classes]``."""
+        """``views``: list of ``[B, F_v]`` floating tensors (one batch size, the parameters' device and dtype;
+        NaN/Inf refused for CPU tensors). Returns logits ``[B, n_classes]``."""
+        if not isinstance(views, (list, tuple)):
+            raise TypeError(f"views must be a list (or tuple) of [B, F_v] tensors, got {type(views).__name__}")
         if len(views) != len(self.view_dims):
-            raise ValueError(f"expected {len(self.view_dims)} views, got {len(views)}")
+            raise ValueError(f"views must hold {len(self.view_dims)} tensors (one per view), got {len(views)}")
+        w = next(self.parameters())
         for v, (x, d) in enumerate(zip(views, self.view_dims)):
-            if x.dim() != 2 or x.shape[1] != d:
-                raise ValueError(f"view {v} must be [B, {d}], got {tuple(x.shape)}")
+            check_tensor(f"views[{v}]", x, ndim=2)
+            if x.shape[1] != d:
+                raise ValueError(f"view {v} must be [B, {d}] ({d} features), but views[{v}] has shape {tuple(x.shape)}")
+            if x.shape[0] != views[0].shape[0]:
+                raise ValueError(f"views[{v}] has batch size {x.shape[0]} but views[0] has {views[0].shape[0]}")
+            if x.device != w.device:
+                raise ValueError(f"views[{v}] is on device {x.device} but the model's parameters are on {w.device}")
+            if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+                raise TypeError(f"views[{v}] has dtype {x.dtype} but the model's parameters are {w.dtype}")
+        maybe_check_finite(None, [f"views[{v}]" for v in range(len(views))], list(views))
         if self.mixer == "concat":
             return self.mlp(torch.cat(views, dim=1))
         V = len(views)

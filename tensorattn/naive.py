@@ -30,7 +30,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ._validate import check_attn_inputs, check_same, check_scale, check_tensor, normalize_window
+from ._validate import check_attn_inputs, check_bool, check_same, check_scale, check_tensor, maybe_check_finite
 
 __all__ = ["naive_tensor_attn", "naive_order_attn", "visibility_mask", "acc_dtype"]
 
@@ -99,9 +99,11 @@ def naive_tensor_attn(q, k1, k2, v1, v2, *, scale=None, causal=False, window=Non
         p = s.masked_fill(~visible, -inf).flatten(1).softmax(-1).view_as(s)
         o = torch.einsum('ijk,je,ke->ie', p, v1, v2)
     """
+    causal = check_bool("causal", causal)
+    return_lse = check_bool("return_lse", return_lse)
     B, T, Hq, Hkv, D, Dv, S1, S2, win = check_attn_inputs(q, k1, k2, v1, v2, causal=causal, window=window,
                                                           check_finite=check_finite)
-    scale = check_scale(scale, D)
+    scale = check_scale(scale, D, dtype=q.dtype)
     groups = Hq // Hkv
     acc = acc_dtype(q.dtype)
     qh = q.transpose(1, 2).to(acc)  # [B, Hq, T, D]
@@ -130,7 +132,7 @@ def naive_tensor_attn(q, k1, k2, v1, v2, *, scale=None, causal=False, window=Non
 
 
 def naive_order_attn(q, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *, scale=None,
-                     causal=False, block_elems: int = _BLOCK_ELEMS):
+                     causal=False, block_elems: int = _BLOCK_ELEMS, check_finite: Optional[bool] = None):
     """Exact attention of any order m = len(keys) >= 1 (m = 1: softmax attention; m = 2: tensor attention).
 
     For query ``i`` and a tuple ``(j1, ..., jm)``::
@@ -142,8 +144,11 @@ def naive_order_attn(q, keys: Sequence[torch.Tensor], values: Sequence[torch.Ten
         q: ``[B, T, Hq, D]``.
         keys: m tensors ``[B, S_r, Hkv, D]``.
         values: m tensors ``[B, S_r, Hkv, Dv]``, ``values[r]`` as long as ``keys[r]``.
-        scale: default ``1 / sqrt(D)``.
-        causal: keep tuples with every ``j_r <= i`` (needs every ``S_r == T``).
+        scale: default ``1 / sqrt(D)``; ``|scale|`` at most :func:`tensorattn._validate.scale_bound`.
+        causal: keep tuples with every ``j_r <= i`` (needs every ``S_r == T``); a bool.
+        check_finite: refuse NaN/Inf inputs (``None``: only for CPU tensors), as :func:`naive_tensor_attn`.
+
+    ``D``, ``Dv`` and every ``S_r`` must be >= 1 (an empty key stream leaves nothing to attend to).
 
     Returns ``[B, T, Hq, Dv]`` in the input dtype; accumulates in float32 (float64 for float64).
     Memory ``O(block · prod S_r)``; time ``Θ(T · prod S_r · (D + Dv))``, so keep sizes small for m >= 3.
@@ -163,8 +168,13 @@ def naive_order_attn(q, keys: Sequence[torch.Tensor], values: Sequence[torch.Ten
     for n, x in zip(names, xs):
         check_tensor(n, x, ndim=4)
     check_same(names, xs)
+    causal = check_bool("causal", causal)
     B, T, Hq, D = q.shape
     Hkv, Dv = keys[0].shape[2], values[0].shape[3]
+    if D < 1:
+        raise ValueError(f"q must have a head dim D >= 1 (q.shape[3]), got {D}")
+    if Dv < 1:
+        raise ValueError(f"values[0] must have a value head dim Dv >= 1 (values[0].shape[3]), got {Dv}")
     for r in range(m):
         k, v = keys[r], values[r]
         if k.shape[0] != B or v.shape[0] != B:
@@ -177,11 +187,15 @@ def naive_order_attn(q, keys: Sequence[torch.Tensor], values: Sequence[torch.Ten
             raise ValueError(f"keys[{r}]/values[{r}] have {k.shape[2]}/{v.shape[2]} heads but keys[0] has {Hkv}")
         if v.shape[1] != k.shape[1]:
             raise ValueError(f"values[{r}] has length {v.shape[1]} but keys[{r}] has {k.shape[1]}")
+        if k.shape[1] == 0:
+            raise ValueError(f"keys[{r}] must have at least one position (keys[{r}].shape[1] >= 1), got "
+                             f"shape {tuple(k.shape)}")
         if causal and k.shape[1] != T:
             raise ValueError(f"causal masking needs keys[{r}] as long as q ({T}), got {k.shape[1]}")
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the key/value heads ({Hkv})")
-    scale = check_scale(scale, D)
+    maybe_check_finite(check_finite, names, xs)
+    scale = check_scale(scale, D, dtype=q.dtype)
     groups = Hq // Hkv
     acc = acc_dtype(q.dtype)
     qh = q.transpose(1, 2).to(acc)

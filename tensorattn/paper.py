@@ -18,14 +18,18 @@ Lemma 3.1: ``dLoss/dX = (1/d)·A1^T p (A2⊗A3)`` with ``p = f∘q − diag(r) f
 Everything here streams over query rows, so no ``n×n²`` matrix is ever held: memory is ``O(n²·d)`` (the
 value matrix ``h = (A4⊗A5)Y``) plus ``O(block·n²)``. Computations run in the inputs' dtype, which must be
 float32 or float64 (use float64 to check identities and gradients).
+
+Checks (every function of the problem): shapes ``n, d >= 1``, one dtype and device, and the library's
+non-finite rule: NaN/Inf inputs are refused with a ``ValueError`` naming the argument on the CPU by default
+(``check_finite=None``), always with ``check_finite=True``, never with ``False``.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._validate import check_same, check_tensor
+from ._validate import check_same, check_tensor, maybe_check_finite
 
 __all__ = ["kron", "khatri_rao", "face_split", "vec", "merge_weights", "logits", "attention", "loss",
            "loss_grad", "closed_form_intermediates"]
@@ -72,7 +76,7 @@ _A_NAMES = ("A1", "A2", "A3", "A4", "A5")
 _W_NAMES = ("WQ", "WK1", "WK2", "WV1", "WV2")
 
 
-def _check_problem(As, Ws, E=None) -> Tuple[int, int]:
+def _check_problem(As, Ws, E=None, *, check_finite: Optional[bool] = None) -> Tuple[int, int]:
     names = list(_A_NAMES) + list(_W_NAMES) + (["E"] if E is not None else [])
     xs = list(As) + list(Ws) + ([E] if E is not None else [])
     for nm, x in zip(names, xs):
@@ -81,6 +85,8 @@ def _check_problem(As, Ws, E=None) -> Tuple[int, int]:
     if xs[0].dtype not in (torch.float32, torch.float64):
         raise TypeError(f"A1 must be float32 or float64 for the paper's computations, got {xs[0].dtype}")
     n, d = As[0].shape
+    if n < 1 or d < 1:
+        raise ValueError(f"A1 must have shape [n, d] with n >= 1 tokens and d >= 1 features, got {tuple(As[0].shape)}")
     for nm, A in zip(_A_NAMES, As):
         if tuple(A.shape) != (n, d):
             raise ValueError(f"{nm} must have shape [n, d] = {(n, d)} like A1, got {tuple(A.shape)}")
@@ -89,6 +95,7 @@ def _check_problem(As, Ws, E=None) -> Tuple[int, int]:
             raise ValueError(f"{nm} must have shape [d, d] = {(d, d)}, got {tuple(W.shape)}")
     if E is not None and tuple(E.shape) != (n, d):
         raise ValueError(f"E must have shape [n, d] = {(n, d)}, got {tuple(E.shape)}")
+    maybe_check_finite(check_finite, names, xs)
     return n, d
 
 
@@ -121,7 +128,7 @@ def _blocks(n: int):
 
 
 def attention(A1, A2, A3, A4, A5, WQ, WK1, WK2, WV1, WV2, *, method: str = "exact", degree=None, eps=None,
-              family: str = "taylor") -> torch.Tensor:
+              family: str = "taylor", check_finite: Optional[bool] = None) -> torch.Tensor:
     """Tensor attention ``D^{-1} A (A4⊗A5) Y`` of Definition 2.5 (scale ``1/d`` inside exp).
 
     Args:
@@ -130,6 +137,7 @@ def attention(A1, A2, A3, A4, A5, WQ, WK1, WK2, WV1, WV2, *, method: str = "exac
         method: ``"exact"`` (streamed over query rows; ``Θ(n³d)`` time, ``O(n²d)`` memory) or ``"fast"``
             (the polynomial method of :mod:`tensorattn.fast`, ``n^{1+o(1)}`` for bounded entries).
         degree, eps, family: the polynomial's degree, target error and coefficient family (``"fast"`` only).
+        check_finite: refuse NaN/Inf inputs (``None``: only for CPU tensors).
 
     Returns:
         ``[n, d]`` attention output in the inputs' dtype.
@@ -137,10 +145,11 @@ def attention(A1, A2, A3, A4, A5, WQ, WK1, WK2, WV1, WV2, *, method: str = "exac
     if method == "fast":
         from .fast import fast_attention
 
-        return fast_attention(A1, A2, A3, A4, A5, WQ, WK1, WK2, WV1, WV2, degree=degree, eps=eps, family=family)
+        return fast_attention(A1, A2, A3, A4, A5, WQ, WK1, WK2, WV1, WV2, degree=degree, eps=eps, family=family,
+                              check_finite=check_finite)
     if method != "exact":
         raise ValueError(f"method must be 'exact' or 'fast', got {method!r}")
-    n, d = _check_problem((A1, A2, A3, A4, A5), (WQ, WK1, WK2, WV1, WV2))
+    n, d = _check_problem((A1, A2, A3, A4, A5), (WQ, WK1, WK2, WV1, WV2), check_finite=check_finite)
     X, Y = merge_weights(WQ, WK1, WK2, WV1, WV2)
     h = _values(A4, A5, Y)  # [n, n, d]
     out = torch.empty(n, Y.shape[1], dtype=A1.dtype, device=A1.device)
@@ -151,20 +160,21 @@ def attention(A1, A2, A3, A4, A5, WQ, WK1, WK2, WV1, WV2, *, method: str = "exac
     return out
 
 
-def loss(A1, A2, A3, A4, A5, E, WQ, WK1, WK2, WV1, WV2) -> torch.Tensor:
+def loss(A1, A2, A3, A4, A5, E, WQ, WK1, WK2, WV1, WV2, *, check_finite: Optional[bool] = None) -> torch.Tensor:
     """Definition 2.8: ``½ ‖Att − E‖_F²`` (a scalar tensor; differentiable with autograd)."""
-    att = attention(A1, A2, A3, A4, A5, WQ, WK1, WK2, WV1, WV2)
-    _check_problem((A1, A2, A3, A4, A5), (WQ, WK1, WK2, WV1, WV2), E)
+    _check_problem((A1, A2, A3, A4, A5), (WQ, WK1, WK2, WV1, WV2), E, check_finite=check_finite)
+    att = attention(A1, A2, A3, A4, A5, WQ, WK1, WK2, WV1, WV2, check_finite=False)
     return 0.5 * ((att - E) ** 2).sum()
 
 
-def closed_form_intermediates(A1, A2, A3, A4, A5, E, WQ, WK1, WK2, WV1, WV2) -> Dict[str, torch.Tensor]:
+def closed_form_intermediates(A1, A2, A3, A4, A5, E, WQ, WK1, WK2, WV1, WV2, *,
+                              check_finite: Optional[bool] = None) -> Dict[str, torch.Tensor]:
     """Every intermediate of Lemma 3.1, materialised (tiny sizes only): ``f, h, c, q, r, p1, p2, p, G``.
 
     Shapes: ``f, q, p1, p2, p``: ``[n, n²]``; ``h``: ``[n², d]``; ``c``: ``[n, d]``; ``r``: ``[n]``;
     ``G = dLoss/dX``: ``[d, d²]``. Names follow SPEC §3.
     """
-    n, d = _check_problem((A1, A2, A3, A4, A5), (WQ, WK1, WK2, WV1, WV2), E)
+    n, d = _check_problem((A1, A2, A3, A4, A5), (WQ, WK1, WK2, WV1, WV2), E, check_finite=check_finite)
     X, Y = merge_weights(WQ, WK1, WK2, WV1, WV2)
     f = logits(A1, A2, A3, X).softmax(-1)
     h = kron(A4, A5) @ Y
@@ -179,7 +189,7 @@ def closed_form_intermediates(A1, A2, A3, A4, A5, E, WQ, WK1, WK2, WV1, WV2) -> 
 
 
 def loss_grad(A1, A2, A3, A4, A5, E, WQ, WK1, WK2, WV1, WV2, *, method: str = "closed_form", degree=None,
-              eps=None, family: str = "taylor") -> torch.Tensor:
+              eps=None, family: str = "taylor", check_finite: Optional[bool] = None) -> torch.Tensor:
     """``dLoss/dX`` (``[d, d²]``) of Definition 2.8 with respect to ``X = WQ (WK1⊘WK2)^T``.
 
     ``method="closed_form"`` is Lemma 3.1, streamed over blocks of query rows ``j0`` (SPEC §3)::
@@ -195,10 +205,11 @@ def loss_grad(A1, A2, A3, A4, A5, E, WQ, WK1, WK2, WV1, WV2, *, method: str = "c
     if method == "fast":
         from .fast import fast_loss_grad
 
-        return fast_loss_grad(A1, A2, A3, A4, A5, E, WQ, WK1, WK2, WV1, WV2, degree=degree, eps=eps, family=family)
+        return fast_loss_grad(A1, A2, A3, A4, A5, E, WQ, WK1, WK2, WV1, WV2, degree=degree, eps=eps, family=family,
+                              check_finite=check_finite)
     if method != "closed_form":
         raise ValueError(f"method must be 'closed_form' or 'fast', got {method!r}")
-    n, d = _check_problem((A1, A2, A3, A4, A5), (WQ, WK1, WK2, WV1, WV2), E)
+    n, d = _check_problem((A1, A2, A3, A4, A5), (WQ, WK1, WK2, WV1, WV2), E, check_finite=check_finite)
     X, Y = merge_weights(WQ, WK1, WK2, WV1, WV2)
     h = _values(A4, A5, Y).reshape(n * n, -1)  # [n², d]
     G = torch.zeros(d, d, d, dtype=A1.dtype, device=A1.device)

@@ -147,5 +147,12 @@ else:
     def test_auto_picks_triton():
         from tensorattn.exact import choose_backend
 
-        prob = dict(device=torch.device(DEVICE), dtype=torch.bfloat16, head_dim=64, head_dim_v=64)
-        assert choose_backend("auto" if ON_GPU else "triton", prob).name == "triton"
+        # the interpreter runs float32 only (its bf16/fp16 tl.dot is wrong): there auto must not pick triton for bf16
+        dtype = torch.bfloat16 if ON_GPU else torch.float32
+        prob = dict(device=torch.device(DEVICE), dtype=dtype, head_dim=64, head_dim_v=64)
+        assert choose_backend("auto", prob).name == "triton"
+        if not ON_GPU:
+            prob["dtype"] = torch.bfloat16
+            assert choose_backend("auto", prob).name == "torch"
+            with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+                choose_backend("triton", prob)
