@@ -62,10 +62,9 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ._validate import check_attn_inputs, check_same, check_scale, check_tensor
-from .dispatch import Backend, choose, no_autocast, triton_device_reasons
+from ._validate import check_attn_inputs, check_same, check_scale, check_tensor, maybe_check_finite
+from .dispatch import Backend, choose, no_autocast, refuse_double_backward, triton_device_reasons
 from .features import monomial_features, multinomial_weights, rank, taylor_coefficients
 
 __all__ = [
@@ -77,12 +76,17 @@ __all__ = [
     "BACKENDS",
     "EPS",
     "MAX_RANK",
+    "MAX_DEGREE",
 ]
 
 #: Added to the normaliser (which is >= min P > 0 for even Taylor degrees) before dividing.
 EPS = 1e-6
 #: The largest feature rank k = C(Dk + g, g) accepted (memory of the states is 2 k (Dv + 1) floats).
 MAX_RANK = 1 << 15
+#: The largest Taylor degree accepted: beyond it the features (scale q)^β / β! and k^β leave the float32 range
+#: for inputs of ordinary size (|x| ~ 3 at degree 40 already overflows), and exp needs no more terms for the
+#: logits the polynomial method is meant for (|z| <= ~5: relative error of degree 24 < 1e-7 there).
+MAX_DEGREE = 24
 _TORCH_CHUNK = 32
 # Non-causal rows per chunk: as many as keep one [B, H, rows, k] feature block under this many entries.
 # (The causal path needs small chunks for its C^3 intra-chunk term; the non-causal one is plain products.)
@@ -102,8 +106,29 @@ def _check_degree(degree) -> int:
         raise TypeError(f"degree must be an int (an even Taylor degree: 2, 4, ...), got {type(degree).__name__}")
     if degree < 2 or degree % 2:
         raise ValueError(f"degree must be an even integer >= 2 (odd Taylor polynomials of exp go negative, so "
-                         f"the normaliser could vanish; SPEC §6), got {degree}")
+                         f"the normaliser could vanish), got {degree}")
+    if degree > MAX_DEGREE:
+        raise ValueError(f"degree must be <= {MAX_DEGREE} (MAX_DEGREE: higher powers of the inputs overflow the "
+                         f"float32 features), got {degree}")
     return degree
+
+
+def _check_rank(head_dim: int, degree: int, what: str) -> int:
+    k = poly_rank(head_dim, degree)
+    if k > MAX_RANK:
+        raise ValueError(f"the feature rank C(Dk + degree, degree) = C({head_dim} + {degree}, {degree}) = {k} exceeds "
+                         f"MAX_RANK = {MAX_RANK}; lower the degree or the key dim Dk ({what})")
+    return k
+
+
+def _check_output(o: torch.Tensor, check_finite: Optional[bool], degree: int, scale: float) -> torch.Tensor:
+    """Finite inputs (checked under the same policy) must give a finite output: else the polynomial overflowed."""
+    if check_finite or (check_finite is None and o.device.type == "cpu"):
+        if not bool(torch.isfinite(o).all()):
+            raise ValueError(f"poly_tensor_attn overflowed: finite inputs gave a non-finite output at degree {degree} "
+                             f"and scale {scale:g} (the degree-{degree} features and states outgrew the accumulation "
+                             f"dtype); lower the degree, the scale or the input magnitude, or use float64 inputs")
+    return o
 
 
 def poly_rank(head_dim: int, degree: int) -> int:
@@ -371,7 +396,7 @@ class PolyTensorAttnFunction(torch.autograd.Function):
         return o.transpose(1, 2).to(q.dtype)
 
     @staticmethod
-    @once_differentiable  # a hand-written first-order backward: double backward raises
+    @refuse_double_backward("poly_tensor_attn")  # a hand-written first-order backward
     @no_autocast
     def backward(ctx, do):
         q, k1, k2, v1, v2, o, den, *flat = ctx.saved_tensors
@@ -501,7 +526,7 @@ class _ScanCausal(torch.autograd.Function):
         return num, den
 
     @staticmethod
-    @once_differentiable  # the chunk gradients are taken without create_graph: double backward raises
+    @refuse_double_backward("poly_tensor_attn")  # chunk gradients are taken without create_graph
     @no_autocast
     def backward(ctx, gnum, gden):
         q, k1, k2, v1, v2, starts = ctx.saved_tensors
@@ -556,7 +581,7 @@ class _TritonBackend(Backend):
     name = "triton"
 
     def not_supported_reasons(self, *, device, dtype, degree, causal, head_dim, value_dim, **_) -> List[str]:
-        r = triton_device_reasons(device)
+        r = triton_device_reasons(device, dtype)  # with the interpreter's float32-only rule
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             r.append(f"dtype {dtype} is not supported (float16, bfloat16, float32)")
         if degree != 2:
@@ -619,15 +644,12 @@ def poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False
     scale = check_scale(scale, D)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str ('auto', 'triton' or 'torch'), got {type(backend).__name__}")
-    k = poly_rank(D, degree)
-    if k > MAX_RANK:
-        raise ValueError(f"the feature rank C(Dk + degree, degree) = C({D} + {degree}, {degree}) = {k} exceeds "
-                         f"{MAX_RANK}; lower the degree or the key dim Dk (q.shape[3])")
+    _check_rank(D, degree, "q.shape[3]")
     be = choose(BACKENDS, backend, dict(device=q.device, dtype=q.dtype, degree=degree, causal=causal,
                                          head_dim=D, value_dim=Dv), op="poly_tensor_attn")
     if B == 0 or T == 0:  # nothing to attend from: an empty output, still connected to the inputs' graph
         return q.new_zeros(B, T, Hq, Dv) + 0 * q.sum() + 0 * (k1.sum() + k2.sum() + v1.sum() + v2.sum())
-    return be.run(q, k1, k2, v1, v2, degree, causal, scale)
+    return _check_output(be.run(q, k1, k2, v1, v2, degree, causal, scale), check_finite, degree, scale)
 
 
 @dataclass
@@ -655,7 +677,7 @@ class PolyTensorAttnState:
                 raise ValueError(f"{nm} must be a positive int, got {v!r}")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64 (the accumulation dtype), got {dtype}")
-        k = poly_rank(head_dim, degree)
+        k = _check_rank(head_dim, degree, "head_dim")
         z = torch.zeros(batch, kv_heads, k, value_dim + 1, dtype=dtype, device=device)
         return cls(z, z.clone(), degree, check_scale(scale, head_dim), 0)
 
@@ -663,17 +685,22 @@ class PolyTensorAttnState:
         return self.a2.numel() * self.a2.element_size() * 2
 
 
-def poly_tensor_attn_step(state: PolyTensorAttnState, q_t, k1_t, k2_t, v1_t, v2_t):
+def poly_tensor_attn_step(state: PolyTensorAttnState, q_t, k1_t, k2_t, v1_t, v2_t, *,
+                          check_finite: Optional[bool] = None):
     """One decoding step of causal :func:`poly_tensor_attn`: add token t's keys, attend from its query.
 
     Equals row ``t`` of ``poly_tensor_attn(q, k1, k2, v1, v2, causal=True)`` over the tokens fed so far.
+    Differentiable through any number of steps: the state's tensors are replaced, never modified in place (a
+    step costs a new ``2 k (Dv + 1)`` state per (batch, kv head); under ``torch.no_grad`` the old one is freed).
 
     Args:
-        state: :class:`PolyTensorAttnState` (updated in place and returned).
+        state: :class:`PolyTensorAttnState` (its ``a2``, ``a3`` and ``length`` are updated and it is returned).
         q_t: ``[B, Hq, Dk]``; k1_t, k2_t: ``[B, Hkv, Dk]``; v1_t, v2_t: ``[B, Hkv, Dv]``.
 
     Returns:
         ``(o_t, state)`` with ``o_t`` ``[B, Hq, Dv]`` in q_t's dtype. Cost ``O(Hq k Dv)`` per token.
+        check_finite: refuse NaN/Inf tokens (``None``: CPU tokens only), as in :func:`poly_tensor_attn`; a
+            non-finite token would stay in the state for every later step.
     """
     if not isinstance(state, PolyTensorAttnState):
         raise TypeError(f"state must be a PolyTensorAttnState, got {type(state).__name__}")
@@ -682,6 +709,7 @@ def poly_tensor_attn_step(state: PolyTensorAttnState, q_t, k1_t, k2_t, v1_t, v2_
     for n, x in zip(names, xs):
         check_tensor(n, x, ndim=3)
     check_same(names, xs)  # one device, one dtype
+    maybe_check_finite(check_finite, names, xs)
     if q_t.device != state.a2.device:
         raise ValueError(f"q_t is on device {q_t.device} but the state is on {state.a2.device}")
     if state.a2.dtype == torch.float64 and q_t.dtype != torch.float64:
@@ -701,8 +729,8 @@ def poly_tensor_attn_step(state: PolyTensorAttnState, q_t, k1_t, k2_t, v1_t, v2_
     acc = state.a2.dtype
     feat = _Feat(D, state.degree, state.scale, acc, state.a2.device)
     u2, u3 = feat.k(k1_t.to(acc)), feat.k(k2_t.to(acc))  # [B, Hkv, k]
-    state.a2 += u2[..., :, None] * _with_ones(v1_t.to(acc))[..., None, :]
-    state.a3 += u3[..., :, None] * _with_ones(v2_t.to(acc))[..., None, :]
+    state.a2 = state.a2 + u2[..., :, None] * _with_ones(v1_t.to(acc))[..., None, :]
+    state.a3 = state.a3 + u3[..., :, None] * _with_ones(v2_t.to(acc))[..., None, :]
     state.length += 1
     u1 = feat.q(q_t.to(acc)).view(B, Hkv, Hq // Hkv, k)  # query heads grouped by kv head
     num = u1 @ (state.a2 * state.a3)  # [B, Hkv, groups, Dv']

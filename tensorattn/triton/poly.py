@@ -47,9 +47,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from ..dispatch import no_autocast
+from ..dispatch import no_autocast, refuse_double_backward
 from ..features import multi_indices
 
 C = 16  # queries per sub-chunk (the pair products have C² = 256 rows)
@@ -690,7 +689,7 @@ class PolyTensorAttnTritonFunction(torch.autograd.Function):
         return o
 
     @staticmethod
-    @once_differentiable  # a hand-written first-order backward: double backward raises
+    @refuse_double_backward("poly_tensor_attn")  # a hand-written first-order backward
     @no_autocast
     def backward(ctx, do):
         q, k1, k2, v1, v2, o, den, *flat = ctx.saved_tensors
