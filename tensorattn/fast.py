@@ -1,4 +1,4 @@
-"""The paper's almost-linear algorithm (polynomial method, SPEC §4.2-4.6), for any order m >= 1.
+"""The paper's almost-linear algorithm (polynomial method, docs/math.md#fast-gradient), for any order m >= 1.
 
 Order-m attention: for a query ``i`` and a key tuple ``J = (j_1, ..., j_m)``::
 
@@ -12,7 +12,7 @@ cancels in the softmax), so the ``n × prod S_r`` matrix ``Ã`` has the CP form
     Ã[i, J] = sum_β U_q[i, β] U_1[j_1, β] ... U_m[j_m, β],   β ∈ N^d, |β| <= g,  k = C(d + g, g) terms
 
 (:mod:`tensorattn.features`). Every ``n × n^m`` object is kept in CP form and contracted with the
-identities of SPEC §1 (I2, I4, I5):
+identities of docs/math.md#products:
 
 * normaliser ``w_i = U_q[i] · prod_r (U_r^T 1)``, output ``o = (U_q / w) (prod_r U_r^T V_r)``;
 * loss gradient (Algorithm 1) through ``p1 = f∘q`` (rank k·dv) and ``p2 = diag(r) f`` (rank k),
@@ -30,12 +30,12 @@ Accuracy and safety:
   the smallest *safe* degree whose max relative error of ``exp`` on ``[-R, R]`` is ``<= eps``,
   with ``R`` the largest half-width of the per-row logit intervals of
   :func:`tensorattn.features.logit_bounds`;
-* **positivity policy** (SPEC §6 (1)): an explicit odd Taylor degree is *refused* with a ValueError (odd
+* **positivity policy** (docs/math.md#positivity): an explicit odd Taylor degree is *refused* with a ValueError (odd
   Taylor polynomials of exp go negative); with ``eps`` the automatic choice for Taylor only considers
   even degrees (the smallest even degree that meets ``eps``). A Chebyshev fit whose minimum on
   ``[-R, R]`` is ``<= 0`` is refused (explicit degree) or skipped (automatic choice). The computed
   normaliser is checked to be ``> 0`` on every row;
-* guarantee (SPEC §4.2): if ``P`` has max relative error ``ε`` on ``[-R, R]`` (``plan.rel_error``,
+* guarantee (docs/math.md#fast-error): if ``P`` has max relative error ``ε`` on ``[-R, R]`` (``plan.rel_error``,
   ``<= eps``), every entry of the approximate softmax satisfies ``|f̃ − f| <= 2ε/(1−ε) · f`` and so
   ``|õ[i, e] − o[i, e]| <= 2ε/(1−ε) · max_J |prod_r v_r[j_r, e]|`` (up to float64 rounding).
 """
@@ -331,8 +331,8 @@ def fast_order_loss_grad(Aq: torch.Tensor, A_keys: Sequence[torch.Tensor], A_val
     Order-m version of the paper's problem: ``Q = Aq WQ``, ``K_r = A_keys[r] WK[r]``,
     ``V_r = A_values[r] WV[r]``, merged weight ``X = WQ (WK[0] ⊘ ... ⊘ WK[m-1])^T ∈ R^{d × d^m}`` so that
     the logits are ``scale · Aq X (A_keys[0] ⊗ ... ⊗ A_keys[m-1])^T``, and
-    ``dLoss/dX = scale · Aq^T p (A_keys[0] ⊗ ... ⊗ A_keys[m-1])`` with ``p = f∘q − diag(r) f`` (SPEC §3).
-    With ``f ≈ f̃`` in CP form, ``p1 = f̃∘q`` has rank ``k·dv`` and ``p2`` rank ``k`` (SPEC §4.3), and::
+    ``dLoss/dX = scale · Aq^T p (A_keys[0] ⊗ ... ⊗ A_keys[m-1])`` with ``p = f∘q − diag(r) f`` (docs/math.md#closed-form).
+    With ``f ≈ f̃`` in CP form, ``p1 = f̃∘q`` has rank ``k·dv`` and ``p2`` rank ``k`` (docs/math.md#fast-gradient), and::
 
         G[a, b_1..b_m] = scale · ( sum_{l,t} T_q[a,t,l] prod_r T_r[b_r,t,l] − sum_l S_q[a,l] prod_r S_r[b_r,l] )
 
@@ -454,7 +454,7 @@ def _check_paper(As, Ws, E=None, *, check_finite: Optional[bool] = None) -> Tupl
 
 def fast_attention(A1, A2, A3, A4, A5, WQ, WK1, WK2, WV1, WV2, *, degree=None, eps=None, family="taylor",
                    chunk_size=None, check_finite: Optional[bool] = None) -> torch.Tensor:
-    """Tensor attention of Definition 2.5 (scale ``1/d``) by the polynomial method (SPEC §4.2).
+    """Tensor attention of Definition 2.5 (scale ``1/d``) by the polynomial method (docs/math.md#non-causal).
 
     ``Q = A1 WQ``, ``K1 = A2 WK1``, ``K2 = A3 WK2``, ``V1 = A4 WV1``, ``V2 = A5 WV2``, then
     :func:`fast_order_attn` with m = 2 and ``scale = 1/d``. Approximates
@@ -475,7 +475,7 @@ def fast_attention(A1, A2, A3, A4, A5, WQ, WK1, WK2, WV1, WV2, *, degree=None, e
 
 def fast_loss_grad(A1, A2, A3, A4, A5, E, WQ, WK1, WK2, WV1, WV2, *, degree=None, eps=None, family="taylor",
                    chunk_size=None, check_finite: Optional[bool] = None) -> torch.Tensor:
-    """``dLoss/dX`` (``[d, d²]``) of Definition 2.8 by the paper's Algorithm 1 (SPEC §4.3, §4.6).
+    """``dLoss/dX`` (``[d, d²]``) of Definition 2.8 by the paper's Algorithm 1 (docs/math.md#fast-gradient).
 
     Five low-rank stages (f̃ in CP form, c̃ = Õ − E, q = c̃ (V1⊘V2)^T, p1 = f̃∘q of rank k·d, p2 =
     diag(r̃) f̃ of rank k), then ``G = (1/d) A1^T (p1 − p2) (A2⊗A3)`` as an explicit CP contraction

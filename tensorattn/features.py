@@ -1,4 +1,4 @@
-"""Polynomial features for the polynomial method (SPEC §4.1, §6, §7).
+"""Polynomial features for the polynomial method (docs/math.md#polynomial).
 
 The fast algorithm replaces ``exp(z)`` of a logit ``z = scale * <q, k_1 ∘ ... ∘ k_m>`` by a polynomial
 ``P(z) = sum_{t <= g} γ_t z^t`` and expands every power with the multinomial theorem::
@@ -7,7 +7,7 @@ The fast algorithm replaces ``exp(z)`` of a logit ``z = scale * <q, k_1 ∘ ... 
 
 so ``P(z) = sum_β U_q[β] U_1[β] ... U_m[β]`` with query features ``U_q[β] = γ_{|β|} (|β|!/β!) (scale q)^β``
 and key features ``U_r[β] = k_r^β``. The rank is the number of multi-indices of total degree ``<= g``,
-``k = C(d + g, g)``, whatever the order m (SPEC §4.1, table in §7).
+``k = C(d + g, g)``, whatever the order m (docs/math.md#rank-table).
 
 This module holds the pieces that do not depend on the attention layout:
 
@@ -16,11 +16,11 @@ This module holds the pieces that do not depend on the attention layout:
   interpolation on ``[-R, R]`` converted to monomial coefficients (:func:`chebyshev_coefficients`),
   both in float64;
 * :func:`max_rel_error` and :func:`degree_for`: the smallest degree whose maximum relative error of
-  ``exp`` on ``[-R, R]`` is ``<= eps``, measured on a dense float64 grid (SPEC §7's table);
-* positivity (SPEC §6 (1)): :func:`check_positive` refuses a polynomial that is not > 0 on the
+  ``exp`` on ``[-R, R]`` is ``<= eps``, measured on a dense float64 grid (docs/math.md#degree);
+* positivity (docs/math.md#positivity): :func:`check_positive` refuses a polynomial that is not > 0 on the
   interval the logits occupy (odd Taylor degrees, Chebyshev fits that dip to 0);
 * :func:`logit_bounds` (a cheap per-row interval that contains every logit of a query row, by
-  interval arithmetic, O(n d)) and :func:`shift_coefficients` (re-centre ``P`` per row, SPEC §6 (2)).
+  interval arithmetic, O(n d)) and :func:`shift_coefficients` (re-centre ``P`` per row, docs/math.md#shift).
 
 All coefficient arithmetic is float64. :func:`monomial_features` computes in the dtype of its input.
 """
@@ -168,7 +168,7 @@ def rank(d: int, degree: int, order: int = 2, kind: str = "monomial") -> int:
             non-symmetrised Kronecker-power feature map, ``sum_{t <= g} d^t``.
 
     Returns:
-        ``int``. See SPEC §7 for a table (d = 4, g = 4: 70 | 2.70e6 | 341).
+        ``int``. See docs/math.md#rank-table for a table (d = 4, g = 4: 70 | 2.70e6 | 341).
     """
     d = _check_int("d", d, 1)
     degree = _check_int("degree", degree, 0)
@@ -245,7 +245,7 @@ def monomial_features(x: torch.Tensor, degree: int) -> torch.Tensor:
 def taylor_coefficients(degree: int) -> torch.Tensor:
     """Monomial coefficients ``γ_t = 1/t!`` of the degree-``g`` Taylor polynomial of ``exp`` at 0.
 
-    Even degrees are > 0 on all of R (SPEC §6 (1)); odd degrees go negative for large negative z.
+    Even degrees are > 0 on all of R (docs/math.md#positivity); odd degrees go negative for large negative z.
 
     Returns:
         float64 ``[g + 1]``.
@@ -325,7 +325,7 @@ def _degree_for(radius: float, eps: float, family: str, positive: bool, max_degr
     raise ValueError(
         f"no {family} polynomial of degree <= {max_degree} approximates exp on [-{radius:.4g}, {radius:.4g}] "
         f"to relative error eps={eps:.3g} in float64 (best {best:.3g}); the logit radius is too large for "
-        "the polynomial method (SPEC §5: it needs bounded entries), use exact attention or smaller inputs")
+        "the polynomial method (docs/math.md#degree: it needs bounded entries), use exact attention or smaller inputs")
 
 
 def degree_for(radius: float, eps: float, family: str = "taylor", *, positive: bool = False,
@@ -333,7 +333,7 @@ def degree_for(radius: float, eps: float, family: str = "taylor", *, positive: b
     """Smallest degree ``g`` whose polynomial has max relative error ``<= eps`` for ``exp`` on ``[-radius, radius]``.
 
     Measured numerically (float64, dense grid, the monomial form actually used), so it agrees with
-    SPEC §7's table: e.g. radius 1, eps 1e-6 gives 9 (Taylor) and 7 (Chebyshev).
+    docs/math.md#degree: e.g. radius 1, eps 1e-6 gives 9 (Taylor) and 7 (Chebyshev).
 
     Args:
         radius: half-width ``R >= 0`` of the logit interval (after centring).
@@ -362,7 +362,7 @@ def degree_for(radius: float, eps: float, family: str = "taylor", *, positive: b
 
 
 def check_positive(coeffs: torch.Tensor, degree: int, family: str, radius: float) -> Tuple[float, float]:
-    """Refuse a polynomial that could make the attention normaliser ``<= 0`` (SPEC §6 (1)).
+    """Refuse a polynomial that could make the attention normaliser ``<= 0`` (docs/math.md#positivity).
 
     Policy (the same everywhere in tensorattn): an odd Taylor degree is *refused* (it is negative for
     large negative z), not silently bumped; a Chebyshev fit is refused when its minimum on the
@@ -394,7 +394,7 @@ def logit_bounds(q: torch.Tensor, keys: Sequence[torch.Tensor], scale: float = 1
 
     Interval arithmetic, O((n + sum S_r) d): for each coordinate l, the product ``prod_r k_r[j_r, l]``
     lies in the product of the intervals ``[min_j k_r[j, l], max_j k_r[j, l]]``; multiplying by
-    ``scale * q_il`` and summing over l bounds the logit. It is never looser than SPEC §6's symmetric
+    ``scale * q_il`` and summing over l bounds the logit. It is never looser than the symmetric
     bound ``sum_l |q_il| prod_r max_j |k_r[j, l]|`` and is one-sided when the keys are (e.g. positive keys).
 
     Args:
@@ -424,7 +424,7 @@ def shift_coefficients(coeffs: torch.Tensor, centre: torch.Tensor) -> torch.Tens
 
     ``P(z - m) = sum_s z^s sum_{t >= s} γ_t C(t, s) (-m)^{t - s}``, so the re-centred polynomial is
     still a degree-g polynomial in z and its row-dependent coefficients go into the query features
-    (SPEC §6 (2)); the factor ``e^{-m_i}`` it removes cancels in the softmax. Conditioning: the
+    (docs/math.md#shift); the factor ``e^{-m_i}`` it removes cancels in the softmax. Conditioning: the
     expansion loses roughly ``2 |m| / ln 10`` decimal digits, harmless for |m| of a few units.
 
     Args:

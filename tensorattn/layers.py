@@ -308,7 +308,7 @@ class PolyTensorAttention(TensorAttention):
     ``k = C(Dk + g, g)`` features and a forward or backward pass costs ``O(T · k · Dv)`` per head instead of
     ``O(T³ · D)`` (or ``O(T · w1 · w2 · D)`` with a window). No window: the fast method sees every
     visible pair, causal or not. Accuracy depends on the score range: keep ``Dk`` small and scores O(1)
-    (see SPEC.md §4 and §7). With ``key_dim == head_dim`` the parameters have the same names and shapes
+    (see docs/math.md#polynomial and docs/math.md#rank-table). With ``key_dim == head_dim`` the parameters have the same names and shapes
     as :class:`TensorAttention`, so one state dict loads into either.
 
     Args:

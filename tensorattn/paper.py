@@ -1,6 +1,6 @@
 """The paper's objects, made executable (Cao, Liang, Shi, Song: "Training Tensor Attention Efficiently").
 
-Conventions are those of ``shared/SPEC.md`` (binding):
+Conventions (docs/math.md#products):
 
 * ``kron(A, B)``: Kronecker product, first factor the slow index (= ``torch.kron``).
 * ``khatri_rao(A, B)``: column-wise Kronecker ⊘, ``(A⊘B)[i·p + j, l] = A[i, l]·B[j, l]``.
@@ -13,7 +13,7 @@ Tensor attention (Definition 2.5), with inputs ``A1..A5 ∈ R^{n×d}`` and weigh
     A = exp(A1 X (A2⊗A3)^T / d) ∈ R^{n×n²},   D = diag(A 1),   Att = D^{-1} A (A4⊗A5) Y
 
 and the loss (Definition 2.8) ``Loss(X) = ½‖Att − E‖_F²``. :func:`loss_grad` returns ``dLoss/dX`` (``d×d²``) by
-Lemma 3.1: ``dLoss/dX = (1/d)·A1^T p (A2⊗A3)`` with ``p = f∘q − diag(r) f`` (SPEC §3).
+Lemma 3.1: ``dLoss/dX = (1/d)·A1^T p (A2⊗A3)`` with ``p = f∘q − diag(r) f`` (docs/math.md#closed-form).
 
 Everything here streams over query rows, so no ``n×n²`` matrix is ever held: memory is ``O(n²·d)`` (the
 value matrix ``h = (A4⊗A5)Y``) plus ``O(block·n²)``. Computations run in the inputs' dtype, which must be
@@ -172,7 +172,7 @@ def closed_form_intermediates(A1, A2, A3, A4, A5, E, WQ, WK1, WK2, WV1, WV2, *,
     """Every intermediate of Lemma 3.1, materialised (tiny sizes only): ``f, h, c, q, r, p1, p2, p, G``.
 
     Shapes: ``f, q, p1, p2, p``: ``[n, n²]``; ``h``: ``[n², d]``; ``c``: ``[n, d]``; ``r``: ``[n]``;
-    ``G = dLoss/dX``: ``[d, d²]``. Names follow SPEC §3.
+    ``G = dLoss/dX``: ``[d, d²]``. Names follow docs/math.md#closed-form.
     """
     n, d = _check_problem((A1, A2, A3, A4, A5), (WQ, WK1, WK2, WV1, WV2), E, check_finite=check_finite)
     X, Y = merge_weights(WQ, WK1, WK2, WV1, WV2)
@@ -192,7 +192,7 @@ def loss_grad(A1, A2, A3, A4, A5, E, WQ, WK1, WK2, WV1, WV2, *, method: str = "c
               eps=None, family: str = "taylor", check_finite: Optional[bool] = None) -> torch.Tensor:
     """``dLoss/dX`` (``[d, d²]``) of Definition 2.8 with respect to ``X = WQ (WK1⊘WK2)^T``.
 
-    ``method="closed_form"`` is Lemma 3.1, streamed over blocks of query rows ``j0`` (SPEC §3)::
+    ``method="closed_form"`` is Lemma 3.1, streamed over blocks of query rows ``j0`` (docs/math.md#closed-form)::
 
         f_j0 = softmax row,  c_j0 = f_j0 h − E_j0,  q_j0 = h c_j0,  r_j0 = <f_j0, q_j0>,
         p_j0 = f_j0 ∘ q_j0 − r_j0 f_j0,   G += A1[j0]^T ⊗ (A2^T P_j0 A3)     (P_j0 = p_j0 as n×n)
@@ -218,7 +218,7 @@ def loss_grad(A1, A2, A3, A4, A5, E, WQ, WK1, WK2, WV1, WV2, *, method: str = "c
         out = f @ h  # [bq, d]
         c = out - E[i0:i1]  # residual = dLoss/dOutput
         q = c @ h.T  # [bq, n²]
-        r = (c * out).sum(-1)  # = <f, q> per row (SPEC §7 (iii))
+        r = (c * out).sum(-1)  # = <f, q> per row
         p = (f * q - r[:, None] * f).reshape(-1, n, n)  # dLoss/dlogits (without the 1/d)
         M = torch.einsum("ijk,jb,ke->ibe", p, A2, A3)  # A2^T P_i A3, [bq, d, d]
         G += torch.einsum("ia,ibe->abe", A1[i0:i1], M)

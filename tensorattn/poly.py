@@ -4,14 +4,14 @@ Semantics
 ---------
 Exact tensor attention (:func:`tensorattn.naive.naive_tensor_attn`) weighs every visible key pair
 ``(j1, j2)`` of query ``i`` by ``exp(z)`` with ``z = scale * <q_i, k1_j1 ∘ k2_j2>``. This op replaces
-``exp`` by its degree-``g`` Taylor polynomial ``P(z) = sum_{t<=g} z^t / t!`` (SPEC §4.1) and keeps
+``exp`` by its degree-``g`` Taylor polynomial ``P(z) = sum_{t<=g} z^t / t!`` (docs/math.md#polynomial) and keeps
 everything else (same visibility, same ``[B, T, H, D]`` layout, same GQA rule)::
 
     o[i, e] = sum_{visible (j1, j2)} P(z[i, j1, j2]) * v1[j1, e] * v2[j2, e]
               / (eps + sum_{visible (j1, j2)} P(z[i, j1, j2]))
 
 Only even degrees are allowed: an even Taylor polynomial of exp is > 0 on all of R (``T2 >= 1/2``,
-``T4 >= 0.27``, SPEC §6), so the normaliser is at least ``min P > 0`` times the number of visible
+``T4 >= 0.27``, docs/math.md#positivity), so the normaliser is at least ``min P > 0`` times the number of visible
 pairs, whatever the logits. ``eps = 1e-6`` (:data:`EPS`) only guards against a normaliser lost to
 underflow; it is included in the reference :func:`naive_poly_tensor_attn` too, so the two compute the
 same function.
@@ -24,8 +24,8 @@ g=2; 2145 for Dk=64, g=2; 4845 for Dk=16, g=4). With ``U1 = φ_q(scale q)`` (wei
 column of ones to v1 and v2 (``Dv' = Dv + 1``): the last output column is then the normaliser.
 
 * non-causal: ``A2 = U2^T [v1, 1]``, ``A3 = U3^T [v2, 1]`` (``[k, Dv']`` each) and
-  ``num = U1 (A2 ∘ A3)`` (SPEC §4.2, identity I2), chunk by chunk over the rows.
-* causal (SPEC §6, chunked): for query ``i`` in chunk ``c`` (positions ``c0 .. c0+C-1``) the visible
+  ``num = U1 (A2 ∘ A3)`` (docs/math.md#non-causal), chunk by chunk over the rows.
+* causal (docs/math.md#chunks): for query ``i`` in chunk ``c`` (positions ``c0 .. c0+C-1``) the visible
   pairs ``{j1 <= i} x {j2 <= i}`` split into four blocks by whether each key lies before the chunk (B)
   or inside it at or before ``i`` (W)::
 
@@ -36,7 +36,7 @@ column of ones to v1 and v2 (``Dv' = Dv + 1``): the last output column is then t
 
   then ``A2 += U2_c^T [v1_c, 1]``, ``A3 += U3_c^T [v2_c, 1]``. Nothing larger than a chunk is stored:
   the states are ``2 k Dv'`` floats per (batch, kv head). Time ``O(T (C k Dv + C^2 (Dk + Dv)))``.
-* backward (SPEC §4.5, by hand): the gradient of ``o = num / den`` w.r.t. ``num'`` is
+* backward (by hand, docs/math.md#chunk-parallel): the gradient of ``o = num / den`` w.r.t. ``num'`` is
   ``G = [dO / den, -<dO, o> / den]``; a reverse pass over chunks carries ``dA2, dA3`` (the gradient
   of the later chunks w.r.t. the states) and recovers ``A2(c), A3(c)`` by subtracting each chunk's
   update from checkpoints saved every ``ckpt`` chunks by the forward pass (so the subtraction never

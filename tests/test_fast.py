@@ -1,4 +1,4 @@
-"""The polynomial method (SPEC §4.2-4.6), float64.
+"""The polynomial method (docs/math.md#fast-gradient), float64.
 
 Two separate claims (STYLE.md): *implementation* (the fast CP algorithm equals the same polynomial
 attention computed explicitly, to rounding) and *approximation* (the polynomial attention approaches
@@ -70,7 +70,7 @@ def _merged_x(WQ, WK):
     return WQ @ _chain(paper.khatri_rao, list(WK)).T  # [d, d^m]
 
 
-# ---------------------------------------------------------------- identities of SPEC §1 (I1-I6)
+# ---------------------------------------------------------------- identities of docs/math.md#products
 def test_identities():
     torch.manual_seed(5)
     n, k, d = 4, 3, 2
@@ -100,7 +100,7 @@ def test_identities():
 def test_fast_vs_closed_form_error_falls_with_degree():
     A, E, W = _paper_problem()
     X, _ = paper.merge_weights(*W)
-    assert paper.logits(A[0], A[1], A[2], X).abs().max() <= 1.0  # the |logits| <= 1 regime of SPEC §4.4
+    assert paper.logits(A[0], A[1], A[2], X).abs().max() <= 1.0  # the |logits| <= 1 regime
     G = paper.loss_grad(*A, E, *W)
     O = paper.attention(*A, *W)
     errs_g, errs_o = [], []
@@ -108,7 +108,7 @@ def test_fast_vs_closed_form_error_falls_with_degree():
         errs_g.append(float((fast_loss_grad(*A, E, *W, degree=g) - G).abs().max()))
         errs_o.append(float((fast_attention(*A, *W, degree=g) - O).abs().max()))
     for errs in (errs_g, errs_o):
-        # about 25-100x per +2 in degree (SPEC §4.4, §7 (v)); demand >= 10x
+        # about 25-100x per +2 in degree; demand >= 10x
         assert all(b < a / 10 for a, b in zip(errs, errs[1:])), errs
     assert errs_g[3] < 1e-6 and errs_o[3] < 1e-6  # g = 8
     assert errs_g[4] < 1e-9

@@ -1,4 +1,4 @@
-"""Polynomial features and coefficient families (SPEC §4.1, §6, §7), all in float64."""
+"""Polynomial features and coefficient families (docs/math.md#polynomial), all in float64."""
 import itertools
 import math
 
@@ -25,7 +25,7 @@ from tensorattn.features import (
 F64 = torch.float64
 
 
-# ---------------------------------------------------------------- multi-indices and rank (SPEC §7)
+# ---------------------------------------------------------------- multi-indices and rank (docs/math.md#rank-table)
 @pytest.mark.parametrize("d,g", [(1, 3), (2, 4), (3, 5), (4, 3)])
 def test_multi_indices_graded_lex_order(d, g):
     ref = []
@@ -45,7 +45,7 @@ def test_multi_indices_graded_lex_order(d, g):
         assert w == math.factorial(sum(row)) / math.prod(math.factorial(x) for x in row)
 
 
-# (d, g) -> (monomial, paper-style C(3(g+d), 3g), kronecker powers); SPEC §7
+# (d, g) -> (monomial, paper-style C(3(g+d), 3g), kronecker powers); docs/math.md#rank-table
 RANKS = {(2, 2): (6, 924, 7), (2, 4): (15, 18564, 31), (4, 2): (15, 18564, 21), (4, 4): (70, 2704156, 341),
          (4, 6): (210, 86493225, 5461), (8, 2): (45, 593775, 73), (8, 3): (165, 38567100, 585),
          (8, 4): (495, 1251677700, 4681), (8, 6): (3003, 353697121050, 299593)}
