@@ -21,7 +21,9 @@ autocast) of their dtype, and, by the library's non-finite rule, refuses NaN/Inf
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Tuple
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,80 @@ from torch import nn
 from ._validate import check_bool, check_tensor, maybe_check_finite, normalize_window
 from .naive import naive_tensor_attn
 
-__all__ = ["RotaryEmbedding", "SoftmaxAttention", "TensorAttention", "PolyTensorAttention", "tensor_ops"]
+__all__ = ["RotaryEmbedding", "SoftmaxAttention", "TensorAttention", "PolyTensorAttention", "DecodeCache", "tensor_ops"]
+
+
+@dataclass
+class DecodeCache:
+    """What one causal layer keeps between incremental calls (``layer(x, cache=cache)``; ``layer.new_cache()``):
+    the keys and values it has seen (rotated where the layer uses RoPE), or, for :class:`PolyTensorAttention`, the
+    fixed-size polynomial state. ``length`` is the number of positions seen so far, i.e. the absolute position
+    of the next token.
+
+    * softmax layer: ``tensors = (k, v)`` ``[B, S, Hkv, D]``; with ``window = w`` only the last ``w`` positions;
+    * exact tensor layer: ``tensors = (k1, k2, v1, v2)``; with ``window = (w1, w2)`` the last ``max(w1, w2)``
+      positions, else all of them (each new token then costs ``O(S² D)`` per head);
+    * fast tensor layer: ``state`` (:class:`tensorattn.poly.PolyTensorAttnState`), ``2 k (Dv + 1)`` floats per
+      (batch, kv head) whatever the length.
+    """
+
+    tensors: Optional[Tuple[torch.Tensor, ...]] = None
+    state: Any = None
+    length: int = 0
+
+    def nbytes(self) -> int:
+        if self.state is not None:
+            return self.state.nbytes()
+        return sum(t.numel() * t.element_size() for t in self.tensors or ())
+
+
+def _check_cache(layer: nn.Module, cache, y, z=None) -> int:
+    """A cache is for causal self-attention: returns the position of the first new token."""
+    if not isinstance(cache, DecodeCache):
+        raise TypeError(f"cache must be a DecodeCache (from {type(layer).__name__}.new_cache()), got "
+                        f"{type(cache).__name__}")
+    if y is not None or z is not None:
+        raise ValueError("cache: incremental decoding is causal self-attention, so y and z must be None")
+    if not layer.causal:
+        raise ValueError(f"cache: {type(layer).__name__} was built with causal=False; incremental decoding needs a "
+                         "causal layer")
+    return cache.length
+
+
+def _append(cache: DecodeCache, new, keep: Optional[int]):
+    """The cached tensors followed by the new ones (every position the new queries may see); the cache keeps
+    the last ``keep`` positions (all if ``None``)."""
+    full = new if cache.tensors is None else tuple(torch.cat([a, b], 1) for a, b in zip(cache.tensors, new))
+    cache.tensors = tuple(t if keep is None or t.shape[1] <= keep else t[:, -keep:] for t in full)
+    return full
+
+
+def _visible(q_pos0: int, T: int, k_pos0: int, S: int, window: Optional[int], device) -> torch.Tensor:
+    """``[T, S]``: key position ``j`` visible from query position ``i`` (``j <= i``, and ``i - w < j``)."""
+    i = q_pos0 + torch.arange(T, device=device)[:, None]
+    j = k_pos0 + torch.arange(S, device=device)[None, :]
+    vis = j <= i
+    return vis if window is None else vis & (j > i - window)
+
+
+def _cached_tensor_attn(q, k1, k2, v1, v2, q_pos0: int, window, scale: Optional[float]) -> torch.Tensor:
+    """Exact tensor attention of new queries (absolute positions ``q_pos0 ..``) over keys that end at the last
+    query: ``[B, T, Hq, Dv]``. Materialises ``[B, Hq, T, S1, S2]`` scores (decoding: T is small)."""
+    B, T, Hq, D = q.shape
+    S1, S2, Hkv = k1.shape[1], k2.shape[1], k1.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    g = Hq // Hkv
+    heads = lambda x: x.transpose(1, 2).to(acc).repeat_interleave(g, 1)  # noqa: E731  [B, Hq, S, *]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    s = scale * torch.einsum("bhid,bhjd,bhkd->bhijk", q.transpose(1, 2).to(acc), heads(k1), heads(k2))
+    w1, w2 = (None, None) if window is None else window
+    last = q_pos0 + T - 1
+    vis = (_visible(q_pos0, T, last - S1 + 1, S1, w1, q.device)[:, :, None]
+           & _visible(q_pos0, T, last - S2 + 1, S2, w2, q.device)[:, None, :])
+    p = s.masked_fill(~vis, float("-inf")).flatten(-2).softmax(-1).view_as(s)
+    o = torch.einsum("bhijk,bhje,bhke->bhie", p, heads(v1), heads(v2))
+    return o.transpose(1, 2).to(q.dtype)
+
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,10 +252,20 @@ class SoftmaxAttention(nn.Module):
         self.o = nn.Linear(n_heads * head_dim, dim, bias=bias)
         self.rope = RotaryEmbedding(head_dim) if rope else None
 
-    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``x``: ``[B, T, dim]`` (queries); ``y``: ``[B, S, dim]`` (keys/values, default ``x``)."""
+    def new_cache(self) -> DecodeCache:
+        """An empty cache for incremental decoding: ``layer(x_new, cache=cache)`` returns the rows of the full
+        causal forward for the new positions (a prompt at once, then one token at a time)."""
+        return DecodeCache()
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *,
+                cache: Optional[DecodeCache] = None) -> torch.Tensor:
+        """``x``: ``[B, T, dim]`` (queries); ``y``: ``[B, S, dim]`` (keys/values, default ``x``).
+
+        With ``cache`` (causal self-attention only), ``x`` holds the next ``T`` positions after those the cache
+        has seen; their keys and values join the cache (the last ``window`` of them with a window)."""
         _check_inputs(self, [("x", x)] if y is None else [("x", x), ("y", y)], ("x" if y is None else "y",),
                       self.check_finite)
+        L = 0 if cache is None else _check_cache(self, cache, y)
         y = x if y is None else y
         B, T, _ = x.shape
         S = y.shape[1]
@@ -188,15 +273,17 @@ class SoftmaxAttention(nn.Module):
         k = self.k(y).view(B, S, self.n_kv_heads, self.head_dim)  # [B, S, Hkv, D]
         v = self.v(y).view(B, S, self.n_kv_heads, self.head_dim)
         if self.rope is not None:
-            q, k = self.rope(q), self.rope(k)
+            q, k = self.rope(q, offset=L), self.rope(k, offset=L)
         mask = None
-        if self.causal or self.window is not None:
+        if cache is not None:
+            k, v = _append(cache, (k, v), self.window)
+            cache.length = L + T
+            S = k.shape[1]
+            mask = _visible(L, T, L + T - S, S, self.window, x.device)
+        elif self.causal or self.window is not None:
             if S != T:
                 raise ValueError(f"causal/window attention needs y as long as x, got T={T}, S={S}")
-            i = torch.arange(T, device=x.device)
-            mask = i[None, :] <= i[:, None]  # [T, S]: j <= i
-            if self.window is not None:
-                mask = mask & (i[None, :] > i[:, None] - self.window)
+            mask = _visible(0, T, 0, T, self.window, x.device)
         g = self.n_heads // self.n_kv_heads
         # SDPA wants [B, H, T, D]; expand kv heads for GQA (tiny models: the copy is cheap)
         qh = q.transpose(1, 2)
@@ -263,7 +350,7 @@ class TensorAttention(nn.Module):
             raise ValueError(f"rope needs an even key/head dim, got {key_dim}")
         self.rope = RotaryEmbedding(key_dim) if rope else None
 
-    def _project(self, x, y, z):
+    def _project(self, x, y, z, offset: int = 0):
         y = x if y is None else y
         z = x if z is None else z
         B, T, _ = x.shape
@@ -275,7 +362,7 @@ class TensorAttention(nn.Module):
         v1 = self.v1(y).view(B, S1, Hkv, Dv)  # [B, S1, Hkv, Dv]
         v2 = self.v2(z).view(B, S2, Hkv, Dv)  # [B, S2, Hkv, Dv]
         if self.rope is not None:
-            q, k1, k2 = self.rope(q), self.rope(k1), self.rope(k2)
+            q, k1, k2 = self.rope(q, offset=offset), self.rope(k1, offset=offset), self.rope(k2, offset=offset)
         return q, k1, k2, v1, v2
 
     def _attend(self, q, k1, k2, v1, v2):
@@ -283,16 +370,36 @@ class TensorAttention(nn.Module):
         return exact(q, k1, k2, v1, v2, scale=self.scale, causal=self.causal, window=self.window,
                      backend=self.backend)
 
-    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None):
+    def new_cache(self) -> DecodeCache:
+        """An empty cache for incremental decoding (see :class:`DecodeCache` for what it keeps and costs)."""
+        return DecodeCache()
+
+    def _attend_cached(self, q, k1, k2, v1, v2, cache: DecodeCache, L: int):
+        """New positions ``L ..`` against the cache: the parallel op for a prompt on an empty cache, then the
+        exact scores over the kept window."""
+        keep = None if self.window is None else max(self.window)
+        full = _append(cache, (k1, k2, v1, v2), keep)
+        if L == 0:
+            return self._attend(q, k1, k2, v1, v2)
+        return _cached_tensor_attn(q, *full, L, self.window, self.scale)
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None, *,
+                cache: Optional[DecodeCache] = None):
         """``x``: ``[B, T, dim]`` queries; ``y``: ``[B, S1, dim]`` for k1/v1; ``z``: ``[B, S2, dim]`` for k2/v2.
 
-        Returns ``[B, T, dim]``.
+        With ``cache`` (causal self-attention only), ``x`` holds the next ``T`` positions after those the cache
+        has seen; the output equals those rows of the full causal forward. Returns ``[B, T, dim]``.
         """
         named = [("x", x)] + [(n, t) for n, t in (("y", y), ("z", z)) if t is not None]
         _check_inputs(self, named, ("x" if y is None else "y", "x" if z is None else "z"), self.check_finite)
-        q, k1, k2, v1, v2 = self._project(x, y, z)
-        o = self._attend(q, k1, k2, v1, v2)  # [B, T, Hq, Dv]
         B, T = x.shape[:2]
+        if cache is None:
+            o = self._attend(*self._project(x, y, z))  # [B, T, Hq, Dv]
+        else:
+            L = _check_cache(self, cache, y, z)
+            o = self._attend_cached(*self._project(x, None, None, offset=L), cache, L)
+            cache.length = L + T
+
         return self.o(o.reshape(B, T, self.n_heads * self.head_dim))
 
     def extra_repr(self) -> str:
@@ -345,8 +452,30 @@ class PolyTensorAttention(TensorAttention):
         return poly(q, k1, k2, v1, v2, degree=self.degree, causal=self.causal, scale=self.scale,
                     backend=self.backend)
 
+    def _attend_cached(self, q, k1, k2, v1, v2, cache: DecodeCache, L: int):
+        """A prompt on an empty cache by the parallel op, the state from the prompt's keys; later tokens one at a
+        time through :func:`tensorattn.poly.poly_tensor_attn_step` (constant memory, ``O(Hq k Dv)`` a token)."""
+        from .poly import PolyTensorAttnState, poly_tensor_attn_step
+
+        if cache.state is None and L == 0 and q.shape[1] > 1:
+            o = self._attend(q, k1, k2, v1, v2)
+            cache.state = PolyTensorAttnState.from_keys(k1, k2, v1, v2, degree=self.degree, scale=self.scale)
+            return o
+        if cache.state is None:
+            B, _, Hkv, Dk = k1.shape
+            acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+            cache.state = PolyTensorAttnState.empty(B, Hkv, Dk, v1.shape[3], degree=self.degree, scale=self.scale,
+                                                    dtype=acc, device=q.device)
+        outs = []
+        for t in range(q.shape[1]):
+            o, cache.state = poly_tensor_attn_step(cache.state, q[:, t], k1[:, t], k2[:, t], v1[:, t], v2[:, t],
+                                                   check_finite=False)  # the layer checked its input
+            outs.append(o)
+        return torch.stack(outs, 1)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", degree={self.degree}"
+
 
 
 def param_count(module: nn.Module) -> int:

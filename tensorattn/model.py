@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -17,9 +19,9 @@ import torch
 from torch import nn
 
 from ._validate import check_bool, check_tensor, maybe_check_finite
-from .layers import PolyTensorAttention, SoftmaxAttention, TensorAttention, _check_dims, _init_like_gpt
+from .layers import DecodeCache, PolyTensorAttention, SoftmaxAttention, TensorAttention, _check_dims, _init_like_gpt
 
-__all__ = ["Transformer", "MultiViewClassifier", "parse_pattern"]
+__all__ = ["Transformer", "ModelCache", "MultiViewClassifier", "parse_pattern"]
 
 _LETTERS = {"S": "softmax", "T": "exact tensor", "P": "fast (polynomial) tensor"}
 
@@ -64,9 +66,20 @@ class Block(nn.Module):
         self.ln1, self.attn = nn.LayerNorm(dim), attn
         self.ln2, self.mlp = nn.LayerNorm(dim), MLP(dim, mlp_ratio * dim)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x, cache: Optional[DecodeCache] = None):
+        x = x + (self.attn(self.ln1(x)) if cache is None else self.attn(self.ln1(x), cache=cache))
         return x + self.mlp(self.ln2(x))
+
+
+@dataclass
+class ModelCache:
+    """Per-layer :class:`tensorattn.layers.DecodeCache` of a :class:`Transformer` and the positions seen."""
+
+    layers: List[DecodeCache] = field(default_factory=list)
+    length: int = 0
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.layers)
 
 
 class Transformer(nn.Module):
@@ -109,7 +122,7 @@ class Transformer(nn.Module):
         if pos not in ("learned", "rope", "none"):
             raise ValueError(f"pos must be 'learned', 'rope' or 'none', got {pos!r}")
         self.layout = parse_pattern(pattern, n_layer)
-        self.vocab_size = vocab_size
+        self.vocab_size, self.n_out, self.causal = vocab_size, (vocab_size if n_out is None else n_out), causal
         self.block_size, self.pos = block_size, pos
         head_dim = dim // n_heads if head_dim is None else head_dim
         t_heads = n_heads if t_heads is None else t_heads
@@ -140,16 +153,33 @@ class Transformer(nn.Module):
             nn.init.normal_(b.attn.o.weight, 0.0, 0.02 / (2 * n_layer) ** 0.5)
             nn.init.normal_(b.mlp.proj.weight, 0.0, 0.02 / (2 * n_layer) ** 0.5)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def new_cache(self) -> ModelCache:
+        """An empty cache for incremental decoding: ``model(idx_new, cache=cache)`` returns the logits the full
+        forward gives at the new positions (a prompt at once, then one token at a time). Causal models only."""
+        if not self.causal:
+            raise ValueError("new_cache: this Transformer was built with causal=False; decoding needs causal=True")
+        return ModelCache([b.attn.new_cache() for b in self.blocks])
+
+    def forward(self, idx: torch.Tensor, cache: Optional[ModelCache] = None) -> torch.Tensor:
         """``idx``: ``[B, T]`` token ids (int64 or int32) in ``[0, vocab_size)``, ``1 <= T <= block_size``.
         Returns logits ``[B, T, n_out]``. Ids out of range are refused for CPU tensors (on a GPU the check would
-        synchronise; the embedding then fails with a device-side assert)."""
+        synchronise; the embedding then fails with a device-side assert).
+
+        With ``cache`` (:meth:`new_cache`), ``idx`` holds the next ``T`` positions after the ``cache.length`` ones
+        already seen. Learned positions stop at ``block_size``; with ``pos="rope"`` or ``"none"`` decoding goes on
+        past it (windowed and fast layers in bounded memory, full-causal layers with a growing cache)."""
         check_tensor("idx", idx, ndim=2, floating=False)
         if idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"idx must hold integer token ids (torch.int64 or torch.int32), got dtype {idx.dtype}")
         B, T = idx.shape
-        if T > self.block_size:
+        if cache is not None and not isinstance(cache, ModelCache):
+            raise TypeError(f"cache must be a ModelCache (from Transformer.new_cache()), got {type(cache).__name__}")
+        L = 0 if cache is None else cache.length
+        if cache is None and T > self.block_size:
             raise ValueError(f"idx has sequence length {T} (idx.shape[1]), which exceeds block_size {self.block_size}")
+        if self.pos_emb is not None and L + T > self.block_size:
+            raise ValueError(f"positions {L}..{L + T - 1} exceed block_size {self.block_size}: the learned position "
+                             "table ends there (build the model with pos='rope' or 'none' to decode further)")
         if T == 0:
             raise ValueError(f"idx must have at least one position (idx.shape[1] >= 1), got shape {tuple(idx.shape)}")
         if idx.device != self.tok.weight.device:
@@ -161,10 +191,48 @@ class Transformer(nn.Module):
                                  f"[{lo}, {hi}]")
         x = self.tok(idx)  # [B, T, dim]
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))
-        for b in self.blocks:
-            x = b(x)
+            x = x + self.pos_emb(torch.arange(L, L + T, device=idx.device))
+        for i, b in enumerate(self.blocks):
+            x = b(x) if cache is None else b(x, cache=cache.layers[i])
+        if cache is not None:
+            cache.length = L + T
         return self.head(self.ln_f(x))
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Sample ``max_new_tokens`` tokens after ``idx`` ``[B, T]``; returns ``[B, T + max_new_tokens]``.
+
+        nanoGPT's signature and sampling (logits of the last position over ``temperature``, optionally only the
+        ``top_k`` largest, then a multinomial draw with ``generator``): ``top_k=1`` is greedy. The prompt is
+        prefilled at once by the parallel ops; each new token then runs one incremental step per layer
+        (:meth:`new_cache`)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
+                or temperature <= 0):
+            raise ValueError(f"temperature must be a finite number > 0 (use top_k=1 for greedy decoding), got "
+                             f"{temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if self.n_out != self.vocab_size:
+            raise ValueError(f"generate needs next-token logits (n_out == vocab_size), but this model has n_out = "
+                             f"{self.n_out} outputs for a vocabulary of {self.vocab_size}")
+        cache = self.new_cache()
+        logits = self(idx, cache=cache)[:, -1]
+        out = [idx]
+        for t in range(max_new_tokens):
+            logits = logits.float() / temperature
+            if top_k is not None and top_k < logits.shape[-1]:
+                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator).to(idx.dtype)  # [B, 1]
+            out.append(nxt)
+            if t + 1 < max_new_tokens:
+                logits = self(nxt, cache=cache)[:, -1]
+        return torch.cat(out, 1)
 
 
 class MultiViewClassifier(nn.Module):

@@ -681,6 +681,32 @@ class PolyTensorAttnState:
         z = torch.zeros(batch, kv_heads, k, value_dim + 1, dtype=dtype, device=device)
         return cls(z, z.clone(), degree, check_scale(scale, head_dim), 0)
 
+    @classmethod
+    def from_keys(cls, k1, k2, v1, v2, *, degree: int = 2, scale=None, block: int = 4096) -> "PolyTensorAttnState":
+        """The state after the tokens ``k1, k2`` ``[B, T, Hkv, Dk]``, ``v1, v2`` ``[B, T, Hkv, Dv]`` (a prompt's
+        prefill): the same sums that ``T`` calls of :func:`poly_tensor_attn_step` build, ``block`` positions at a
+        time (features of one block in memory). Accumulates in float32 (float64 for float64 inputs)."""
+        names = ("k1", "k2", "v1", "v2")
+        xs = (k1, k2, v1, v2)
+        for n, x in zip(names, xs):
+            check_tensor(n, x, ndim=4)
+        check_same(names, xs)
+        B, T, Hkv, D = k1.shape
+        Dv = v1.shape[3]
+        if tuple(k2.shape) != (B, T, Hkv, D) or tuple(v2.shape) != (B, T, Hkv, Dv) or v1.shape[:3] != k1.shape[:3]:
+            raise ValueError(f"k1, k2 must be [B, T, Hkv, Dk] and v1, v2 [B, T, Hkv, Dv] with one B, T, Hkv; got "
+                             f"{[tuple(x.shape) for x in xs]}")
+        acc = _acc(k1.dtype)
+        st = cls.empty(B, Hkv, D, Dv, degree=degree, scale=scale, dtype=acc, device=k1.device)
+        feat = _Feat(D, st.degree, st.scale, acc, k1.device)
+        a2, a3 = st.a2, st.a3
+        for t0 in range(0, T, block):
+            sl = slice(t0, t0 + block)
+            a2 = a2 + torch.einsum("bthk,bthe->bhke", feat.k(k1[:, sl].to(acc)), _with_ones(v1[:, sl].to(acc)))
+            a3 = a3 + torch.einsum("bthk,bthe->bhke", feat.k(k2[:, sl].to(acc)), _with_ones(v2[:, sl].to(acc)))
+        st.a2, st.a3, st.length = a2, a3, T
+        return st
+
     def nbytes(self) -> int:
         return self.a2.numel() * self.a2.element_size() * 2
 
