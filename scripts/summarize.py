@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 
 from tensorattn._io import atomic_write_json, atomic_write_text
-from tensorattn.plot import plot
+from tensorattn.distributed import read_checkpoint
+from tensorattn.plot import plot, read_metrics
 
 
 def _load(run: Path):
     s = json.loads((run / "summary.json").read_text())
-    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return s, rows
+    return s, read_metrics(run)  # lines that are not metrics records are skipped with a warning
 
 
 def _agg(xs):
@@ -61,7 +61,8 @@ def grad_agreement(run: Path, degrees=(2, 4), n_batches: int = 2):
         task = build_task(cfg)
         exact = task.build_model()
         if when == "trained":
-            exact.load_state_dict(torch.load(run / "ckpt.pt", weights_only=False)["model"])
+            # weights_only: a run directory is not trusted to hold only what tensorattn wrote
+            exact.load_state_dict(read_checkpoint(run / "ckpt.pt")["model"])
         batches = task.val[:n_batches]
 
         def grads(model):

@@ -64,6 +64,15 @@ def check_bool(name: str, value) -> bool:
     raise TypeError(f"{name} must be a bool (True or False), got {_type_name(value)} {value!r}")
 
 
+def check_optional_bool(name: str, value) -> Optional[bool]:
+    """``None`` or a flag (:func:`check_bool`)."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be None or a bool, got {_type_name(value)} {value!r}")
+
+
 def check_finite(names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
     """Reject NaN/Inf inputs, which would poison every output row they reach (forces a sync)."""
     for n, x in zip(names, xs):
@@ -130,10 +139,7 @@ def check_scale(scale, head_dim: int, *, dtype: Optional[torch.dtype] = None) ->
 def maybe_check_finite(flag: Optional[bool], names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
     """``check_finite`` policy of the public ops: ``True`` always, ``False`` never, ``None`` only for CPU tensors
     (on a GPU the check costs a device synchronisation per call)."""
-    if flag is not None:
-        if not isinstance(flag, (bool, np.bool_)):
-            raise TypeError(f"check_finite must be None or a bool, got {_type_name(flag)} {flag!r}")
-        flag = bool(flag)
+    flag = check_optional_bool("check_finite", flag)
     if flag or (flag is None and xs[0].device.type == "cpu"):
         check_finite(names, xs)
 

@@ -153,11 +153,32 @@ CHECKS: Sequence[Callable] = (check_reference_vs_loop, check_order, check_gradch
                               check_identities)
 
 
+def check_device(device) -> torch.device:
+    """``device`` as a torch.device that exists here: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (ValueError otherwise)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for but CUDA is not available here "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} was asked for but this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    return dev
+
+
 def run_checks(seed: int = 0, device: str = "cpu") -> List[Result]:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(1 << 63) <= seed < (1 << 64):
+        raise ValueError(f"seed must be an int in [-2**63, 2**64), got {seed!r}")
+    dev = check_device(device)
     gen = torch.Generator().manual_seed(seed)
     results: List[Result] = []
     for fn in CHECKS:
-        results.extend(fn(gen, torch.device(device)))
+        results.extend(fn(gen, dev))
     return results
 
 
@@ -179,6 +200,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--device", default="cpu", help="device to run the checks on (default cpu)")
     args = ap.parse_args(argv)
     torch.set_printoptions(precision=3)
+    try:
+        check_device(args.device)
+        if not -(1 << 63) <= args.seed < (1 << 64):
+            raise ValueError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
+    except ValueError as e:
+        print(f"tensorattn check: {e}", file=sys.stderr)
+        return 2
     results = run_checks(args.seed, args.device)
     print(f"tensorattn check: seed {args.seed}, device {args.device}, torch {torch.__version__}, float64")
     print(format_table(results))

@@ -57,17 +57,20 @@ import dataclasses
 import functools
 import io
 import os
+import pickle
+import re
+import warnings
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ._io import atomic_write
-from ._validate import check_attn_inputs, check_scale
-from .dispatch import no_autocast
+from ._validate import check_attn_inputs, check_bool, check_optional_bool, check_scale
+from ._validate import check_finite as _check_finite_values
+from .dispatch import no_autocast, refuse_double_backward
 
 __all__ = [
     "DistInfo",
@@ -85,6 +88,8 @@ __all__ = [
     "model_state_dict",
     "save_checkpoint",
     "load_checkpoint",
+    "read_checkpoint",
+    "CheckpointError",
     "shard_range",
     "shard_batch",
     "shard_sequence",
@@ -353,18 +358,60 @@ def model_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in unwrap_model(model).state_dict().items()}
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used, with a message naming it: unreadable, truncated, not a checkpoint,
+    holding Python objects other than plain data (refused unread: unpickling them could run code), holding
+    non-finite tensors, or not fitting the model."""
+
+
+# what a ``torch.load(..., weights_only=True)`` reads back besides tensors and containers
+_PLAIN = (int, float, str, bool, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _plain(obj: Any, where: str) -> Any:
+    """``obj`` as data that ``torch.load(..., weights_only=True)`` reads back: numpy scalars become Python
+    numbers, numpy arrays tensors, dataclasses dicts, a ``torch.Generator`` its state tensor; containers are
+    converted recursively. Anything else is refused with a TypeError naming the entry."""
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN:
+        return obj
+    if type(obj).__module__ == "numpy":  # before the subclasses below: np.float64 is a float
+        import numpy as np
+
+        if isinstance(obj, np.generic) and not isinstance(obj, (np.object_, np.void)):
+            return _plain(obj.item(), where)
+        if isinstance(obj, np.ndarray) and obj.dtype.kind in "biufc":
+            return torch.from_numpy(obj)
+    for base in (bool, int, float, str):  # subclasses (an IntEnum, ...) as their plain value
+        if isinstance(obj, base):
+            return base.__str__(obj) if base is str else base(obj)
+    if isinstance(obj, torch.Generator):
+        return obj.get_state()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _plain(dataclasses.asdict(obj), where)
+    if isinstance(obj, dict):
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return tuple(items) if type(obj) is tuple else items  # a namedtuple or list subclass: a plain list
+    raise TypeError(f"save_checkpoint: entry {where} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
+                    "torch.load(weights_only=True) cannot read back; pass plain data (dicts, lists, tensors, numbers, "
+                    "strings; RNG states as tensors)")
+
+
 def save_checkpoint(path, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     **extra: Any) -> Optional[str]:
     """Save ``{"model": full state dict, "optimizer": full optimizer state, **extra}`` from rank 0, atomically.
 
     A collective (every rank must call it: FSDP2 gathers shards), then rank 0 writes ``path`` (via a
     temporary file and a rename, so a checkpoint is complete or absent) and all ranks wait for it.
-    Works unchanged in a single process. ``extra`` holds e.g. ``step``, the config and RNG states.
+    Works unchanged in a single process. ``extra`` holds e.g. ``step``, the config and RNG states; it is
+    stored as plain data that :func:`load_checkpoint` reads with ``weights_only=True`` (numpy scalars become
+    numbers, dataclasses dicts, a ``torch.Generator`` its state tensor); other objects raise a TypeError.
 
     Returns:
         ``str(path)`` on rank 0, ``None`` on the others.
     """
-    state: Dict[str, Any] = dict(extra)
+    state: Dict[str, Any] = {k: _plain(v, repr(k)) for k, v in extra.items()}
     state["model"] = model_state_dict(model)
     if optimizer is not None:
         if _active():
@@ -384,25 +431,108 @@ def save_checkpoint(path, *, model: nn.Module, optimizer: Optional[torch.optim.O
     return out
 
 
-def load_checkpoint(path, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    line = text[0] if text else ""
+    return f"{type(e).__name__}: {line[:160]}" if line else type(e).__name__
+
+
+def _non_finite(state: Dict[str, Any]):
+    """``(where, count)`` of the first floating-point tensor of the model or optimizer state holding NaN/Inf."""
+    def walk(obj, where):
+        if isinstance(obj, torch.Tensor):
+            if (obj.is_floating_point() or obj.is_complex()) and obj.numel():
+                fin = torch.isfinite(obj)
+                if not bool(fin.all()):
+                    yield where, int((~fin).sum())
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from walk(v, f"{where}[{k!r}]")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from walk(v, f"{where}[{i}]")
+
+    for key in ("model", "optimizer", "opt"):
+        if key in state:
+            for hit in walk(state[key], key):
+                return hit
+    return None
+
+
+def read_checkpoint(path, *, check_finite: bool = True, hint: str = "") -> Dict[str, Any]:
+    """The dict stored in a :func:`save_checkpoint` file, read with ``torch.load(..., weights_only=True)``.
+
+    Only tensors and plain data are unpickled: a file holding other Python objects (a crafted pickle whose
+    objects would run code when loaded, or a checkpoint of another program) is refused unread. Every
+    failure is a :class:`CheckpointError` naming ``path`` (``hint``, e.g. how to start afresh, is appended):
+    an unreadable, truncated or garbage file, a file that is not a dict with a ``"model"`` state dict, and,
+    with ``check_finite``, model or optimizer tensors holding NaN/Inf (a corrupt checkpoint).
+    """
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    try:
+        with warnings.catch_warnings():  # "Detected pickle protocol ..." from foreign files: the error says more
+            warnings.simplefilter("ignore")
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():
+            # the line naming what was refused, e.g. "unsupported GLOBAL posix.system whose module posix is blocked"
+            m = re.search(r"(unsupported (GLOBAL|global|operand)[^\n]*?)\.?(\n|$)", str(e), re.IGNORECASE)
+            what = f" ({m.group(1).split(' was not an allowed')[0].strip()[:120]})" if m else ""
+            raise CheckpointError(
+                f"checkpoint {p} holds Python objects other than tensors and plain data{what}; refusing to load it, "
+                "since unpickling them could run arbitrary code (tensorattn never writes such objects: the file "
+                f"was written by another program or tampered with){hint}") from None
+        raise CheckpointError(f"checkpoint {p} is truncated, corrupt or not a PyTorch checkpoint ({_first_line(e)})"
+                              f"{hint}") from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise CheckpointError(f"checkpoint {p} cannot be read ({_first_line(e)}){hint}") from None
+    except Exception as e:  # EOFError, RuntimeError (zip), KeyError (legacy format), OSError, ...
+        raise CheckpointError(f"checkpoint {p} is truncated, corrupt or not a PyTorch checkpoint ({_first_line(e)})"
+                              f"{hint}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        got = (f"a dict with keys {sorted(map(str, state))[:8]}" if isinstance(state, dict)
+               else f"a {type(state).__name__}")
+        raise CheckpointError(f"checkpoint {p} is not a tensorattn checkpoint: expected a dict with a 'model' state "
+                              f"dict, got {got}{hint}")
+    if check_finite:
+        bad = _non_finite(state)
+        if bad is not None:
+            raise CheckpointError(f"checkpoint {p} is corrupt: {bad[0]} holds {bad[1]} non-finite value(s) (NaN or "
+                                  f"Inf); expected finite weights and optimizer state{hint}")
+    return state
+
+
+def load_checkpoint(path, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    check_finite: bool = True) -> Dict[str, Any]:
     """Load a :func:`save_checkpoint` file into a plain, DDP or FSDP2 model (and optimizer) on every rank.
 
-    Every rank reads ``path`` (it must be visible to all ranks, as on one host); ``path`` may also be the
-    dict already read from such a file. Returns the other entries (``step`` etc.).
+    Every rank reads ``path`` (it must be visible to all ranks, as on one host) with
+    :func:`read_checkpoint` (``weights_only=True``: a file holding other Python objects is refused unread;
+    ``check_finite`` refuses NaN/Inf weights, pass False for a model with non-finite buffers); ``path``
+    may also be the dict already read from such a file. Returns the other entries (``step`` etc.).
+    Raises :class:`CheckpointError` naming the file when it cannot be read or does not fit the model.
     """
-    state = path if isinstance(path, dict) else torch.load(path, map_location="cpu", weights_only=False)
-    if _active():
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+    state = path if isinstance(path, dict) else read_checkpoint(path, check_finite=check_finite)
+    name = "the checkpoint" if isinstance(path, dict) else f"checkpoint {os.fspath(path)}"
+    if not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{name} has no 'model' state dict (keys: {sorted(map(str, state))[:8]})")
+    try:
+        if _active():
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
 
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, state["model"], options=opts)
-        if optimizer is not None and "optimizer" in state:
-            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
-    else:
-        unwrap_model(model).load_state_dict(state["model"])
-        if optimizer is not None and "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, state["model"], options=opts)
+            if optimizer is not None and "optimizer" in state:
+                set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+        else:
+            unwrap_model(model).load_state_dict(state["model"])
+            if optimizer is not None and "optimizer" in state:
+                optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{name} does not fit the model or optimizer ({_first_line(e)})") from None
     return {k: v for k, v in state.items() if k not in ("model", "optimizer")}
 
 
@@ -620,7 +750,7 @@ class _ShardTotals(torch.autograd.Function):
         return tot
 
     @staticmethod
-    @once_differentiable
+    @refuse_double_backward("cp_poly_tensor_attn")
     @no_autocast
     def backward(ctx, g):
         from .poly import _chunk_grads
@@ -641,9 +771,35 @@ class _ShardTotals(torch.autograd.Function):
         return tuple(gx.to(x.dtype) for gx, x in zip(grads, (k1, k2, v1, v2))) + (None, None)
 
 
+def _cp_check_finite(flag, xs: Sequence[torch.Tensor], group) -> None:
+    """The non-finite rule of the single-process ops (``check_finite``: ``True`` always, ``False`` never,
+    ``None`` only for CPU tensors), decided together by the ranks of ``group``: a NaN/Inf on one rank makes
+    every rank raise (so none is left waiting in a collective), the owner naming its input."""
+    flag = check_optional_bool("check_finite", flag)
+    if not (flag or (flag is None and xs[0].device.type == "cpu")):
+        return
+    names = ("q", "k1", "k2", "v1", "v2")
+    try:
+        _check_finite_values(names, xs)
+        err = None
+    except ValueError as e:
+        err = e
+    if _active() and get_world_size(group) > 1:
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else \
+            torch.device("cpu")
+        t = torch.tensor([get_rank(group) if err is not None else -1], dtype=torch.int64, device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        owner = int(t)
+        if err is None and owner >= 0:
+            raise ValueError(f"the inputs of rank {owner} (of this group) contain non-finite values (NaN or Inf); "
+                             "expected finite q, k1, k2, v1 and v2 on every rank")
+    if err is not None:
+        raise err
+
+
 def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, *,
                         degree: int = 2, causal: bool = False, scale: Optional[float] = None, group=None,
-                        chunk_size: Optional[int] = None) -> torch.Tensor:
+                        chunk_size: Optional[int] = None, check_finite: Optional[bool] = None) -> torch.Tensor:
     """Context-parallel polynomial tensor attention: this rank's rows of ``poly_tensor_attn`` on the whole sequence.
 
     The sequence axis is split across the ranks of ``group`` in rank order; this rank passes its
@@ -672,6 +828,10 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
         chunk_size: causal only: running sums are formed ``chunk_size`` positions at a time, and the
             backward recomputes each chunk (a memory knob; the result does not depend on it). ``None``:
             as many positions as keep one ``[B, chunk, Hkv, k, Dv]`` running sum under 2^26 entries.
+        check_finite: refuse NaN/Inf inputs with a ``ValueError``, as :func:`tensorattn.poly.poly_tensor_attn`
+            does: ``None`` (default) checks CPU inputs only (on a GPU the check costs a synchronisation),
+            ``True`` always, ``False`` never. Under a process group the ranks decide together (one small
+            all-reduce), so every rank raises when one rank's shard is not finite.
 
     Returns:
         ``[B, T_r, Hq, Dv]`` in the input dtype. Differentiable with respect to all five local inputs;
@@ -682,11 +842,11 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
     is kept). Accumulates in float32 (float64 for float64).
     """
     B, T, Hq, Hkv, D, Dv, S1, S2, _ = check_attn_inputs(q, k1, k2, v1, v2)
+    _cp_check_finite(check_finite, (q, k1, k2, v1, v2), group)
     if not (S1 == S2 == T):
         raise ValueError(f"context parallelism needs q, k1 and k2 shards of one length (the same positions), got "
                          f"T={T}, len(k1)={S1}, len(k2)={S2}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    causal = check_bool("causal", causal)
     from .poly import _check_degree
 
     degree = _check_degree(degree)
@@ -728,7 +888,8 @@ def _exact_op():
 
 
 def cp_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, *,
-                   window, scale: Optional[float] = None, backend: str = "auto", group=None) -> torch.Tensor:
+                   window, scale: Optional[float] = None, backend: str = "auto", group=None,
+                   check_finite: Optional[bool] = None) -> torch.Tensor:
     """Context-parallel exact windowed tensor attention: this rank's rows of ``tensor_attn(..., window=window)``.
 
     Semantics are those of :func:`tensorattn.naive_tensor_attn` with ``window=(w1, w2)`` on the whole
@@ -751,6 +912,7 @@ def cp_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torc
         scale: default ``1 / sqrt(D)``.
         backend: backend of :func:`tensorattn.exact.tensor_attn` (``"auto"``, ``"triton"``, ``"torch"``, ``"naive"``).
         group: the process group the sequence is split over (default: the world).
+        check_finite: as in :func:`cp_poly_tensor_attn` (``None``: CPU inputs are checked).
 
     Returns:
         ``[B, T_r, Hq, Dv]`` in the input dtype, differentiable with respect to all five local inputs.
@@ -759,11 +921,12 @@ def cp_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torc
         raise ValueError("window must be given (w or (w1, w2)); context-parallel exact attention needs a bounded "
                          "window so that each rank only needs a halo of max(w1, w2) - 1 earlier keys")
     B, T, Hq, Hkv, D, Dv, S1, S2, win = check_attn_inputs(q, k1, k2, v1, v2, window=window)
+    _cp_check_finite(check_finite, (q, k1, k2, v1, v2), group)
     op = _exact_op()
     h = max(win) - 1
     W = get_world_size(group)
     if h == 0 or W == 1:
-        return op(q, k1, k2, v1, v2, scale=scale, window=win, backend=backend)
+        return op(q, k1, k2, v1, v2, scale=scale, window=win, backend=backend, check_finite=False)
     lens = _all_lengths(T, q.device, group)
     r = get_rank(group)
     kv = torch.cat([k1, k2, v1, v2], -1)  # [B, T_r, Hkv, 2D + 2Dv]: one collective for all four
@@ -781,5 +944,5 @@ def cp_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torc
     ek1, ek2, ev1, ev2 = torch.split(ext, [D, D, Dv, Dv], -1)
     eq = torch.cat([q.new_zeros(B, hr, Hq, D), q], 1)  # placeholder queries; their rows are dropped
     o = op(eq, ek1.contiguous(), ek2.contiguous(), ev1.contiguous(), ev2.contiguous(), scale=scale, window=win,
-           backend=backend)
+           backend=backend, check_finite=False)  # checked above; the halo rows are other ranks' checked inputs
     return o[:, hr:]

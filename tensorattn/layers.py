@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import check_bool, check_tensor, maybe_check_finite, normalize_window
+from ._validate import check_bool, check_optional_bool, check_tensor, maybe_check_finite, normalize_window
 from .naive import naive_tensor_attn
 
 __all__ = ["RotaryEmbedding", "SoftmaxAttention", "TensorAttention", "PolyTensorAttention", "DecodeCache", "tensor_ops"]
@@ -143,12 +143,6 @@ def _check_dims(**dims: int) -> None:
             raise ValueError(f"{name} must be >= 1, got {v}")
 
 
-def _check_finite_flag(check_finite) -> Optional[bool]:
-    if check_finite is None:
-        return None
-    return check_bool("check_finite", check_finite)
-
-
 def _check_inputs(layer: nn.Module, named, keys, check_finite: Optional[bool]) -> None:
     """``named``: ``[(name, tensor)]`` of a layer's inputs, the queries first: each a floating ``[B, T, dim]`` tensor
     with the queries' batch size, on the parameters' device and of their dtype (unless autocast is on); those
@@ -240,7 +234,7 @@ class SoftmaxAttention(nn.Module):
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         _check_dims(head_dim=head_dim, n_kv_heads=n_kv_heads)
         causal, rope, bias = check_bool("causal", causal), check_bool("rope", rope), check_bool("bias", bias)
-        self.check_finite = _check_finite_flag(check_finite)
+        self.check_finite = check_optional_bool("check_finite", check_finite)
         _check_heads(n_heads, n_kv_heads)
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be None or an int >= 1 for SoftmaxAttention, got {window!r}")
@@ -336,7 +330,7 @@ class TensorAttention(nn.Module):
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str, got {type(backend).__name__}")
         causal, rope, bias = check_bool("causal", causal), check_bool("rope", rope), check_bool("bias", bias)
-        self.check_finite = _check_finite_flag(check_finite)
+        self.check_finite = check_optional_bool("check_finite", check_finite)
         self.window = normalize_window(window)
         self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.key_dim = dim, n_heads, n_kv_heads, head_dim, key_dim
         self.causal, self.scale, self.backend = causal, scale, backend

@@ -3,11 +3,14 @@
 Each RUN_DIR holds the ``metrics.jsonl`` that :func:`tensorattn.train.train` writes. Runs whose directory
 names differ only by a ``seed<N>`` suffix (``kjv_S_seed0``, ``kjv_S_seed1``) form one group, drawn as
 the mean over seeds with a band from the minimum to the maximum. Needs matplotlib.
+
+A metrics line that is not a record ``train`` writes (a hand edit, a line torn by a crash) is skipped
+with a warning naming the file and line. A ``--metric`` that no run logged is an error listing those
+logged; ``--out`` may name an image file or a directory (the image is then ``DIR/curves.png``).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections import defaultdict
@@ -21,10 +24,38 @@ _DEFAULT = ("train_loss", "val_loss", "val_bpc", "val_acc", "test_acc")
 
 
 def read_metrics(run_dir) -> List[dict]:
+    """The records of ``run_dir/metrics.jsonl``; lines that are not records are skipped with a warning."""
+    from ._io import read_metrics_lines
+
     p = Path(run_dir) / "metrics.jsonl"
     if not p.is_file():
         raise FileNotFoundError(f"{p} does not exist (is {run_dir} a training run directory?)")
-    return [json.loads(ln) for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return [rec for _, rec in read_metrics_lines(p)]
+
+
+def _out_path(out) -> Path:
+    """``out`` as an image path: a directory (existing, or written with a trailing slash) gets ``curves.png``;
+    the suffix must be a format matplotlib writes."""
+    text = str(out)
+    out = Path(out)
+    if out.is_dir() or text.endswith(("/", "\\")):
+        out = out / "curves.png"
+    elif out.exists() and not out.is_file():
+        raise ValueError(f"--out {text!r} exists and is not a regular file or a directory")
+    for q in out.parents:
+        if q.exists():
+            if not q.is_dir():
+                raise ValueError(f"--out {text!r}: {str(q)!r} is a file, not a directory")
+            break
+    fmt = out.suffix.lstrip(".").lower()
+    import matplotlib.figure
+
+    formats = sorted(matplotlib.figure.Figure().canvas.get_supported_filetypes())
+    if fmt not in formats:
+        raise ValueError(f"--out {text!r}: the file name must end in an image format matplotlib writes, one of "
+                         f"{', '.join('.' + f for f in formats)}; got "
+                         + (f"{out.suffix!r}" if fmt else "no suffix (add .png, or end it with / for a directory)"))
+    return out
 
 
 def group_runs(run_dirs) -> Dict[str, List[Path]]:
@@ -49,13 +80,19 @@ def plot(run_dirs, metrics: Optional[List[str]] = None, out: str = "curves.png",
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = _out_path(out)
     groups = group_runs(run_dirs)
     data = {name: [read_metrics(d) for d in dirs] for name, dirs in groups.items()}
+    present = {k for runs in data.values() for rows in runs for r in rows for k in r} - {"step"}
     if not metrics:
-        present = {k for runs in data.values() for rows in runs for r in rows for k in r}
         metrics = [m for m in _DEFAULT if m in present]
-    if not metrics:
-        raise ValueError("none of the runs logged a metric to plot")
+        if not metrics:
+            raise ValueError(f"none of the runs logged a metric to plot (expected one of {list(_DEFAULT)}; logged: "
+                             f"{sorted(present) or 'nothing'})")
+    unknown = [m for m in metrics if m not in present]
+    if unknown:
+        raise ValueError(f"metric(s) {unknown} not logged by any of the runs; available: "
+                         f"{', '.join(sorted(present)) or 'none'}")
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for name, runs in data.items():
@@ -78,8 +115,7 @@ def plot(run_dirs, metrics: Optional[List[str]] = None, out: str = "curves.png",
     fig.tight_layout()
     from ._io import atomic_write
 
-    out = Path(out)
-    fmt = out.suffix.lstrip(".") or "png"
+    fmt = out.suffix.lstrip(".").lower()
     atomic_write(out, lambda f: fig.savefig(f, format=fmt, dpi=110), binary=True)
     plt.close(fig)
     return out
@@ -89,14 +125,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="tensorattn plot", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
     ap.add_argument("--metric", action="append", help="metric to plot (repeatable); default: the usual ones present")
-    ap.add_argument("--out", default="curves.png", help="output image (png, pdf or svg)")
+    ap.add_argument("--out", default="curves.png",
+                    help="output image (.png, .pdf, .svg, ...), or a directory to write curves.png in")
     ap.add_argument("--title")
     ap.add_argument("--logy", action="store_true")
     args = ap.parse_args(argv)
     try:
         path = plot(args.runs, args.metric, args.out, args.title, args.logy)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a missing run, an unknown metric, an unusable --out
         print(f"tensorattn plot: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"tensorattn plot: needs matplotlib ({e}); pip install matplotlib", file=sys.stderr)
         return 2
     print(path)
     return 0

@@ -37,7 +37,7 @@ import torch
 from . import paper
 from ._bench import _sync, fmt, machine_info, markdown_table, time_fn
 from .check import max_errors as err
-from ._io import atomic_write, atomic_write_json, atomic_write_text
+from ._io import atomic_write, atomic_write_json, atomic_write_text, remove_stale_temps
 
 F64 = torch.float64
 
@@ -772,19 +772,51 @@ def section_training(rep: Report, progress) -> Section:
 SECTIONS = ("correctness", "cost", "threshold", "order", "headdim", "training")
 
 
-def run(preset: str = "quick", out: str = "reports/quick", device: str = "cpu",
-        sections: Sequence[str] = SECTIONS, command: Optional[str] = None) -> Path:
-    """Run the chosen sections and write ``out/report.md``, ``out/report.json`` and the PNG figures."""
+def check_args(preset: str, out: str, device: str, sections: Sequence[str]) -> None:
+    """The checks of :func:`run`'s arguments, done before anything runs (ValueError naming the argument)."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if isinstance(sections, str):
+        raise TypeError(f"sections must be a sequence of section names, got the string {sections!r}")
+    sections = list(sections)
+    if not sections:
+        raise ValueError(f"sections selects nothing; expected one or more of {list(SECTIONS)}")
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         raise ValueError(f"sections must be among {list(SECTIONS)}, got {bad}")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False")
+    dup = sorted({s for s in sections if sections.count(s) > 1})
+    if dup:
+        raise ValueError(f"sections must name each section once, got {dup} more than once")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but torch.cuda.is_available() is False; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} was asked for but there are {torch.cuda.device_count()} CUDA device(s)")
+    o = Path(out)
+    for q in (o, *o.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise ValueError(f"out {str(out)!r} must be a directory, but {str(q)!r} is a file")
+            break
+
+
+def run(preset: str = "quick", out: str = "reports/quick", device: str = "cpu",
+        sections: Sequence[str] = SECTIONS, command: Optional[str] = None) -> Path:
+    """Run the chosen sections and write ``out/report.md``, ``out/report.json`` and the PNG figures.
+
+    Raises ValueError (before running anything) for an unknown preset, an unknown, repeated or empty
+    selection of sections, a device that is not available, or an ``out`` that is a file.
+    """
+    check_args(preset, out, device, sections)
     p = PRESETS[preset]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir, ["report.md", "report.json"])  # left by a run killed mid-write
     rep = Report(out_dir, device, p)
     from tqdm.auto import tqdm
 
@@ -826,7 +858,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     args = ap.parse_args(argv)
     out = args.out or f"reports/{args.preset}"
-    path = run(args.preset, out, args.device, [s for s in args.sections.split(",") if s],
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    try:
+        if not sections:
+            raise ValueError(f"--sections {args.sections!r} selects nothing; expected a comma-separated subset of "
+                             f"{','.join(SECTIONS)}")
+        check_args(args.preset, out, args.device, sections)
+    except (ValueError, TypeError) as e:
+        print(f"tensorattn reproduce: {e}", file=sys.stderr)
+        return 2
+    path = run(args.preset, out, args.device, sections,
                command="tensorattn reproduce " + " ".join(argv if argv is not None else sys.argv[2:]))
     print(f"report written to {path}")
     return 0

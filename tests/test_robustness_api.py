@@ -250,7 +250,7 @@ def test_softmax_layer_opt_out_and_flag_type():
     x = torch.randn(1, 4, 8)
     x[0, 0, 0] = float("nan")
     assert torch.isnan(layer(x)).any()  # the caller opted out
-    with pytest.raises(TypeError, match="check_finite must be a bool"):
+    with pytest.raises(TypeError, match="check_finite must be None or a bool"):
         SoftmaxAttention(8, 2, check_finite="yes")
 
 
