@@ -15,6 +15,7 @@ COMMANDS = {
     "reproduce": ("tensorattn.reproduce", "run the paper's missing experiments and write a report"),
     "train": ("tensorattn.train", "train a model from a TOML config with key=value overrides"),
     "plot": ("tensorattn.plot", "plot the metrics of one or more training runs"),
+    "sample": ("tensorattn.sample", "print text sampled from a trained character model"),
 }
 
 

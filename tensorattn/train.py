@@ -13,6 +13,14 @@ progress bar, metrics as JSON lines (``metrics.jsonl``), atomic resumable checkp
 and a fixed seed. A run resumed from its checkpoint produces the same metrics as an uninterrupted one:
 batches come from a ``torch.Generator`` whose state is checkpointed, evaluation uses its own fixed one.
 
+What is checked: ``ckpt.pt`` holds only tensors and plain data and is read with ``weights_only=True`` (a
+file holding other Python objects is refused unread, as are truncated, foreign and non-finite ones,
+with an error naming the file); sizes are checked before anything is allocated (``MAX_ACTIVATION``,
+``MAX_PARAMS``, ``MAX_EVAL_TOKENS``); a metrics line that is not a record is skipped with a warning;
+temporary files that a kill during an atomic write left in ``out_dir`` are removed at the next start.
+Config problems found only at run time (no such device, an ``out_dir`` that is a file) raise
+:class:`ConfigError`; ``tensorattn train`` reports them, and bad checkpoints, in one line (status 2).
+
 Data parallelism under ``torchrun`` (``strategy = "ddp"`` or ``"fsdp"``, see :mod:`tensorattn.distributed`)::
 
     torchrun --standalone --nproc_per_node=2 -m tensorattn train --config configs/match3_ddp.toml
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import difflib
 import json
 import math
@@ -51,10 +60,25 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from . import distributed as td
-from ._io import atomic_write, atomic_write_json
+from ._io import atomic_write, atomic_write_json, read_metrics_lines, remove_stale_temps
 from .layers import param_count
 
-__all__ = ["TrainConfig", "load_config", "train", "main", "build_task"]
+__all__ = ["TrainConfig", "ConfigError", "load_config", "train", "main", "build_task"]
+
+
+class ConfigError(ValueError):
+    """A config that validates but cannot run here (no such device, an out_dir that is a file, a model the
+    layers refuse): ``tensorattn train`` reports it in one line and exits with status 2, as for a bad key."""
+
+
+#: Size limits that :meth:`TrainConfig.validate` checks before anything is allocated.
+MAX_ACTIVATION = 1 << 31  # elements of one activation [batch_size, seq_len, width] (8 GiB in float32)
+MAX_PARAMS = 1 << 32  # parameters (16 GiB in float32, three times that with AdamW's moments)
+MAX_EVAL_TOKENS = 1 << 28  # tokens of the validation batches held in memory: eval_batches x batch_size x seq_len
+MAX_SEED = (1 << 63) - 2  # seed + 1 seeds the batch generator; both must fit torch's seed range
+# the run's files, whose atomic writes leave ".<name>.XXXXXXXX.tmp" behind when the process is killed mid-write
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "summary.json")
+_RESUME_HINT = "; resume=false starts afresh (overwriting the run's files), or use another out_dir"
 
 
 @dataclass
@@ -105,7 +129,8 @@ class TrainConfig:
     block_size: int = 128
     # --- data
     match3_n: int = 16
-    match3_m: int = 0  # 0 = round(0.7 * match3_n ** 2)
+    match3_m: int = 0  # 0 = the modulus whose measured positive rate is closest to 50 % (summary.json: task_info)
+    match3_distinct: bool = False  # count only triples of three distinct positions (no pairwise shortcut)
     kjv_val_books: List[str] = field(default_factory=lambda: ["Ruth", "Jonah", "Mark", "James"])
     mfeat_views: List[str] = field(default_factory=lambda: ["pix", "fou", "zer"])
     mfeat_tokens: int = 8
@@ -160,14 +185,94 @@ class TrainConfig:
             raise ValueError(f"config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.stop_at > self.steps:
             raise ValueError(f"config key 'stop_at' ({self.stop_at}) must be <= 'steps' ({self.steps}) or 0")
+        if self.seed > MAX_SEED:
+            raise ValueError(f"config key 'seed' must be in [0, {MAX_SEED}] (seed + 1 seeds the batch generator, and "
+                             f"torch seeds are 64-bit), got {self.seed}")
+        if self.task == "mfeat":
+            from .data import MFEAT_VIEWS
+
+            unknown = [v for v in self.mfeat_views if v not in MFEAT_VIEWS]
+            if unknown or not self.mfeat_views:
+                raise ValueError(f"config key 'mfeat_views' must be a non-empty list of views from "
+                                 f"{sorted(MFEAT_VIEWS)}, got {self.mfeat_views!r}"
+                                 + (f" (unknown: {unknown})" if unknown else ""))
         if self.task in ("match3", "kjv"):
             from .model import parse_pattern
 
             try:
-                parse_pattern(self.pattern, self.n_layer)
+                layers = parse_pattern(self.pattern, self.n_layer)
             except ValueError as e:
                 raise ValueError(f"config keys 'pattern'/'n_layer': {e}") from None
+            if "P" in layers:
+                self._check_poly_rank()
+        self._check_sizes()
         return self
+
+    def _head_dims(self):
+        hd = self.head_dim or self.dim // self.n_heads
+        th = self.t_heads or self.n_heads
+        thd = self.t_head_dim or hd
+        return hd, th, thd
+
+    def _check_poly_rank(self) -> None:
+        """Fast (P) layers: the degree and the feature rank C(Dk + p_degree, p_degree) within poly's limits."""
+        try:
+            from .poly import MAX_DEGREE, MAX_RANK, poly_rank
+        except ImportError:  # pragma: no cover - poly is part of the package
+            return
+        dk = self.p_key_dim or self._head_dims()[2]
+        if self.p_degree > MAX_DEGREE:
+            raise ValueError(f"config key 'p_degree' must be <= {MAX_DEGREE} (tensorattn.poly.MAX_DEGREE: higher "
+                             f"powers overflow the float32 features), got {self.p_degree}")
+        k = poly_rank(dk, self.p_degree)
+        if k > MAX_RANK:
+            raise ValueError(f"config keys 'p_degree' ({self.p_degree}) and the fast layers' key dim Dk ({dk}, from "
+                             f"'p_key_dim', else 't_head_dim' or 'head_dim') give the feature rank C(Dk + p_degree, "
+                             f"p_degree) = {k:,}, above tensorattn.poly.MAX_RANK = {MAX_RANK:,}; lower p_degree or "
+                             "set a smaller p_key_dim")
+
+    def _check_sizes(self) -> None:
+        """Refuse sizes that would exhaust memory, before anything is allocated (MAX_ACTIVATION, MAX_PARAMS,
+        MAX_EVAL_TOKENS), naming the size, the limit and the keys to change."""
+        bs = self.batch_size
+        if self.task == "mfeat":
+            from .data import MFEAT_VIEWS
+
+            seq, seq_key = self.mfeat_tokens * len(self.mfeat_views), "mfeat_tokens"
+            width, width_keys = max(self.dim, self.hidden), "dim/hidden"
+            feats = sum(MFEAT_VIEWS.get(v, 0) for v in self.mfeat_views)
+            params = feats * self.dim + 6 * self.dim * self.dim + self.hidden * (feats + seq * self.dim + self.hidden)
+        else:
+            hd, th, thd = self._head_dims()
+            seq, seq_key = (self.match3_n, "match3_n") if self.task == "match3" else (self.block_size, "block_size")
+            width, width_keys = self.dim * max(1, self.mlp_ratio), "dim/mlp_ratio"
+            vocab = (self.match3_m or round(0.7 * self.match3_n ** 2)) if self.task == "match3" else 256
+            per_layer = 2 * self.mlp_ratio * self.dim ** 2 + max(4 * self.dim * self.n_heads * hd,
+                                                                  6 * self.dim * th * thd)
+            params = self.n_layer * per_layer + (2 * vocab + seq) * self.dim
+        checks = [
+            (bs * seq * width, MAX_ACTIVATION, "MAX_ACTIVATION",
+             f"one activation [batch_size, seq_len, width] = [{bs}, {seq}, {width}]", f"batch_size, {seq_key} or "
+             f"{width_keys}", max(1, MAX_ACTIVATION // max(1, seq * width))),
+            (params, MAX_PARAMS, "MAX_PARAMS", "the model's parameter count (estimated)",
+             "dim, n_layer, mlp_ratio, the head counts and dims" + (", match3_n" if self.task == "match3" else ""),
+             None),
+        ]
+        if self.task == "match3":  # labels are computed from [batch_size, n, n] pair sums
+            checks.append((bs * seq * seq, MAX_ACTIVATION, "MAX_ACTIVATION",
+                           f"the match3 pair sums [batch_size, match3_n, match3_n] = [{bs}, {seq}, {seq}]",
+                           "batch_size or match3_n", max(1, MAX_ACTIVATION // max(1, seq * seq))))
+        if self.task != "mfeat":
+            checks.append((self.eval_batches * bs * seq, MAX_EVAL_TOKENS, "MAX_EVAL_TOKENS",
+                           f"the validation set eval_batches x batch_size x seq_len = {self.eval_batches} x {bs} x "
+                           f"{seq} tokens", f"eval_batches, batch_size or {seq_key}",
+                           max(1, MAX_EVAL_TOKENS // max(1, self.eval_batches * seq))))
+        for size, limit, lname, what, keys, bs_max in checks:
+            if size > limit:
+                hint = f" (batch_size at most {bs_max} with the other keys as they are)" if bs_max and bs > bs_max \
+                    else ""
+                raise ValueError(f"config sizes too large: {what} has {size:,} elements, above the limit {limit:,} "
+                                 f"({lname} in tensorattn.train); lower {keys}{hint}")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -267,25 +372,39 @@ def _seq_model(cfg: TrainConfig, vocab: int, n_out: int, causal: bool, pos: str,
                        pos=pos, mlp_ratio=cfg.mlp_ratio, backend=cfg.backend, p_backend=cfg.p_backend)
 
 
+@functools.lru_cache(maxsize=None)
+def _balanced_modulus(n: int, distinct: bool):
+    from .data import match3_modulus
+
+    return match3_modulus(n, distinct=distinct, samples=2048)
+
+
 class Match3Task(Task):
-    """Per-token binary labels; a fresh batch every step; a fixed validation set (same for every seed)."""
+    """Per-token binary labels; a fresh batch every step; a fixed validation set (same for every seed).
+
+    ``info`` (recorded in ``summary.json``) holds the modulus used, its measured positive rate, and the accuracy of
+    the majority class and of the pairwise shortcut rule on the validation set (the baselines of every table)."""
 
     def __init__(self, cfg: TrainConfig, device):
-        from .data import match3_batch
+        from .data import match3_baselines, match3_batch
 
         self.cfg, self.device = cfg, device
-        self.n = cfg.match3_n
-        self.m = cfg.match3_m or round(0.7 * self.n ** 2)
+        self.n, self.distinct = cfg.match3_n, cfg.match3_distinct
+        self.m = cfg.match3_m or _balanced_modulus(self.n, self.distinct)[0]
         self.tokens_per_batch = cfg.batch_size * self.n
         g = torch.Generator().manual_seed(1234)
-        self.val = [match3_batch(self.n, self.m, cfg.batch_size, g) for _ in range(cfg.eval_batches)]
-        self._sample = match3_batch
+        self.val = [match3_batch(self.n, self.m, cfg.batch_size, g, distinct=self.distinct)
+                    for _ in range(cfg.eval_batches)]
+        xs, ys = torch.cat([x for x, _ in self.val]), torch.cat([y for _, y in self.val])
+        self.info = dict(match3_m=self.m, match3_distinct=self.distinct, **match3_baselines(xs, ys, self.m))
 
     def build_model(self):
         return _seq_model(self.cfg, self.m, 2, causal=False, pos="none", block=self.n)
 
     def train_batch(self, gen):
-        return self._sample(self.n, self.m, self.cfg.batch_size, gen)
+        from .data import match3_batch
+
+        return match3_batch(self.n, self.m, self.cfg.batch_size, gen, distinct=self.distinct)
 
     def loss(self, model, batch):
         x, y = (t.to(self.device) for t in batch)
@@ -325,6 +444,16 @@ class KJVTask(Task):
     def build_model(self):
         return _seq_model(self.cfg, self.data.vocab_size, self.data.vocab_size, causal=True, pos=self.cfg.pos,
                           block=self.cfg.block_size)
+
+    def encode(self, text: str) -> List[int]:
+        """Token ids of ``text`` (characters of the training vocabulary only)."""
+        bad = sorted(set(text) - set(self.data.stoi))
+        if bad:
+            raise ValueError(f"the prompt has characters outside the KJV vocabulary: {bad!r}")
+        return [self.data.stoi[c] for c in text]
+
+    def decode(self, ids) -> str:
+        return self.data.decode(ids)
 
     def train_batch(self, gen):
         return self.data.batch("train", self.cfg.batch_size, self.cfg.block_size, gen)
@@ -384,6 +513,15 @@ def build_task(cfg: TrainConfig, device="cpu") -> Task:
     return {"match3": Match3Task, "kjv": KJVTask, "mfeat": MfeatTask}[cfg.task](cfg, torch.device(device))
 
 
+def _build(cfg: TrainConfig, device):
+    """The task and its model; a ValueError/TypeError there comes from the config (a ConfigError)."""
+    try:
+        task = build_task(cfg, device)
+        return task, task.build_model()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"the config does not make a valid {cfg.task} model or data set: {e}") from None
+
+
 # ---------------------------------------------------------------------------------------------- training
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
@@ -398,8 +536,24 @@ def _device(cfg: TrainConfig) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(cfg.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"config key 'device' is {cfg.device!r} but CUDA is not available here")
+        raise ConfigError(f"config key 'device' is {cfg.device!r} but CUDA is not available here; use device=cpu "
+                          "or device=auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"config key 'device' is {cfg.device!r} but this machine has {torch.cuda.device_count()} "
+                          f"CUDA device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return dev
+
+
+def _check_out_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out_dir)
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            what = "is" if p == out else f"is inside {str(p)!r}, which is"
+            raise ConfigError(f"config key 'out_dir' ({cfg.out_dir!r}) {what} a file, not a directory; choose "
+                              "another out_dir")
+        if p.exists():
+            break
+    return out
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -420,19 +574,43 @@ def _default(key: str) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint a run resumes from (they will be logged again)."""
+def _truncate_metrics(path: Path, step: int) -> List[Dict[str, Any]]:
+    """Drop lines logged after the checkpoint a run resumes from (they will be logged again), and lines that
+    are not metrics records (a line torn by a crash mid-append, a hand edit: skipped with a warning naming
+    the file and line). Returns the records kept."""
     if not path.exists():
-        return
-    keep = []
-    for ln in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(ln)
-        except json.JSONDecodeError:  # a line torn by a crash mid-append: it is logged again after the resume
-            continue
-        if rec["step"] <= step:
-            keep.append(ln)
-    atomic_write(path, lambda f: f.write("".join(ln + "\n" for ln in keep)))
+        return []
+    keep = [(ln, rec) for ln, rec in read_metrics_lines(path) if rec["step"] <= step]
+    atomic_write(path, lambda f: f.write("".join(ln + "\n" for ln, _ in keep)))
+    return [rec for _, rec in keep]
+
+
+# entries of a train checkpoint besides "model" and "optimizer" (or the older "opt"), with their types
+_CKPT_ENTRIES = {"config": dict, "gen": torch.Tensor, "torch_rng": torch.Tensor, "step": int, "acc_loss": float,
+                 "acc_n": int, "train_time": float, "tokens": int}
+
+
+def _check_train_checkpoint(ck: Dict[str, Any], path: Path) -> None:
+    """A checkpoint read safely is also one that ``train`` wrote: its entries present and of their types."""
+    missing = [k for k in _CKPT_ENTRIES if k not in ck] + ([] if ("optimizer" in ck or "opt" in ck) else ["optimizer"])
+    if missing:
+        raise td.CheckpointError(f"checkpoint {path} is not a checkpoint of tensorattn train: it lacks the entries "
+                                 f"{missing}{_RESUME_HINT}")
+    for k, t in _CKPT_ENTRIES.items():
+        v = ck[k]
+        ok = (isinstance(v, (int, float)) if t is float else isinstance(v, t)) and not isinstance(v, bool)
+        if t is torch.Tensor and ok:
+            ok = v.dtype == torch.uint8 and v.dim() == 1
+        if t is int and ok:
+            ok = v >= 0
+        if not ok:
+            want = "a 1-D uint8 tensor (an RNG state)" if t is torch.Tensor else f"a {t.__name__}"
+            raise td.CheckpointError(f"checkpoint {path} is corrupt: entry {k!r} must be {want}, got "
+                                     f"{type(v).__name__} {v!r:.60}{_RESUME_HINT}")
+    opt = ck.get("optimizer", ck.get("opt"))
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
+        raise td.CheckpointError(f"checkpoint {path} is corrupt: its optimizer entry is not an optimizer state dict "
+                                 f"(with 'state' and 'param_groups'){_RESUME_HINT}")
 
 
 def _optim_state_as(state: Dict[str, Any], order: List[str], by_name: bool) -> Dict[str, Any]:
@@ -487,6 +665,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     this invocation's steps). A process group created here is destroyed at the end.
     """
     cfg.validate()
+    _check_out_dir(cfg)
     info = _init_dist(cfg)
     try:
         return _train(cfg, info)
@@ -513,14 +692,19 @@ def _train(cfg: TrainConfig, info: "td.DistInfo") -> Dict[str, Any]:
     def autocast():
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    out = Path(cfg.out_dir)
+    out = _check_out_dir(cfg)
     if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"config key 'out_dir' ({cfg.out_dir!r}) cannot be made a directory: "
+                              f"{e.strerror or e}") from None
+        remove_stale_temps(out, RUN_FILES)  # what a kill during an atomic write left behind
     ckpt_path, metrics_path = out / "ckpt.pt", out / "metrics.jsonl"
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    task = build_task(cfg, device)
-    model = task.build_model().to(device)
+    task, model = _build(cfg, device)
+    model = model.to(device)
     n_params = param_count(model)
     model = td.wrap_model(model, cfg.strategy)  # unchanged without a process group
     opt = _optimizer(cfg, td.unwrap_model(model))  # after wrapping (FSDP2 replaces the parameters)
@@ -532,24 +716,28 @@ def _train(cfg: TrainConfig, info: "td.DistInfo") -> Dict[str, Any]:
     last: Dict[str, Any] = {}  # the latest value of every logged metric
 
     if cfg.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # every rank reads it
+        # every rank reads it; tensors and plain data only (a crafted pickle is refused unread)
+        ck = td.read_checkpoint(ckpt_path, check_finite=True, hint=_RESUME_HINT)
+        _check_train_checkpoint(ck, ckpt_path)
         old = ck["config"]
         diff = [k for k in _FIELDS if k not in _RESUMABLE and old.get(k, _default(k)) != getattr(cfg, k)]
         if diff:
             raise ValueError(f"cannot resume {ckpt_path}: config key(s) {diff} differ from the checkpoint's "
                              f"({', '.join(f'{k}: checkpoint {old.get(k)!r}, now {getattr(cfg, k)!r}' for k in diff)}); "
                              "use another out_dir or resume=false")
-        # "opt": checkpoints written before train.py used tensorattn.distributed.save_checkpoint
-        ck["optimizer"] = _optim_state_as(ck.pop("optimizer", None) or ck.pop("opt"), opt_order, by_name)
-        ck = td.load_checkpoint(ck, model=model, optimizer=opt)  # the entries other than model/optimizer
-        gen.set_state(ck["gen"])
-        torch.set_rng_state(ck["torch_rng"])
+        try:
+            # "opt": checkpoints written before train.py used tensorattn.distributed.save_checkpoint
+            ck["optimizer"] = _optim_state_as(ck.pop("optimizer", None) or ck.pop("opt"), opt_order, by_name)
+            ck = td.load_checkpoint(ck, model=model, optimizer=opt)  # the entries other than model/optimizer
+            gen.set_state(ck["gen"])
+            torch.set_rng_state(ck["torch_rng"])
+        except (ValueError, RuntimeError) as e:  # CheckpointError included
+            raise td.CheckpointError(f"cannot resume from checkpoint {ckpt_path}: {e}{_RESUME_HINT}") from None
         step, acc_loss, acc_n = ck["step"], ck["acc_loss"], ck["acc_n"]
         train_time, tokens = ck["train_time"], ck["tokens"]
         if main_rank:
-            _truncate_metrics(metrics_path, step)
-            for ln in metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.exists() else []:
-                last.update(json.loads(ln))
+            for rec in _truncate_metrics(metrics_path, step):
+                last.update(rec)
     elif main_rank and metrics_path.exists():
         metrics_path.unlink()  # a fresh run starts a fresh log
     if main_rank:
@@ -623,10 +811,47 @@ def _train(cfg: TrainConfig, info: "td.DistInfo") -> Dict[str, Any]:
     summary = {"step": step, "finished": step >= cfg.steps, "params": n_params, "tokens": tokens,
                "train_time_s": train_time, "tokens_per_s": tokens / max(train_time, 1e-9),
                "final": {k: v for k, v in last.items() if k.startswith(("val_", "test_", "train_loss"))},
-               "config": dataclasses.asdict(cfg), "machine": machine_info(device), "world_size": W}
+               "config": dataclasses.asdict(cfg), "task_info": getattr(task, "info", {}),
+               "machine": machine_info(device), "world_size": W}
     if main_rank:
         atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def load_run(out_dir, *, device="cpu"):
+    """``(config, task, model)`` of a ``tensorattn train`` run directory: the config from ``config.json``, the task
+    it names and the model with the weights of ``ckpt.pt`` (loaded with ``weights_only=True``), in eval mode on
+    ``device``. Errors name the file: a missing or unreadable ``config.json``, a missing or corrupt checkpoint."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise FileNotFoundError(f"run directory {str(out)!r} does not exist")
+    cfg_path, ckpt_path = out / "config.json", out / "ckpt.pt"
+    try:
+        values = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the run's config {cfg_path}: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object of config keys, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"{cfg_path} has unknown config keys {unknown} (a run of another tensorattn version?)")
+    cfg = TrainConfig(**{k: _coerce(k, v, f"in {cfg_path}") for k, v in values.items()})
+    cfg.device = str(torch.device(device))
+    cfg.validate()
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"run directory {str(out)!r} has no checkpoint ckpt.pt (was it trained?)")
+    task = build_task(cfg, device)
+    model = task.build_model().to(device)
+    ck = td.read_checkpoint(ckpt_path)
+    try:
+        model.load_state_dict(ck["model"])
+    except (KeyError, RuntimeError) as e:
+        raise td.CheckpointError(f"checkpoint {ckpt_path} does not fit the run's model: {_first(e)}") from None
+    return cfg, task, model.eval()
+
+
+def _first(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -641,7 +866,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"tensorattn train: {e}", file=sys.stderr)
         return 2
-    s = train(cfg)
+    try:
+        s = train(cfg)
+    except (ConfigError, td.CheckpointError) as e:  # found at run time: no device, a bad out_dir or checkpoint
+        print(f"tensorattn train: {e}", file=sys.stderr)
+        return 2
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return 0
     print(json.dumps({"out_dir": cfg.out_dir, "params": s["params"], "tokens_per_s": round(s["tokens_per_s"]),

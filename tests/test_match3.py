@@ -73,3 +73,19 @@ def test_bad_arguments_are_named():
         match3_modulus(2)
     with pytest.raises(ValueError, match="target"):
         match3_modulus(8, target=1.5)
+
+
+@pytest.mark.parametrize("distinct", [False, True])
+def test_training_records_the_modulus_and_the_baselines(tmp_path, distinct):
+    import json
+
+    from tensorattn.train import TrainConfig, train
+
+    out = tmp_path / "run"
+    train(TrainConfig(task="match3", match3_n=6, match3_distinct=distinct, dim=16, n_heads=2, batch_size=8,
+                      steps=1, eval_every=1, eval_batches=2, progress=False, out_dir=str(out)))
+    info = json.loads((out / "summary.json").read_text())["task_info"]
+    m, _ = match3_modulus(6, distinct=distinct, samples=2048)
+    assert info["match3_m"] == m and info["match3_distinct"] is distinct
+    assert 0.35 < info["positive_rate"] < 0.65 and info["majority"] >= 0.5
+    assert (info["pairwise_rule"] > 0.65) is (not distinct)
