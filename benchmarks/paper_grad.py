@@ -40,7 +40,7 @@ from tensorattn.features import rank  # noqa: E402
 
 
 def make_problem(n: int, d: int, seed: int = 0):
-    """Bounded float64 inputs: logits stay within about ±1 (the regime of SPEC §4.4)."""
+    """Bounded float64 inputs: logits stay within about ±1 (the bounded regime of the paper)."""
     g = torch.Generator().manual_seed(seed)
     A = [torch.randn(n, d, generator=g, dtype=torch.float64) * 0.5 for _ in range(5)]
     W = [torch.randn(d, d, generator=g, dtype=torch.float64) * (0.8 / math.sqrt(d)) for _ in range(5)]

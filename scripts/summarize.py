@@ -72,7 +72,7 @@ def grad_agreement(run: Path, degrees=(2, 4), n_batches: int = 2):
             return torch.cat([p.grad.flatten() for p in model.parameters()])
 
         ge = grads(exact)
-        # the score range decides how well a low-degree polynomial matches exp (SPEC.md §7)
+        # the score range decides how well a low-degree polynomial matches exp (docs/math.md#degree)
         attn = exact.blocks[0].attn
         with torch.no_grad():
             x = exact.blocks[0].ln1(exact.tok(batches[0][0]))

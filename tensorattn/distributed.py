@@ -7,7 +7,7 @@ v2``; rank 0 holds the first positions, rank ``W - 1`` the last. Shards may have
 (``T_r >= 1``); the result on each rank is the corresponding rows of the single-process result, and the
 gradients with respect to the local shards are the corresponding rows of the single-process gradients.
 
-* :func:`cp_poly_tensor_attn` (polynomial method, SPEC §4.2 and §6). The polynomial softmax factorises
+* :func:`cp_poly_tensor_attn` (polynomial method, docs/math.md#non-causal and docs/math.md#causal). The polynomial softmax factorises
   through fixed-size states per key/value head::
 
       S2 = sum_j U2[j] ⊗ V1[j]   [k, Dv]      z2 = sum_j U2[j]   [k]
@@ -702,7 +702,7 @@ def _poly_features(q, k1, k2, degree: int, scale: float):
     """``(U1, U2, U3)``: the feature maps of :mod:`tensorattn.poly` (its ``_Feat``), in its accumulation dtype.
 
     ``U1[i] · (U2[j1] ∘ U3[j2]) = P(scale · <q_i, k1_j1 ∘ k2_j2>)`` with ``P`` the degree-``g`` Taylor
-    polynomial of exp (SPEC §4.1): ``U1[i, β] = (scale q_i)^β / β!``, ``U2[j, β] = k1_j^β``, ``U3[j, β] = k2_j^β``.
+    polynomial of exp (docs/math.md#polynomial): ``U1[i, β] = (scale q_i)^β / β!``, ``U2[j, β] = k1_j^β``, ``U3[j, β] = k2_j^β``.
     """
     from .poly import _acc, _Feat
 

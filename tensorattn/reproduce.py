@@ -251,7 +251,7 @@ def section_correctness(rep: Report) -> Section:
     ratios = [a / b for a, b in zip(grad_errs, grad_errs[1:]) if b > 0]
     s.text.append(f"The closed-form gradient agrees with autograd to rounding. The fast gradient's error falls by "
                   f"a factor of {', '.join(fmt(x) for x in ratios)} per step of the degree "
-                  f"({' → '.join(str(g) for g in p.corr_degrees)}); SPEC §7 (v) expects 25-100× per +2 when "
+                  f"({' → '.join(str(g) for g in p.corr_degrees)}); the polynomial method expects 25-100× per +2 when "
                   f"|logits| ≤ 1.")
     s.data = {"rows": rows, "grad_err_by_degree": dict(zip(p.corr_degrees, grad_errs)),
               "fwd_err_by_degree": dict(zip(p.corr_degrees, fwd_errs))}
@@ -383,7 +383,7 @@ def section_cost(rep: Report, progress) -> Section:
 
 def _taylor_bound_degree(radius: float, eps: float) -> int:
     """Smallest even g with R^(g+1) e^(2R) / (g+1)! <= eps: Taylor's remainder bound on the relative error of
-    exp on [-R, R] in exact arithmetic (SPEC §7). Used where float64 cannot measure the error any more."""
+    exp on [-R, R] in exact arithmetic (docs/math.md#degree). Used where float64 cannot measure the error any more."""
     g = 2
     while (g + 1) * math.log(max(radius, 1e-300)) + 2 * radius - math.lgamma(g + 2) > math.log(eps):
         g += 2

@@ -59,7 +59,7 @@ def test_rank_table(dg):
     assert rank(d, g, order=3) == mono  # exact monomials: the rank does not depend on the order
     assert rank(d, g, kind="paper") == paper
     assert rank(d, g, kind="kronecker") == kron
-    # SPEC §7 rounds the paper-style bound to 3 digits
+    # docs/math.md#rank-table rounds the paper-style bound to 3 digits
     assert rank(d, g, order=1, kind="paper") == math.comb(2 * (g + d), 2 * g)
 
 
@@ -106,7 +106,7 @@ def test_monomial_features_autograd_and_batch_dims():
 
 
 # ---------------------------------------------------------------- coefficient families and degrees
-# radius -> degrees for eps = 1e-3 / 1e-6 / 1e-9 (SPEC §7)
+# radius -> degrees for eps = 1e-3 / 1e-6 / 1e-9 (docs/math.md#degree)
 TAYLOR = {0.5: (4, 7, 9), 1.0: (6, 9, 12), 2.0: (10, 14, 17), 4.0: (17, 21, 25)}
 CHEB = {0.5: (3, 6, 8), 1.0: (5, 7, 10), 2.0: (7, 10, 13), 4.0: (11, 15, 18)}
 
@@ -131,7 +131,7 @@ def test_degree_for_positive_taylor_is_even():
 def test_taylor_errors_match_spec():
     assert max_rel_error(taylor_coefficients(8), 1.0) == pytest.approx(6.8e-6, rel=0.01)
     assert max_rel_error(taylor_coefficients(6), 0.5) == pytest.approx(2.4e-6, rel=0.01)
-    # the remainder bound R^{g+1} e^{2R} / (g+1)! of SPEC §7 holds
+    # the remainder bound R^{g+1} e^{2R} / (g+1)! (docs/math.md#degree) holds
     assert max_rel_error(taylor_coefficients(8), 1.0) <= math.e ** 2 / math.factorial(9)
 
 
@@ -213,7 +213,7 @@ def test_logit_bounds_contain_every_logit(order):
     lo, hi = logit_bounds(q, ks, scale)
     assert lo.dtype == F64 and lo.shape == (9,)
     assert bool((z >= lo[:, None] - 1e-12).all()) and bool((z <= hi[:, None] + 1e-12).all())
-    # never looser than the symmetric bound sum_l |q_il| prod_r max|k_r[:, l]| of SPEC §6
+    # never looser than the symmetric bound sum_l |q_il| prod_r max|k_r[:, l]|
     sym = scale * q.abs() @ torch.stack([k.abs().max(0).values for k in ks]).prod(0)
     assert bool((hi - lo <= 2 * sym + 1e-12).all())
 

@@ -102,7 +102,7 @@ def test_intermediates_consistent():
     As, E, Ws = problem(11, 5, 3)
     I = paper.closed_form_intermediates(*As, E, *Ws)
     torch.testing.assert_close(I["f"].sum(-1), torch.ones(5, dtype=F64))  # softmax rows
-    torch.testing.assert_close(I["r"], (I["c"] * (I["f"] @ I["h"])).sum(-1))  # SPEC §7 (iii)
+    torch.testing.assert_close(I["r"], (I["c"] * (I["f"] @ I["h"])).sum(-1))  # r = rowsum(c ∘ output)
     torch.testing.assert_close(I["p"], I["p1"] - I["p2"])
     torch.testing.assert_close(I["p"].sum(-1), torch.zeros(5, dtype=F64))  # softmax backward rows sum to 0
     torch.testing.assert_close(I["G"], paper.loss_grad(*As, E, *Ws))

@@ -77,7 +77,7 @@ def test_fast_is_accurate_in_report(report):
 def test_helpers():
     assert abs(slope([1, 2, 4, 8], [3, 24, 192, 1536]) - 3) < 1e-12
     assert math.isnan(slope([1], [1]))
-    g = _taylor_bound_degree(1.0, 2.1e-5)  # SPEC §7: R=1, g=8 gives a bound of 2.0e-5
+    g = _taylor_bound_degree(1.0, 2.1e-5)  # R=1, g=8 gives a bound of 2.0e-5
     assert g == 8
 
 
