@@ -12,7 +12,8 @@ inputs are on the CPU (``check_finite=None``, the default), always with ``check_
 
 Flags are bools (Python or numpy bools, :func:`check_bool`): a string such as ``"False"`` is refused rather
 than read by its truthiness. Every check here looks at types, shapes and dtypes only (static, so traceable
-by ``torch.compile``), except the optional non-finite check.
+by ``torch.compile``), except the optional non-finite check, which is skipped while ``torch.compile`` traces
+(:func:`values_checkable` says why).
 """
 from __future__ import annotations
 
@@ -136,10 +137,27 @@ def check_scale(scale, head_dim: int, *, dtype: Optional[torch.dtype] = None) ->
     return float(scale)
 
 
+def values_checkable() -> bool:
+    """Whether a check that reads tensor *values* (NaN/Inf, token-id range) may run here: not while
+    ``torch.compile`` traces (:func:`torch.compiler.is_compiling`).
+
+    Why the value checks are skipped under tracing: they branch in Python on a tensor's contents
+    (``bool(torch.isfinite(x).all())``), which a graph cannot express; dynamo would break the graph there (and
+    ``fullgraph=True`` would fail), splitting every layer into pieces. The shape, dtype and device checks stay
+    (they are static and traced as guards). A compiled model therefore does not refuse NaN/Inf inputs or bad
+    token ids itself: run the eager model (or the check functions) on suspect data."""
+    return not torch.compiler.is_compiling()
+
+
 def maybe_check_finite(flag: Optional[bool], names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
     """``check_finite`` policy of the public ops: ``True`` always, ``False`` never, ``None`` only for CPU tensors
-    (on a GPU the check costs a device synchronisation per call)."""
+    (on a GPU the check costs a device synchronisation per call).
+
+    Skipped (whatever the flag) while ``torch.compile`` traces, because the check is data-dependent and would
+    break the graph (:func:`values_checkable` gives the reason), and for meta tensors, which have no values."""
     flag = check_optional_bool("check_finite", flag)
+    if not values_checkable() or xs[0].device.type == "meta":
+        return
     if flag or (flag is None and xs[0].device.type == "cpu"):
         check_finite(names, xs)
 

@@ -7,6 +7,7 @@ that supports a problem; a forced choice that does not fit, or a problem no back
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -37,10 +38,22 @@ def no_autocast(fn):
     @functools.wraps(fn)
     def wrapper(ctx, *args):
         device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
-        with torch.autocast(device, enabled=False):
+        with autocast_off(device):
             return fn(ctx, *args)
 
     return wrapper
+
+
+def autocast_off(device_type: str):
+    """``torch.autocast(device_type, enabled=False)`` where autocast exists for that device type, else a no-op
+    context (the meta device has no autocast: ``torch.autocast("meta", ...)`` raises ``unsupported scalarType``,
+    and there is nothing to turn off there)."""
+    available = getattr(torch.amp, "is_autocast_available", None)
+    if available is not None and not available(device_type):
+        return contextlib.nullcontext()
+    if available is None and device_type not in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 class _DoubleBackwardError(torch.autograd.Function):
@@ -55,9 +68,32 @@ class _DoubleBackwardError(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *_):
-        raise RuntimeError(f"{ctx.op} does not support double backward: its backward is hand-written and not "
-                           "differentiable, so the gradient of its gradient (create_graph=True, then a second "
-                           "backward; gradgradcheck; Hessian-vector products) would be wrong")
+        raise RuntimeError(double_backward_message(ctx.op))
+
+
+def double_backward_message(op: str) -> str:
+    """The error of a double backward through ``op`` (shared by the autograd Functions and the custom ops)."""
+    return (f"{op} does not support double backward: its backward is hand-written and not differentiable, so the "
+            "gradient of its gradient (create_graph=True, then a second backward; gradgradcheck; Hessian-vector "
+            "products) would be wrong")
+
+
+def refuse_double_backward_op(backward_op, op: str) -> None:
+    """For a ``torch.library.custom_op`` that computes a hand-written backward: register its autograd so that
+    differentiating its outputs (a double backward of ``op``) raises a ``RuntimeError`` naming ``op``.
+
+    The custom-op counterpart of :func:`refuse_double_backward`: under ``create_graph=True`` the backward op is
+    called with the saved inputs and the incoming gradients, so its outputs are connected to both and a second
+    differentiation (with respect to either) reaches this formula, which raises instead of treating the
+    gradients as constants."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(double_backward_message(op))
+
+    backward_op.register_autograd(backward, setup_context=setup_context)
 
 
 def refuse_double_backward(op: str):

@@ -20,15 +20,18 @@ the forward saves for the backward is in natural log, ``[B, Hq, T]``, float32 (f
 from __future__ import annotations
 
 import importlib
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from . import exact_torch
 from ._validate import check_attn_inputs, check_bool, check_scale
-from .dispatch import Backend, choose, no_autocast, refuse_double_backward, triton_device_reasons
+from .dispatch import (Backend, autocast_off, choose, no_autocast, refuse_double_backward, refuse_double_backward_op,
+                       triton_device_reasons)
+from .naive import acc_dtype
 
-__all__ = ["tensor_attn", "TensorAttnFunction", "BACKENDS", "AUTO_BACKENDS", "choose_backend"]
+__all__ = ["tensor_attn", "TensorAttnFunction", "BACKENDS", "AUTO_BACKENDS", "choose_backend", "exact_fwd_op",
+           "exact_bwd_op"]
 
 
 class NaiveBackend(Backend):
@@ -132,6 +135,67 @@ class TensorAttnFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+# --------------------------------------------------------------------------------------------------
+# Custom ops (torch.library): what tensor_attn calls, so that torch.compile traces it as one opaque node
+# --------------------------------------------------------------------------------------------------
+def _window(window: Optional[List[int]]):
+    return None if window is None else (int(window[0]), int(window[1]))
+
+
+@torch.library.custom_op("tensorattn::exact_fwd", mutates_args=())
+def exact_fwd_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, scale: float,
+                 causal: bool, window: Optional[List[int]], backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward of :func:`tensor_attn` on the named backend (inputs validated by the caller): ``(o [B, T, Hq, Dv]``
+    in the input dtype, ``lse [B, Hq, T]`` natural log in the accumulation dtype), both contiguous. Runs with
+    autocast off (see :func:`tensorattn.dispatch.no_autocast`)."""
+    with autocast_off(q.device.type):
+        o, lse = BACKENDS[backend].fwd(q, k1, k2, v1, v2, scale=scale, causal=causal, window=_window(window))
+    return o.contiguous(), lse.contiguous()
+
+
+@exact_fwd_op.register_fake
+def _exact_fwd_fake(q, k1, k2, v1, v2, scale, causal, window, backend):
+    B, T, Hq, _ = q.shape
+    return (q.new_empty(B, T, Hq, v1.shape[3]), q.new_empty(B, Hq, T, dtype=acc_dtype(q.dtype)))
+
+
+@torch.library.custom_op("tensorattn::exact_bwd", mutates_args=())
+def exact_bwd_op(do: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor,
+                 v2: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
+                 window: Optional[List[int]], backend: str
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`tensor_attn`: ``(dq, dk1, dk2, dv1, dv2)`` in the inputs' dtypes, contiguous. Not
+    differentiable: differentiating its outputs raises (a double backward of ``tensor_attn``)."""
+    with autocast_off(q.device.type), torch.no_grad():
+        grads = BACKENDS[backend].bwd(do.contiguous(), q, k1, k2, v1, v2, o, lse, scale=scale, causal=causal,
+                                      window=_window(window))
+    return tuple(g.contiguous() for g in grads)
+
+
+@exact_bwd_op.register_fake
+def _exact_bwd_fake(do, q, k1, k2, v1, v2, o, lse, scale, causal, window, backend):
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k1, k2, v1, v2))
+
+
+def _exact_setup_context(ctx, inputs, output):
+    q, k1, k2, v1, v2, scale, causal, window, backend = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k1, k2, v1, v2, o, lse)
+    ctx.mark_non_differentiable(lse)
+    ctx.cfg = (scale, causal, window, backend)
+
+
+def _exact_backward(ctx, do, _dlse):
+    q, k1, k2, v1, v2, o, lse = ctx.saved_tensors
+    scale, causal, window, backend = ctx.cfg
+    grads = exact_bwd_op(do, q, k1, k2, v1, v2, o, lse, scale, causal, window, backend)
+    return (*grads, None, None, None, None)
+
+
+exact_fwd_op.register_autograd(_exact_backward, setup_context=_exact_setup_context)
+refuse_double_backward_op(exact_bwd_op, "tensor_attn")
+
+
 def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, *,
                 scale: Optional[float] = None, causal: bool = False, window=None, backend: str = "auto",
                 check_finite: Optional[bool] = None) -> torch.Tensor:
@@ -163,6 +227,12 @@ def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
 
     Differentiable once: double backward raises a ``RuntimeError`` on every backend.
 
+    ``torch.compile(fullgraph=True)`` traces it without graph breaks: the validation below is static (shapes,
+    dtypes, devices) except the non-finite check, which is skipped while compiling
+    (:func:`tensorattn._validate.values_checkable`), and the computation is the custom op
+    ``torch.ops.tensorattn.exact_fwd`` (backward ``torch.ops.tensorattn.exact_bwd``), one opaque node each, with
+    fake (meta) implementations: meta inputs give a meta output of the right shape.
+
     Returns:
         ``o``: ``[B, T, Hq, Dv]`` in the input dtype (accumulated in float32; float64 for float64 inputs).
 
@@ -186,4 +256,7 @@ def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
     problem = dict(device=q.device, dtype=q.dtype, head_dim=D, head_dim_v=Dv, seq_len=T, seq_len_k1=S1,
                    seq_len_k2=S2, heads_q=Hq, heads_kv=Hkv, causal=causal, window=win)
     be = choose_backend(backend, problem)
-    return TensorAttnFunction.apply(q, k1, k2, v1, v2, scale, causal, win, be)
+    if be.name not in BACKENDS or BACKENDS[be.name] is not be:  # a backend object not registered by name
+        return TensorAttnFunction.apply(q, k1, k2, v1, v2, scale, causal, win, be)
+    o, _ = exact_fwd_op(q, k1, k2, v1, v2, scale, causal, None if win is None else list(win), be.name)
+    return o

@@ -16,11 +16,13 @@ Semantics of the ops (score, joint softmax over pairs, visibility, GQA) are thos
 Checks: constructor sizes are ints ``>= 1`` and flags are bools (numpy bools accepted); ``forward`` checks
 that ``x, y, z`` are floating ``[B, T, dim]`` tensors with one batch size, on the parameters' device and (outside
 autocast) of their dtype, and, by the library's non-finite rule, refuses NaN/Inf inputs on the CPU
-(``check_finite=None``; ``True``/``False`` to always/never check).
+(``check_finite=None``; ``True``/``False`` to always/never check), except while ``torch.compile`` traces.
+
+``torch.compile(layer, fullgraph=True)`` traces every layer's forward (no cache) without graph breaks: the ops
+are custom ops (``torch.ops.tensorattn.*``), one opaque node each; meta tensors give meta outputs.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
@@ -30,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validate import check_bool, check_optional_bool, check_tensor, maybe_check_finite, normalize_window
-from .naive import naive_tensor_attn
+from .exact import tensor_attn
+from .poly import PolyTensorAttnState, poly_tensor_attn, poly_tensor_attn_step
 
 __all__ = ["RotaryEmbedding", "SoftmaxAttention", "TensorAttention", "PolyTensorAttention", "DecodeCache", "tensor_ops"]
 
@@ -108,31 +111,12 @@ def _cached_tensor_attn(q, k1, k2, v1, v2, q_pos0: int, window, scale: Optional[
 
 
 
-@functools.lru_cache(maxsize=None)
 def tensor_ops() -> Tuple[Callable, Optional[Callable]]:
-    """``(exact_op, poly_op)``: the library's ops where their modules exist, else fallbacks.
+    """``(exact_op, poly_op)``: :func:`tensorattn.exact.tensor_attn` and :func:`tensorattn.poly.poly_tensor_attn`.
 
-    The exact op falls back to the differentiable reference :func:`naive_tensor_attn` (same
-    semantics, ``backend`` must then be ``"auto"`` or ``"naive"``); the poly op has no stand-in and
-    is ``None`` while ``tensorattn.poly`` is absent. This is the only place that knows about it.
-    """
-    try:
-        from .exact import tensor_attn as exact
-    except ModuleNotFoundError as e:
-        if e.name != "tensorattn.exact":  # a broken import inside it is a real error
-            raise
-
-        def exact(q, k1, k2, v1, v2, *, scale=None, causal=False, window=None, backend="auto"):
-            if backend not in ("auto", "naive"):
-                raise ValueError(f"backend must be 'auto' or 'naive' while tensorattn.exact is absent, got {backend!r}")
-            return naive_tensor_attn(q, k1, k2, v1, v2, scale=scale, causal=causal, window=window)
-    try:
-        from .poly import poly_tensor_attn as poly
-    except ModuleNotFoundError as e:
-        if e.name != "tensorattn.poly":
-            raise
-        poly = None
-    return exact, poly
+    Kept for callers of the old helper (which looked for modules that now always exist); the layers import
+    the ops directly, which ``torch.compile`` traces without the warning an ``lru_cache``d helper gave."""
+    return tensor_attn, poly_tensor_attn
 
 
 def _check_dims(**dims: int) -> None:
@@ -146,7 +130,9 @@ def _check_dims(**dims: int) -> None:
 def _check_inputs(layer: nn.Module, named, keys, check_finite: Optional[bool]) -> None:
     """``named``: ``[(name, tensor)]`` of a layer's inputs, the queries first: each a floating ``[B, T, dim]`` tensor
     with the queries' batch size, on the parameters' device and of their dtype (unless autocast is on); those
-    named in ``keys`` (the ones keys and values come from) with at least one position; then the non-finite rule."""
+    named in ``keys`` (the ones keys and values come from) with at least one position; then the non-finite rule,
+    which is skipped while ``torch.compile`` traces (a data-dependent check would break the graph:
+    :func:`tensorattn._validate.values_checkable`) and for meta tensors."""
     w = next(layer.parameters())
     ref_name, ref = named[0]
     for nm, x in named:
@@ -360,8 +346,7 @@ class TensorAttention(nn.Module):
         return q, k1, k2, v1, v2
 
     def _attend(self, q, k1, k2, v1, v2):
-        exact, _ = tensor_ops()
-        return exact(q, k1, k2, v1, v2, scale=self.scale, causal=self.causal, window=self.window,
+        return tensor_attn(q, k1, k2, v1, v2, scale=self.scale, causal=self.causal, window=self.window,
                      backend=self.backend)
 
     def new_cache(self) -> DecodeCache:
@@ -439,18 +424,12 @@ class PolyTensorAttention(TensorAttention):
         self.degree = degree
 
     def _attend(self, q, k1, k2, v1, v2):
-        _, poly = tensor_ops()
-        if poly is None:
-            raise ModuleNotFoundError("PolyTensorAttention needs tensorattn.poly.poly_tensor_attn, which is not "
-                                      "installed in this tree yet")
-        return poly(q, k1, k2, v1, v2, degree=self.degree, causal=self.causal, scale=self.scale,
+        return poly_tensor_attn(q, k1, k2, v1, v2, degree=self.degree, causal=self.causal, scale=self.scale,
                     backend=self.backend)
 
     def _attend_cached(self, q, k1, k2, v1, v2, cache: DecodeCache, L: int):
         """A prompt on an empty cache by the parallel op, the state from the prompt's keys; later tokens one at a
         time through :func:`tensorattn.poly.poly_tensor_attn_step` (constant memory, ``O(Hq k Dv)`` a token)."""
-        from .poly import PolyTensorAttnState, poly_tensor_attn_step
-
         if cache.state is None and L == 0 and q.shape[1] > 1:
             o = self._attend(q, k1, k2, v1, v2)
             cache.state = PolyTensorAttnState.from_keys(k1, k2, v1, v2, degree=self.degree, scale=self.scale)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._validate import check_bool, check_tensor, maybe_check_finite
+from ._validate import check_bool, check_tensor, maybe_check_finite, values_checkable
 from .layers import DecodeCache, PolyTensorAttention, SoftmaxAttention, TensorAttention, _check_dims, _init_like_gpt
 
 __all__ = ["Transformer", "ModelCache", "MultiViewClassifier", "parse_pattern"]
@@ -163,7 +163,9 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, cache: Optional[ModelCache] = None) -> torch.Tensor:
         """``idx``: ``[B, T]`` token ids (int64 or int32) in ``[0, vocab_size)``, ``1 <= T <= block_size``.
         Returns logits ``[B, T, n_out]``. Ids out of range are refused for CPU tensors (on a GPU the check would
-        synchronise; the embedding then fails with a device-side assert).
+        synchronise; the embedding then fails with a device-side assert). The id check reads the values, so it is
+        skipped while ``torch.compile`` traces (it would break the graph: :func:`tensorattn._validate.values_checkable`);
+        a compiled model's embedding then raises its own ``IndexError`` on the CPU.
 
         With ``cache`` (:meth:`new_cache`), ``idx`` holds the next ``T`` positions after the ``cache.length`` ones
         already seen. Learned positions stop at ``block_size``; with ``pos="rope"`` or ``"none"`` decoding goes on
@@ -184,7 +186,7 @@ class Transformer(nn.Module):
             raise ValueError(f"idx must have at least one position (idx.shape[1] >= 1), got shape {tuple(idx.shape)}")
         if idx.device != self.tok.weight.device:
             raise ValueError(f"idx is on device {idx.device} but the model's parameters are on {self.tok.weight.device}")
-        if idx.device.type == "cpu" and idx.numel():
+        if idx.device.type == "cpu" and idx.numel() and values_checkable():  # skipped while compiling (see below)
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"idx must hold token ids in [0, vocab_size) = [0, {self.vocab_size}), got values in "

@@ -59,13 +59,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
-from ._validate import check_attn_inputs, check_same, check_scale, check_tensor, maybe_check_finite
-from .dispatch import Backend, choose, no_autocast, refuse_double_backward, triton_device_reasons
-from .features import monomial_features, multinomial_weights, rank, taylor_coefficients
+from ._validate import check_attn_inputs, check_same, check_scale, check_tensor, maybe_check_finite, values_checkable
+from .dispatch import (Backend, autocast_off, choose, no_autocast, refuse_double_backward, refuse_double_backward_op,
+                       triton_device_reasons)
+from .features import _plan, multinomial_weights, rank, taylor_coefficients
 
 __all__ = [
     "poly_tensor_attn",
@@ -122,7 +123,11 @@ def _check_rank(head_dim: int, degree: int, what: str) -> int:
 
 
 def _check_output(o: torch.Tensor, check_finite: Optional[bool], degree: int, scale: float) -> torch.Tensor:
-    """Finite inputs (checked under the same policy) must give a finite output: else the polynomial overflowed."""
+    """Finite inputs (checked under the same policy) must give a finite output: else the polynomial overflowed.
+    Skipped while ``torch.compile`` traces (a data-dependent branch would break the graph:
+    :func:`tensorattn._validate.values_checkable`) and for meta tensors (no values)."""
+    if not values_checkable() or o.device.type == "meta":
+        return o
     if check_finite or (check_finite is None and o.device.type == "cpu"):
         if not bool(torch.isfinite(o).all()):
             raise ValueError(f"poly_tensor_attn overflowed: finite inputs gave a non-finite output at degree {degree} "
@@ -133,6 +138,11 @@ def _check_output(o: torch.Tensor, check_finite: Optional[bool], degree: int, sc
 
 def poly_rank(head_dim: int, degree: int) -> int:
     """Feature rank ``k = C(head_dim + degree, degree)`` of the exact monomial map used here."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace math.comb: the same binomial by integer steps
+        k = 1
+        for t in range(1, degree + 1):
+            k = k * (head_dim + t) // t
+        return k
     return rank(head_dim, degree)
 
 
@@ -162,23 +172,59 @@ def _poly(z: torch.Tensor, degree: int) -> torch.Tensor:
 
 def _qweights(d: int, degree: int, dtype, device) -> torch.Tensor:
     """Query feature weights γ_|β| |β|!/β! = 1/β! for the Taylor coefficients γ_t = 1/t!."""
-    deg, mult = multinomial_weights(d, degree)
-    fact = torch.tensor([1.0 / math.factorial(int(t)) for t in deg.tolist()], dtype=torch.float64)
-    return (mult * fact).to(dtype=dtype, device=device)
+    return torch.tensor(_feature_plan(d, degree)[2], dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def _static_int(n) -> int:
+    """``n`` as a Python int. Under ``torch.compile(dynamic=True)`` a size is symbolic; ``len(range(n))`` makes
+    dynamo specialise it (a guard, so another head dim recompiles) where the feature plan needs a constant."""
+    return len(range(n))
+
+
+@torch.compiler.assume_constant_result
+def _feature_plan(d: int, degree: int):
+    """``(parents, variables, query weights)`` of the monomial map of :func:`tensorattn.features.monomial_features`
+    as Python tuples: per degree ``t = 1..g`` the monomial of degree ``t - 1`` and the variable each degree-``t``
+    monomial is built from, and the weights ``1/β!`` of :func:`_qweights`. Constants for ``torch.compile``, which
+    cannot trace the plan's construction (its sizes depend on tensor values)."""
+    key = (int(d), int(degree))
+    if key not in _PLANS:
+        deg, mult = multinomial_weights(d, degree)
+        p = _plan(d, degree)
+        w = tuple(float(m) * (1.0 / math.factorial(int(t))) for m, t in zip(mult.tolist(), deg.tolist()))
+        _PLANS[key] = (tuple(tuple(x.tolist()) for x in p.parents), tuple(tuple(x.tolist()) for x in p.vars), w)
+    return _PLANS[key]
+
+
+_PLANS: dict = {}  # (d, degree) -> _feature_plan's tuples (dynamo calls _feature_plan eagerly, it never traces it)
 
 
 class _Feat:
-    """The three feature maps: U1 = φ(scale q) / β!, U2 = φ(k1), U3 = φ(k2)."""
+    """The three feature maps: U1 = φ(scale q) / β!, U2 = φ(k1), U3 = φ(k2).
+
+    φ is :func:`tensorattn.features.monomial_features` (the same products in the same order), computed here
+    from :func:`_feature_plan` so that ``torch.compile`` traces it (the decoding step runs it outside an op)."""
 
     def __init__(self, d: int, degree: int, scale: float, dtype, device):
         self.degree, self.scale = degree, scale
-        self.w = _qweights(d, degree, dtype, device)  # [k]
+        parents, variables, w = _feature_plan(_static_int(d), _static_int(degree))
+        self.w = torch.tensor(w, dtype=torch.float64).to(dtype=dtype, device=device)  # [k]
+        self._idx = [(torch.tensor(a, dtype=torch.long, device=device), torch.tensor(b, dtype=torch.long, device=device))
+                     for a, b in zip(parents, variables)]
+
+    def _mono(self, x):
+        xt = x.reshape(-1, x.shape[-1]).T.contiguous()  # [d, rows], as in monomial_features
+        blocks = [torch.ones(1, xt.shape[1], dtype=x.dtype, device=x.device)]
+        for parent, var in self._idx:
+            blocks.append(blocks[-1].index_select(0, parent.to(x.device)) * xt.index_select(0, var.to(x.device)))
+        feats = torch.cat(blocks, 0)  # [k, rows]
+        return feats.T.reshape(*x.shape[:-1], feats.shape[0])
 
     def q(self, x):
-        return monomial_features(x * self.scale, self.degree) * self.w
+        return self._mono(x * self.scale) * self.w
 
     def k(self, x):
-        return monomial_features(x, self.degree)
+        return self._mono(x)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,13 +319,14 @@ def _causal_bwd(qh, k1h, k2h, v1h, v2h, G, feat: _Feat, chunk: int, ckpt: int, c
         n = s1 - s0
         mask = torch.ones(n, n, dtype=torch.bool, device=qh.device).tril()
         m = mask.to(qh.dtype)
-        with torch.enable_grad():
-            xs = [x[:, :, s0:s1].detach().requires_grad_(True) for x in (qh, k1h, k2h, v1h, v2h)]
-            qc, k1c, k2c, v1c, v2c = xs
-            U1, U2, U3 = feat.q(qc), feat.k(k1c), feat.k(k2c)
-            ww = _ww_num(qc, k1c, k2c, v1c, v2c, feat.degree, feat.scale, mask)
+        def chunk_fn(qc, k1c, k2c, v1c, v2c):
+            return feat.q(qc), feat.k(k1c), feat.k(k2c), _ww_num(qc, k1c, k2c, v1c, v2c, feat.degree, feat.scale, mask)
+
+        # torch.func.vjp rather than torch.autograd.grad: it also works inside the custom op, where autograd is off
+        xs = [x[:, :, s0:s1] for x in (qh, k1h, k2h, v1h, v2h)]
+        (u1, u2, u3, _), chunk_vjp = torch.func.vjp(chunk_fn, *xs)
         Gc = G[:, :, s0:s1]  # [B, H, n, Dv']
-        u1, u2, u3, v1d, v2d = U1.detach(), U2.detach(), U3.detach(), v1c.detach(), v2c.detach()
+        v1d, v2d = xs[3], xs[4]
         # states before this chunk: exact checkpoint or one subtraction from the state after it
         if c % ckpt == 0:
             A2, A3 = ckpts[c // ckpt]
@@ -313,7 +360,7 @@ def _causal_bwd(qh, k1h, k2h, v1h, v2h, G, feat: _Feat, chunk: int, ckpt: int, c
         dV1 = dV1 + ((X @ A3[:, :, None]) * Gc[:, :, :, None] * m[:, :, None]).sum(2)
         dA3 = dA3 + torch.einsum("bhijm,bhije->bhme", X, Z)
         # (W,W) and the feature Jacobians, by autograd on this chunk only
-        gq, gk1, gk2, gv1, gv2 = torch.autograd.grad((U1, U2, U3, ww), xs, (dU1, dU2, dU3, Gc), allow_unused=True)
+        gq, gk1, gk2, gv1, gv2 = chunk_vjp((dU1, dU2, dU3, Gc))
         dq[:, :, s0:s1] = gq
         dk1[:, :, s0:s1] = gk1
         dk2[:, :, s0:s1] = gk2
@@ -335,9 +382,7 @@ def _full_fwd(qh, k1h, k2h, v1h, v2h, feat: _Feat, chunk: int):
 
 
 def _vjp_rows(fn, x, g):
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        return torch.autograd.grad(fn(x), x, g)[0]
+    return torch.func.vjp(fn, x)[1](g)[0]
 
 
 def _full_bwd(qh, k1h, k2h, v1h, v2h, G, feat: _Feat, chunk: int, states):
@@ -370,26 +415,61 @@ def _reduce_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.transpose(1, 2)
 
 
+def _torch_heads(q, k1, k2, v1, v2):
+    """The five inputs ``[B, S, H, D]`` as ``[B, Hq, S, D]`` in the accumulation dtype, ones appended to v1, v2."""
+    g = q.shape[2] // k1.shape[2]
+    acc = _acc(q.dtype)
+    qh = q.transpose(1, 2).to(acc)
+    k1h, k2h = _heads_first(k1, g, acc), _heads_first(k2, g, acc)
+    v1h, v2h = _with_ones(_heads_first(v1, g, acc)), _with_ones(_heads_first(v2, g, acc))
+    return qh, k1h, k2h, v1h, v2h
+
+
+def _torch_fwd(q, k1, k2, v1, v2, degree, causal, scale, chunk, ckpt):
+    """The torch path's forward: ``(o [B, Hq, T, Dv], den [B, Hq, T], states)`` in the accumulation dtype, the
+    states a list of ``(A2, A3)`` (the checkpoints of the causal pass, or the totals of the non-causal one)."""
+    B, T, Hq, D = q.shape
+    Dv = v1.shape[3]
+    qh, k1h, k2h, v1h, v2h = _torch_heads(q, k1, k2, v1, v2)
+    feat = _Feat(D, degree, scale, qh.dtype, q.device)
+    if causal:
+        num, states = _causal_fwd(qh, k1h, k2h, v1h, v2h, feat, chunk, ckpt)
+    else:
+        num, states = _full_fwd(qh, k1h, k2h, v1h, v2h, feat, _full_chunk(B, Hq, poly_rank(D, degree), chunk))
+    den = num[..., Dv] + EPS  # [B, H, T]
+    o = num[..., :Dv] / den[..., None]  # [B, H, T, Dv]
+    return o, den, states
+
+
+def _torch_bwd(do, q, k1, k2, v1, v2, o, den, states, degree, causal, scale, chunk, ckpt):
+    """The torch path's backward given ``do`` ``[B, Hq, T, Dv]`` (the gradient of :func:`_torch_fwd`'s ``o``):
+    ``(dq, dk1, dk2, dv1, dv2)`` in the inputs' dtypes."""
+    B, T, Hq, D = q.shape
+    g = Hq // k1.shape[2]
+    do = do.to(o.dtype)
+    # o = num / den  =>  dnum = dO / den, dden = -<dO, o> / den
+    G = torch.cat([do, -(do * o).sum(-1, keepdim=True)], -1) / den[..., None]  # [B, H, T, Dv']
+    qh, k1h, k2h, v1h, v2h = _torch_heads(q, k1, k2, v1, v2)
+    feat = _Feat(D, degree, scale, o.dtype, q.device)
+    if causal:
+        dq, dk1, dk2, dv1, dv2 = _causal_bwd(qh, k1h, k2h, v1h, v2h, G, feat, chunk, ckpt, states)
+    else:
+        dq, dk1, dk2, dv1, dv2 = _full_bwd(qh, k1h, k2h, v1h, v2h, G, feat,
+                                           _full_chunk(B, Hq, poly_rank(D, degree), chunk), states)
+    dv1, dv2 = dv1[..., :-1], dv2[..., :-1]  # the ones column is not an input
+    return (dq.transpose(1, 2).to(q.dtype), _reduce_groups(dk1, g).to(k1.dtype), _reduce_groups(dk2, g).to(k2.dtype),
+            _reduce_groups(dv1, g).to(v1.dtype), _reduce_groups(dv2, g).to(v2.dtype))
+
+
 class PolyTensorAttnFunction(torch.autograd.Function):
-    """Torch path: chunked forward; the backward recomputes features chunk by chunk (no n x k arrays)."""
+    """Torch path as an autograd Function: chunked forward; the backward recomputes features chunk by chunk (no
+    n x k arrays). :func:`poly_tensor_attn` runs the same computation as the custom op
+    ``torch.ops.tensorattn.poly_fwd`` (for ``torch.compile``); this class is kept for direct callers."""
 
     @staticmethod
     @no_autocast
     def forward(ctx, q, k1, k2, v1, v2, degree, causal, scale, chunk, ckpt):
-        B, T, Hq, D = q.shape
-        Hkv, Dv = k1.shape[2], v1.shape[3]
-        g = Hq // Hkv
-        acc = _acc(q.dtype)
-        qh = q.transpose(1, 2).to(acc)
-        k1h, k2h = _heads_first(k1, g, acc), _heads_first(k2, g, acc)
-        v1h, v2h = _with_ones(_heads_first(v1, g, acc)), _with_ones(_heads_first(v2, g, acc))
-        feat = _Feat(D, degree, scale, acc, q.device)
-        if causal:
-            num, states = _causal_fwd(qh, k1h, k2h, v1h, v2h, feat, chunk, ckpt)
-        else:
-            num, states = _full_fwd(qh, k1h, k2h, v1h, v2h, feat, _full_chunk(B, Hq, poly_rank(D, degree), chunk))
-        den = num[..., Dv] + EPS  # [B, H, T]
-        o = num[..., :Dv] / den[..., None]  # [B, H, T, Dv]
+        o, den, states = _torch_fwd(q, k1, k2, v1, v2, degree, causal, scale, chunk, ckpt)
         flat = [t for st in states for t in st]
         ctx.save_for_backward(q, k1, k2, v1, v2, o, den, *flat)
         ctx.cfg = (degree, causal, scale, chunk, ckpt)
@@ -400,28 +480,73 @@ class PolyTensorAttnFunction(torch.autograd.Function):
     @no_autocast
     def backward(ctx, do):
         q, k1, k2, v1, v2, o, den, *flat = ctx.saved_tensors
-        degree, causal, scale, chunk, ckpt = ctx.cfg
         states = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
-        B, T, Hq, D = q.shape
-        Hkv = k1.shape[2]
-        g = Hq // Hkv
-        acc = o.dtype
-        do = do.transpose(1, 2).to(acc)  # [B, H, T, Dv]
-        # o = num / den  =>  dnum = dO / den, dden = -<dO, o> / den
-        G = torch.cat([do, -(do * o).sum(-1, keepdim=True)], -1) / den[..., None]  # [B, H, T, Dv']
-        qh = q.transpose(1, 2).to(acc)
-        k1h, k2h = _heads_first(k1, g, acc), _heads_first(k2, g, acc)
-        v1h, v2h = _with_ones(_heads_first(v1, g, acc)), _with_ones(_heads_first(v2, g, acc))
-        feat = _Feat(D, degree, scale, acc, q.device)
-        if causal:
-            dq, dk1, dk2, dv1, dv2 = _causal_bwd(qh, k1h, k2h, v1h, v2h, G, feat, chunk, ckpt, states)
-        else:
-            dq, dk1, dk2, dv1, dv2 = _full_bwd(qh, k1h, k2h, v1h, v2h, G, feat,
-                                               _full_chunk(B, Hq, poly_rank(D, degree), chunk), states)
-        dv1, dv2 = dv1[..., :-1], dv2[..., :-1]  # the ones column is not an input
-        return (dq.transpose(1, 2).to(q.dtype), _reduce_groups(dk1, g).to(k1.dtype), _reduce_groups(dk2, g).to(k2.dtype),
-                _reduce_groups(dv1, g).to(v1.dtype), _reduce_groups(dv2, g).to(v2.dtype),
-                None, None, None, None, None)
+        grads = _torch_bwd(do.transpose(1, 2), q, k1, k2, v1, v2, o, den, states, *ctx.cfg)
+        return (*grads, None, None, None, None, None)
+
+
+# Custom ops (torch.library) of the torch path: what poly_tensor_attn calls, one opaque node each under
+# torch.compile. The states are stacked into one [n, 2, B, Hq, k, Dv + 1] tensor (n known from the shapes).
+def _n_states(T, causal: bool, chunk: int, ckpt: int):
+    if not causal:
+        return 1
+    n_chunks = -(-T // chunk)
+    return -(-n_chunks // ckpt) + 1
+
+
+@torch.library.custom_op("tensorattn::poly_fwd", mutates_args=())
+def poly_fwd_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, degree: int,
+                causal: bool, scale: float, chunk: int, ckpt: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch-path forward of :func:`poly_tensor_attn` (validated inputs, ``B, T >= 1``): ``(o [B, Hq, T, Dv],
+    den [B, Hq, T], states [n, 2, B, Hq, k, Dv + 1])`` in the accumulation dtype (float32; float64 for float64),
+    autocast off. ``o`` is the output (transpose it to ``[B, T, Hq, Dv]``); den and the states are for the
+    backward."""
+    with autocast_off(q.device.type), torch.no_grad():
+        o, den, states = _torch_fwd(q, k1, k2, v1, v2, degree, causal, scale, chunk, ckpt)
+        return o.contiguous(), den.contiguous(), torch.stack([torch.stack(st) for st in states])
+
+
+@poly_fwd_op.register_fake
+def _poly_fwd_fake(q, k1, k2, v1, v2, degree, causal, scale, chunk, ckpt):
+    B, T, Hq, D = q.shape
+    Dv, acc = v1.shape[3], _acc(q.dtype)
+    k = poly_rank(int(D), degree)
+    return (q.new_empty(B, Hq, T, Dv, dtype=acc), q.new_empty(B, Hq, T, dtype=acc),
+            q.new_empty(_n_states(T, causal, chunk, ckpt), 2, B, Hq, k, Dv + 1, dtype=acc))
+
+
+@torch.library.custom_op("tensorattn::poly_bwd", mutates_args=())
+def poly_bwd_op(do: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor,
+                v2: torch.Tensor, o: torch.Tensor, den: torch.Tensor, states: torch.Tensor, degree: int, causal: bool,
+                scale: float, chunk: int, ckpt: int
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch-path backward of :func:`poly_tensor_attn` given ``do`` ``[B, Hq, T, Dv]``: the five input gradients
+    (their dtypes, contiguous). Not differentiable: differentiating its outputs raises."""
+    with autocast_off(q.device.type), torch.no_grad():
+        grads = _torch_bwd(do, q, k1, k2, v1, v2, o, den, [(s[0], s[1]) for s in states.unbind(0)], degree, causal,
+                           scale, chunk, ckpt)
+        return tuple(g.contiguous() for g in grads)
+
+
+@poly_bwd_op.register_fake
+def _poly_bwd_fake(do, q, k1, k2, v1, v2, o, den, states, degree, causal, scale, chunk, ckpt):
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k1, k2, v1, v2))
+
+
+def _poly_setup_context(ctx, inputs, output):
+    q, k1, k2, v1, v2, degree, causal, scale, chunk, ckpt = inputs
+    o, den, states = output
+    ctx.save_for_backward(q, k1, k2, v1, v2, o, den, states)
+    ctx.mark_non_differentiable(den, states)
+    ctx.cfg = (degree, causal, scale, chunk, ckpt)
+
+
+def _poly_backward(ctx, do, _dden, _dstates):
+    return (*poly_bwd_op(do, *ctx.saved_tensors, *ctx.cfg), None, None, None, None, None)
+
+
+poly_fwd_op.register_autograd(_poly_backward, setup_context=_poly_setup_context)
+refuse_double_backward_op(poly_bwd_op, "poly_tensor_attn")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,11 +605,10 @@ def _causal_chunk(u1, u2, u3, x1, x2, st):
 
 
 def _chunk_grads(fn, xs, grad_outs):
-    """Gradients of ``fn(*xs)`` w.r.t. ``xs`` given ``grad_outs``, through detached copies (a chunk's own graph)."""
-    leaves = [x.detach().requires_grad_(True) for x in xs]
-    with torch.enable_grad():
-        outs = fn(*leaves)
-    return torch.autograd.grad(outs, leaves, grad_outs, allow_unused=True)
+    """Gradients of ``fn(*xs)`` w.r.t. ``xs`` given ``grad_outs`` (a chunk's own graph, by :func:`torch.func.vjp`,
+    which also runs inside a custom op's implementation, where the autograd dispatch keys are off)."""
+    _, vjp = torch.func.vjp(fn, *xs)
+    return vjp(grad_outs if isinstance(grad_outs, torch.Tensor) else tuple(grad_outs))
 
 
 class _ScanCausal(torch.autograd.Function):
@@ -574,7 +698,8 @@ class _TorchBackend(Backend):
             feat = _Feat(D, degree, scale, _acc(q.dtype), q.device)
             prefix = torch.zeros(B, Hkv, k, 2 * Dv + 2, dtype=feat.w.dtype, device=q.device)
             return _scan_attn(q, k1, k2, v1, v2, prefix, feat, _scan_chunk(T, B, Hkv, k, Dv))
-        return PolyTensorAttnFunction.apply(q, k1, k2, v1, v2, degree, causal, scale, _TORCH_CHUNK, _TORCH_CKPT)
+        o, _, _ = poly_fwd_op(q, k1, k2, v1, v2, degree, causal, scale, _TORCH_CHUNK, _TORCH_CKPT)
+        return o.transpose(1, 2).to(q.dtype)
 
 
 class _TritonBackend(Backend):
