@@ -146,7 +146,7 @@ def main() -> int:
         md.append(f"| {mixer} | {res_c[mixer]['params']} | {_fmt(res_c[mixer]['test_acc'], pct=True)} | "
                   f"{_fmt(res_c[mixer]['test_loss'])} |")
     if res_c:
-        plot(sorted(runs.glob("mfeat_*_seed*")), ["train_loss", "val_loss", "test_acc"], out / "mfeat.png",
+        plot(sorted(runs.glob("mfeat_*_seed*")), ["train_loss", "test_loss", "test_acc"], out / "mfeat.png",
              title="UCI Multiple Features: cross-view tensor vs matrix cross-attention vs concat+MLP (3 seeds)")
     atomic_write_json(out / "mfeat.json", res_c)
 

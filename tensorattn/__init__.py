@@ -4,7 +4,9 @@
 * the paper's objects: :mod:`tensorattn.paper` (Definitions 2.5/2.8, Lemma 3.1, Algorithm 1 via ``method="fast"``);
 * exact attention with autograd and backends (naive, streaming torch, fused Triton): :func:`tensor_attn`;
 * the polynomial method as a trainable op, causal or not, with a decoding state: :func:`poly_tensor_attn`;
-* layers: :class:`TensorAttention`, :class:`PolyTensorAttention`.
+* layers: :class:`TensorAttention`, :class:`PolyTensorAttention`, :class:`SoftmaxAttention`;
+* models: :class:`Transformer` (with ``generate``), :class:`MultiViewClassifier`;
+* training on built-in or your own tasks: :mod:`tensorattn.train`, :mod:`tensorattn.tasks`.
 
 ``import tensorattn`` needs neither a GPU nor Triton: kernels are imported only when a Triton backend runs.
 """
@@ -12,6 +14,7 @@ from . import paper
 from .exact import tensor_attn
 from .fast import fast_order_attn
 from .layers import PolyTensorAttention, SoftmaxAttention, TensorAttention
+from .model import MultiViewClassifier, Transformer
 from .naive import naive_order_attn, naive_tensor_attn
 from .poly import PolyTensorAttnState, naive_poly_tensor_attn, poly_tensor_attn, poly_tensor_attn_step
 
@@ -30,5 +33,7 @@ __all__ = [
     "TensorAttention",
     "PolyTensorAttention",
     "SoftmaxAttention",
+    "Transformer",
+    "MultiViewClassifier",
     "__version__",
 ]

@@ -7,12 +7,18 @@ the mean over seeds with a band from the minimum to the maximum. Needs matplotli
 A metrics line that is not a record ``train`` writes (a hand edit, a line torn by a crash) is skipped
 with a warning naming the file and line. A ``--metric`` that no run logged is an error listing those
 logged; ``--out`` may name an image file or a directory (the image is then ``DIR/curves.png``).
+
+A group keeps its colour in every plot (the colour follows from its name); every panel has a legend;
+``--reference`` draws the majority-class accuracy that a run's ``summary.json`` records (``task_info``) on the
+accuracy panels; ``--x time`` puts the training wall time on the x axis; ``--logy`` applies to loss panels only.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
+import zlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -66,15 +72,39 @@ def group_runs(run_dirs) -> Dict[str, List[Path]]:
     return dict(groups)
 
 
-def curve(runs: List[List[dict]], metric: str):
-    """Steps where every run logged ``metric``, and the values ``[n_runs, n_steps]``."""
+def curve(runs: List[List[dict]], metric: str, x: str = "step"):
+    """x values where every run logged ``metric`` (steps, or with ``x="time"`` the mean training time at those
+    steps), and the values ``[n_runs, n_steps]``."""
     per = [{r["step"]: r[metric] for r in rows if metric in r} for rows in runs]
     steps = sorted(set.intersection(*(set(p) for p in per))) if per else []
-    return np.array(steps), np.array([[p[s] for s in steps] for p in per], dtype=float)
+    vals = np.array([[p[s] for s in steps] for p in per], dtype=float)
+    if x == "time":
+        times = [{r["step"]: r["train_time_s"] for r in rows if "train_time_s" in r} for rows in runs]
+        steps = [s for s in steps if all(s in t for t in times)]
+        vals = np.array([[p[s] for s in steps] for p in per], dtype=float)
+        return np.array([np.mean([t[s] for t in times]) for s in steps]), vals
+    return np.array(steps), vals
+
+
+def group_colour(name: str):
+    """The colour of a run group: the same in every plot (a hash of the name picks a tab10 colour)."""
+    import matplotlib
+
+    return matplotlib.colormaps["tab10"](zlib.crc32(name.encode()) % 10)
+
+
+def _majority(dirs: List[Path]) -> Optional[float]:
+    for d in dirs:
+        try:
+            v = json.loads((Path(d) / "summary.json").read_text())["task_info"]["majority"]
+            return float(v)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def plot(run_dirs, metrics: Optional[List[str]] = None, out: str = "curves.png", title: Optional[str] = None,
-         logy: bool = False) -> Path:
+         logy: bool = False, x: str = "step", reference: bool = False) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,23 +123,30 @@ def plot(run_dirs, metrics: Optional[List[str]] = None, out: str = "curves.png",
     if unknown:
         raise ValueError(f"metric(s) {unknown} not logged by any of the runs; available: "
                          f"{', '.join(sorted(present)) or 'none'}")
+    if x not in ("step", "time"):
+        raise ValueError(f"--x must be 'step' or 'time', got {x!r}")
+    if x == "time" and not any("train_time_s" in r for runs in data.values() for rows in runs for r in rows):
+        raise ValueError("--x time needs train_time_s in the metrics (runs trained before it was logged have none)")
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for name, runs in data.items():
-            steps, vals = curve(runs, metric)
-            if len(steps) == 0:
+            xs, vals = curve(runs, metric, x)
+            if len(xs) == 0:
                 continue
-            mean = vals.mean(0)
             label = name if len(runs) == 1 else f"{name} (n={len(runs)})"
-            (line,) = ax.plot(steps, mean, label=label)
+            ax.plot(xs, vals.mean(0), label=label, color=group_colour(name))
             if len(runs) > 1:
-                ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2)
-        ax.set_xlabel("step")
+                ax.fill_between(xs, vals.min(0), vals.max(0), color=group_colour(name), alpha=0.2)
+            maj = _majority(groups[name]) if reference and metric.endswith("_acc") else None
+            if maj is not None:
+                ax.axhline(maj, color=group_colour(name), ls=":", lw=1, label=f"{name}: majority class")
+        ax.set_xlabel("step" if x == "step" else "training time (s)")
         ax.set_ylabel(metric)
-        if logy:
+        if logy and "loss" in metric:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -128,10 +165,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", default="curves.png",
                     help="output image (.png, .pdf, .svg, ...), or a directory to write curves.png in")
     ap.add_argument("--title")
-    ap.add_argument("--logy", action="store_true")
+    ap.add_argument("--logy", action="store_true", help="log scale on the loss panels")
+    ap.add_argument("--x", choices=("step", "time"), default="step", help="x axis: steps or training wall time")
+    ap.add_argument("--reference", action="store_true",
+                    help="draw the majority-class accuracy of each group's summary.json on accuracy panels")
     args = ap.parse_args(argv)
     try:
-        path = plot(args.runs, args.metric, args.out, args.title, args.logy)
+        path = plot(args.runs, args.metric, args.out, args.title, args.logy, args.x, args.reference)
     except (OSError, ValueError) as e:  # a missing run, an unknown metric, an unusable --out
         print(f"tensorattn plot: {e}", file=sys.stderr)
         return 2

@@ -60,6 +60,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from . import distributed as td
+from .tasks import BUILTIN_TASKS, Task, build_task, load_task_factory
 from ._io import atomic_write, atomic_write_json, read_metrics_lines, remove_stale_temps
 from .layers import param_count
 
@@ -86,34 +87,36 @@ class TrainConfig:
     """Everything a run needs. Integers documented with "0 = ..." take 0 to mean the stated default."""
 
     # --- run
-    task: str = "match3"  # "match3" | "kjv" | "mfeat"
-    out_dir: str = "runs/default"
-    seed: int = 0
+    task: str = "match3"  # "match3" | "kjv" | "mfeat" | a factory "package.module:name" or "file.py:name"
+    out_dir: str = "runs/default"  # run directory: config.json, metrics.jsonl, ckpt.pt, summary.json
+    seed: int = 0  # model initialisation and training batches (evaluation data has its own fixed seed)
     device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda" | "cuda:N"
     amp: str = "auto"  # "auto" (bf16 on cuda, none on cpu) | "bf16" | "none"
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     resume: bool = True  # continue from out_dir/ckpt.pt when it exists
     stop_at: int = 0  # stop (with a checkpoint) after this step; 0 = run to `steps`
-    progress: bool = True  # tqdm progress bar (rank 0 only)
+    progress: bool = True  # a progress bar on a terminal; else (or with false) one line per evaluation (rank 0)
+    ckpt_every: int = 0  # write ckpt.pt every this many steps as well; 0 = at evaluations only
+    compile: bool = False  # torch.compile the model for training and evaluation (checkpoints stay eager-loadable)
     strategy: str = "none"  # data parallelism under torchrun: "none" | "ddp" | "fsdp" (FSDP2); batch_size is global
     # --- optimisation
-    steps: int = 500
-    batch_size: int = 32
-    lr: float = 1e-3
+    steps: int = 500  # optimiser steps (the cosine schedule ends here)
+    batch_size: int = 32  # examples per step (the global batch under torchrun)
+    lr: float = 1e-3  # peak learning rate (AdamW)
     min_lr: float = 1e-4  # the cosine schedule's floor
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    warmup_steps: int = 50  # linear warm-up steps before the cosine decay
+    weight_decay: float = 0.1  # AdamW weight decay
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # 0 = no clipping
-    eval_every: int = 100
-    eval_batches: int = 8
-    log_every: int = 10
+    eval_every: int = 100  # evaluate (and checkpoint) every this many steps, and at the end
+    eval_batches: int = 8  # validation batches per evaluation
+    log_every: int = 10  # log the mean training loss every this many steps
     # --- sequence model (match3, kjv)
     pattern: str = "S"  # S softmax, T exact tensor, P fast tensor; repeated to n_layer
-    n_layer: int = 1
-    dim: int = 64
-    n_heads: int = 4
+    n_layer: int = 1  # number of blocks
+    dim: int = 64  # model width
+    n_heads: int = 4  # softmax layers' query heads (and tensor layers' unless t_heads)
     head_dim: int = 0  # 0 = dim // n_heads
     n_kv_heads: int = 0  # 0 = n_heads
     t_heads: int = 0  # 0 = n_heads
@@ -121,25 +124,27 @@ class TrainConfig:
     t_kv_heads: int = 0  # 0 = t_heads
     window: int = 0  # exact tensor layers' window; 0 = all causal pairs
     p_key_dim: int = 0  # fast layers' key dim Dk; 0 = t_head_dim
-    p_degree: int = 2
-    backend: str = "auto"
-    p_backend: str = "auto"
-    mlp_ratio: int = 4
+    p_degree: int = 2  # fast (P) layers: even Taylor degree of the polynomial
+    backend: str = "auto"  # exact tensor layers' backend: "auto" or one of tensorattn.exact.BACKENDS
+    p_backend: str = "auto"  # fast tensor layers' backend: "auto", "triton" or "torch"
+    mlp_ratio: int = 4  # MLP hidden width over dim
     pos: str = "learned"  # "learned" | "rope" | "none" (match3 always uses "none")
-    block_size: int = 128
+    block_size: int = 128  # kjv: context length (and the learned position table's size)
     # --- data
-    match3_n: int = 16
+    match3_n: int = 16  # match3: sequence length N
     match3_m: int = 0  # 0 = the modulus whose measured positive rate is closest to 50 % (summary.json: task_info)
     match3_distinct: bool = False  # count only triples of three distinct positions (no pairwise shortcut)
-    kjv_val_books: List[str] = field(default_factory=lambda: ["Ruth", "Jonah", "Mark", "James"])
-    mfeat_views: List[str] = field(default_factory=lambda: ["pix", "fou", "zer"])
-    mfeat_tokens: int = 8
+    kjv_val_books: List[str] = field(default_factory=lambda: ["Ruth", "Jonah", "Mark", "James"])  # kjv: held-out books
+    mfeat_views: List[str] = field(default_factory=lambda: ["pix", "fou", "zer"])  # mfeat: UCI views
+    mfeat_tokens: int = 8  # mfeat (and the digits example): tokens per view
     mixer: str = "tensor"  # mfeat: "tensor" | "softmax" | "concat"
     hidden: int = 128  # mfeat classifier width
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the key for any value out of its range."""
-        choices = {"task": ("match3", "kjv", "mfeat"), "amp": ("auto", "bf16", "none"),
+        if self.task not in BUILTIN_TASKS:
+            load_task_factory(self.task)  # the form and the import, before anything runs
+        choices = {"amp": ("auto", "bf16", "none"),
                    "pos": ("learned", "rope", "none"), "mixer": ("tensor", "softmax", "concat"),
                    "strategy": ("none", "ddp", "fsdp")}
         for k, allowed in choices.items():
@@ -152,8 +157,8 @@ class TrainConfig:
         for k in positive:
             if getattr(self, k) < 1:
                 raise ValueError(f"config key {k!r} must be >= 1, got {getattr(self, k)}")
-        nonneg = ("seed", "threads", "stop_at", "warmup_steps", "head_dim", "n_kv_heads", "t_heads", "t_head_dim",
-                  "t_kv_heads", "window", "p_key_dim", "match3_m")
+        nonneg = ("seed", "threads", "stop_at", "ckpt_every", "warmup_steps", "head_dim", "n_kv_heads", "t_heads",
+                  "t_head_dim", "t_kv_heads", "window", "p_key_dim", "match3_m")
         for k in nonneg:
             if getattr(self, k) < 0:
                 raise ValueError(f"config key {k!r} must be >= 0, got {getattr(self, k)}")
@@ -205,7 +210,8 @@ class TrainConfig:
                 raise ValueError(f"config keys 'pattern'/'n_layer': {e}") from None
             if "P" in layers:
                 self._check_poly_rank()
-        self._check_sizes()
+        if self.task in BUILTIN_TASKS:  # a user task owns its data and model sizes
+            self._check_sizes()
         return self
 
     def _head_dims(self):
@@ -279,6 +285,28 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
+def config_table() -> str:
+    """Markdown table of every config key (section, name, type, default, meaning), read from the
+    :class:`TrainConfig` source itself: the annotations, the defaults and the comment on each field's line. It is
+    ``tensorattn train --help``'s epilog and ``docs/config.md`` (a test keeps the file equal to it)."""
+    import inspect
+    import re
+
+    rows, section = [], ""
+    for line in inspect.getsource(TrainConfig).splitlines():
+        head = re.match(r"\s*# --- (.+)", line)
+        if head:
+            section = head.group(1).strip()
+            continue
+        m = re.match(r"\s{4}(\w+): [^=]+=(.*?)(?:  # (.*))?$", line)
+        if m and m.group(1) in _FIELDS:
+            f = _FIELDS[m.group(1)]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            t = getattr(_TYPES[f.name], "__name__", str(_TYPES[f.name])).replace("typing.", "")
+            rows.append(f"| {section} | `{f.name}` | {t} | `{default!r}` | {(m.group(3) or '').replace('|', '/')} |")
+    return "\n".join(["| section | key | type | default | meaning |", "|---|---|---|---|---|", *rows])
+
+
 def _coerce(key: str, value: Any, source: str) -> Any:
     """Check ``value`` against the field's type; ints are accepted for floats. Raises TypeError."""
     t = _TYPES[key]
@@ -346,177 +374,11 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
 
 
 # ------------------------------------------------------------------------------------------------ tasks
-class Task:
-    """What differs between tasks: the model, the batches, the loss and the evaluation."""
-
-    tokens_per_batch: int
-
-    def build_model(self) -> torch.nn.Module: ...
-
-    def train_batch(self, gen: torch.Generator): ...
-
-    def loss(self, model, batch) -> torch.Tensor: ...
-
-    @torch.no_grad()
-    def evaluate(self, model, autocast) -> Dict[str, float]: ...
-
-
-def _seq_model(cfg: TrainConfig, vocab: int, n_out: int, causal: bool, pos: str, block: int):
-    from .model import Transformer
-
-    nz = lambda v: v or None  # noqa: E731  (0 means "use the default")
-    return Transformer(vocab, n_out=n_out, block_size=block, dim=cfg.dim, n_layer=cfg.n_layer, pattern=cfg.pattern,
-                       n_heads=cfg.n_heads, head_dim=nz(cfg.head_dim), n_kv_heads=nz(cfg.n_kv_heads),
-                       t_heads=nz(cfg.t_heads), t_head_dim=nz(cfg.t_head_dim), t_kv_heads=nz(cfg.t_kv_heads),
-                       window=nz(cfg.window), p_key_dim=nz(cfg.p_key_dim), p_degree=cfg.p_degree, causal=causal,
-                       pos=pos, mlp_ratio=cfg.mlp_ratio, backend=cfg.backend, p_backend=cfg.p_backend)
-
-
-@functools.lru_cache(maxsize=None)
-def _balanced_modulus(n: int, distinct: bool):
-    from .data import match3_modulus
-
-    return match3_modulus(n, distinct=distinct, samples=2048)
-
-
-class Match3Task(Task):
-    """Per-token binary labels; a fresh batch every step; a fixed validation set (same for every seed).
-
-    ``info`` (recorded in ``summary.json``) holds the modulus used, its measured positive rate, and the accuracy of
-    the majority class and of the pairwise shortcut rule on the validation set (the baselines of every table)."""
-
-    def __init__(self, cfg: TrainConfig, device):
-        from .data import match3_baselines, match3_batch
-
-        self.cfg, self.device = cfg, device
-        self.n, self.distinct = cfg.match3_n, cfg.match3_distinct
-        self.m = cfg.match3_m or _balanced_modulus(self.n, self.distinct)[0]
-        self.tokens_per_batch = cfg.batch_size * self.n
-        g = torch.Generator().manual_seed(1234)
-        self.val = [match3_batch(self.n, self.m, cfg.batch_size, g, distinct=self.distinct)
-                    for _ in range(cfg.eval_batches)]
-        xs, ys = torch.cat([x for x, _ in self.val]), torch.cat([y for _, y in self.val])
-        self.info = dict(match3_m=self.m, match3_distinct=self.distinct, **match3_baselines(xs, ys, self.m))
-
-    def build_model(self):
-        return _seq_model(self.cfg, self.m, 2, causal=False, pos="none", block=self.n)
-
-    def train_batch(self, gen):
-        from .data import match3_batch
-
-        return match3_batch(self.n, self.m, self.cfg.batch_size, gen, distinct=self.distinct)
-
-    def loss(self, model, batch):
-        x, y = (t.to(self.device) for t in batch)
-        return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
-
-    @torch.no_grad()
-    def evaluate(self, model, autocast):
-        tot_loss = tot_acc = 0.0
-        for x, y in self.val:
-            x, y = x.to(self.device), y.to(self.device)
-            with autocast():
-                logits = model(x).float()
-            tot_loss += F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
-            tot_acc += (logits.argmax(-1) == y).float().mean().item()
-        k = len(self.val)
-        return {"val_loss": tot_loss / k, "val_acc": tot_acc / k}
-
-
-_KJV_CACHE: Dict[tuple, Any] = {}
-
-
-class KJVTask(Task):
-    """Next-character prediction; validation on held-out books, in bits per character."""
-
-    def __init__(self, cfg: TrainConfig, device):
-        from .data import CharData, load_kjv
-
-        self.cfg, self.device = cfg, device
-        key = tuple(cfg.kjv_val_books)
-        if key not in _KJV_CACHE:  # parsing 4 MB of text once per process is enough
-            _KJV_CACHE[key] = CharData(*load_kjv(cfg.kjv_val_books))
-        self.data = _KJV_CACHE[key]
-        self.tokens_per_batch = cfg.batch_size * cfg.block_size
-        g = torch.Generator().manual_seed(1234)
-        self.val = [self.data.batch("val", cfg.batch_size, cfg.block_size, g) for _ in range(cfg.eval_batches)]
-
-    def build_model(self):
-        return _seq_model(self.cfg, self.data.vocab_size, self.data.vocab_size, causal=True, pos=self.cfg.pos,
-                          block=self.cfg.block_size)
-
-    def encode(self, text: str) -> List[int]:
-        """Token ids of ``text`` (characters of the training vocabulary only)."""
-        bad = sorted(set(text) - set(self.data.stoi))
-        if bad:
-            raise ValueError(f"the prompt has characters outside the KJV vocabulary: {bad!r}")
-        return [self.data.stoi[c] for c in text]
-
-    def decode(self, ids) -> str:
-        return self.data.decode(ids)
-
-    def train_batch(self, gen):
-        return self.data.batch("train", self.cfg.batch_size, self.cfg.block_size, gen)
-
-    def loss(self, model, batch):
-        x, y = (t.to(self.device) for t in batch)
-        return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
-
-    @torch.no_grad()
-    def evaluate(self, model, autocast):
-        tot = 0.0
-        for x, y in self.val:
-            x, y = x.to(self.device), y.to(self.device)
-            with autocast():
-                logits = model(x).float()
-            tot += F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
-        loss = tot / len(self.val)
-        return {"val_loss": loss, "val_bpc": loss / math.log(2)}
-
-
-class MfeatTask(Task):
-    """Multi-view digit classification; minibatches drawn from the training split, test accuracy."""
-
-    def __init__(self, cfg: TrainConfig, device):
-        from .data import load_mfeat
-
-        self.cfg, self.device = cfg, device
-        self.d = load_mfeat(cfg.mfeat_views)
-        self.tokens_per_batch = cfg.batch_size
-        self.n_train = len(self.d["y_train"])
-
-    def build_model(self):
-        from .model import MultiViewClassifier
-
-        c = self.cfg
-        return MultiViewClassifier(self.d["dims"], 10, mixer=c.mixer, n_tokens=c.mfeat_tokens, dim=c.dim,
-                                   n_heads=c.n_heads, head_dim=c.head_dim or None, t_head_dim=c.t_head_dim or None,
-                                   hidden=c.hidden)
-
-    def train_batch(self, gen):
-        idx = torch.randint(0, self.n_train, (self.cfg.batch_size,), generator=gen)
-        return [v[idx] for v in self.d["train"]], self.d["y_train"][idx]
-
-    def loss(self, model, batch):
-        views, y = batch
-        return F.cross_entropy(model([v.to(self.device) for v in views]).float(), y.to(self.device))
-
-    @torch.no_grad()
-    def evaluate(self, model, autocast):
-        with autocast():
-            logits = model([v.to(self.device) for v in self.d["test"]]).float()
-        y = self.d["y_test"].to(self.device)
-        return {"val_loss": F.cross_entropy(logits, y).item(), "test_acc": (logits.argmax(-1) == y).float().mean().item()}
-
-
-def build_task(cfg: TrainConfig, device="cpu") -> Task:
-    return {"match3": Match3Task, "kjv": KJVTask, "mfeat": MfeatTask}[cfg.task](cfg, torch.device(device))
-
-
-def _build(cfg: TrainConfig, device):
-    """The task and its model; a ValueError/TypeError there comes from the config (a ConfigError)."""
+def _build(cfg: TrainConfig, device, task: Optional[Task] = None):
+    """The task (``task``, else the one ``cfg.task`` names) and its model; a ValueError/TypeError there comes
+    from the config (a ConfigError)."""
     try:
-        task = build_task(cfg, device)
+        task = build_task(cfg, device) if task is None else task
         return task, task.build_model()
     except (ValueError, TypeError) as e:
         raise ConfigError(f"the config does not make a valid {cfg.task} model or data set: {e}") from None
@@ -566,7 +428,7 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimize
 
 # keys that may differ between an interrupted run and its resumption (checkpoints hold the full, unsharded
 # state, so a run may resume under another strategy or world size: equal up to rounding)
-_RESUMABLE = {"resume", "stop_at", "progress", "out_dir", "device", "threads", "strategy"}
+_RESUMABLE = {"resume", "stop_at", "progress", "out_dir", "device", "threads", "strategy", "ckpt_every", "compile"}
 
 
 def _default(key: str) -> Any:
@@ -651,9 +513,12 @@ def _init_dist(cfg: TrainConfig) -> "td.DistInfo":
     return info
 
 
-def train(cfg: TrainConfig) -> Dict[str, Any]:
+def train(cfg: TrainConfig, task: Optional[Task] = None) -> Dict[str, Any]:
     """Train as ``cfg`` says; write ``config.json``, ``metrics.jsonl``, ``ckpt.pt`` and ``summary.json`` in
     ``cfg.out_dir``; return the summary (final metrics, parameter count, throughput, machine).
+
+    ``task``: a task object (:mod:`tensorattn.tasks` has the protocol) to train on instead of the one ``cfg.task``
+    names; ``cfg.task`` is then only recorded. To resume such a run, pass the same task again.
 
     With ``resume`` and an existing ``ckpt.pt`` it continues from the checkpoint's step; the config must
     then match the checkpoint's (``steps`` too, since the schedule depends on it) except for the keys in
@@ -666,15 +531,19 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     """
     cfg.validate()
     _check_out_dir(cfg)
+    if task is not None:
+        from .tasks import _check_task
+
+        _check_task(task, f"task ({type(task).__name__})")
     info = _init_dist(cfg)
     try:
-        return _train(cfg, info)
+        return _train(cfg, info, task)
     finally:
         if info.initialized_here:
             td.cleanup()
 
 
-def _train(cfg: TrainConfig, info: "td.DistInfo") -> Dict[str, Any]:
+def _train(cfg: TrainConfig, info: "td.DistInfo", task: Optional[Task] = None) -> Dict[str, Any]:
     from ._bench import machine_info
 
     W, main_rank = info.world_size, info.is_main
@@ -703,11 +572,14 @@ def _train(cfg: TrainConfig, info: "td.DistInfo") -> Dict[str, Any]:
     ckpt_path, metrics_path = out / "ckpt.pt", out / "metrics.jsonl"
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    task, model = _build(cfg, device)
+    task, model = _build(cfg, device, task)
     model = model.to(device)
     n_params = param_count(model)
     model = td.wrap_model(model, cfg.strategy)  # unchanged without a process group
     opt = _optimizer(cfg, td.unwrap_model(model))  # after wrapping (FSDP2 replaces the parameters)
+    # the compiled module shares the parameters; checkpoints keep the eager module's names, so compiled and eager
+    # runs load each other's checkpoints
+    run_model = torch.compile(model) if cfg.compile else model
     names = {id(p): n for n, p in td.unwrap_model(model).named_parameters()}
     opt_order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
     by_name = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -720,7 +592,10 @@ def _train(cfg: TrainConfig, info: "td.DistInfo") -> Dict[str, Any]:
         ck = td.read_checkpoint(ckpt_path, check_finite=True, hint=_RESUME_HINT)
         _check_train_checkpoint(ck, ckpt_path)
         old = ck["config"]
-        diff = [k for k in _FIELDS if k not in _RESUMABLE and old.get(k, _default(k)) != getattr(cfg, k)]
+        # a finished run continues with a longer schedule: the cosine schedule is then the new `steps`' one
+        extend = ck["step"] >= old.get("steps", 0) and cfg.steps > old.get("steps", 0)
+        diff = [k for k in _FIELDS if k not in _RESUMABLE and not (extend and k == "steps")
+                and old.get(k, _default(k)) != getattr(cfg, k)]
         if diff:
             raise ValueError(f"cannot resume {ckpt_path}: config key(s) {diff} differ from the checkpoint's "
                              f"({', '.join(f'{k}: checkpoint {old.get(k)!r}, now {getattr(cfg, k)!r}' for k in diff)}); "
@@ -735,6 +610,13 @@ def _train(cfg: TrainConfig, info: "td.DistInfo") -> Dict[str, Any]:
             raise td.CheckpointError(f"cannot resume from checkpoint {ckpt_path}: {e}{_RESUME_HINT}") from None
         step, acc_loss, acc_n = ck["step"], ck["acc_loss"], ck["acc_n"]
         train_time, tokens = ck["train_time"], ck["tokens"]
+        if main_rank:
+            if extend:
+                _say(f"continuing the finished run in {out} from step {step} to {cfg.steps} (the learning-rate schedule "
+                     f"is now that of steps={cfg.steps})")
+            elif step >= cfg.steps:
+                _say(f"{out} is already finished (step {step} of {cfg.steps}); nothing to train. Raise steps to "
+                     "continue it with a longer schedule, or resume=false to start afresh")
         if main_rank:
             for rec in _truncate_metrics(metrics_path, step):
                 last.update(rec)
@@ -755,7 +637,7 @@ def _train(cfg: TrainConfig, info: "td.DistInfo") -> Dict[str, Any]:
 
     end = cfg.stop_at or cfg.steps
     bar = None
-    if cfg.progress and main_rank:
+    if cfg.progress and main_rank and sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.task}:{cfg.pattern if cfg.task != 'mfeat' else cfg.mixer}",
@@ -772,7 +654,7 @@ def _train(cfg: TrainConfig, info: "td.DistInfo") -> Dict[str, Any]:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         with autocast():
-            loss = task.loss(model, batch)
+            loss = task.loss(run_model, batch)
         loss.backward()  # DDP/FSDP2: gradients averaged over ranks
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP2: a DTensor
@@ -795,19 +677,26 @@ def _train(cfg: TrainConfig, info: "td.DistInfo") -> Dict[str, Any]:
             acc_loss, acc_n = 0.0, 0
         if step % cfg.eval_every == 0 or step == cfg.steps:
             model.eval()
-            rec.update(step=step, **task.evaluate(model, autocast))  # every rank: FSDP2 forwards are collective
+            rec.update(step=step, **task.evaluate(run_model, autocast))  # every rank: FSDP2 forwards are collective
             model.train()
         if rec:
+            rec["train_time_s"] = train_time  # training wall time so far (tensorattn plot --x time)
             log(rec)
             last.update(rec)
             if bar is not None:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k.startswith(("train_loss", "val_"))})
-        if step % cfg.eval_every == 0 or step == cfg.steps or step == cfg.stop_at:
+            elif main_rank and any(k.startswith(("val_", "test_")) for k in rec):  # a log file: one plain line
+                _say(f"step {step}/{cfg.steps} " + " ".join(f"{k}={v:.4g}" for k, v in rec.items()
+                                                          if k.startswith(("train_loss", "val_", "test_"))))
+        if (step % cfg.eval_every == 0 or step == cfg.steps or step == cfg.stop_at
+                or (cfg.ckpt_every and step % cfg.ckpt_every == 0)):
             checkpoint()
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    if main_rank and step < cfg.steps:
+        _say(f"stopped at step {step} of {cfg.steps} (stop_at); run again with resume=true to continue")
     summary = {"step": step, "finished": step >= cfg.steps, "params": n_params, "tokens": tokens,
                "train_time_s": train_time, "tokens_per_s": tokens / max(train_time, 1e-9),
                "final": {k: v for k, v in last.items() if k.startswith(("val_", "test_", "train_loss"))},
@@ -816,6 +705,10 @@ def _train(cfg: TrainConfig, info: "td.DistInfo") -> Dict[str, Any]:
     if main_rank:
         atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _say(msg: str) -> None:
+    print(f"tensorattn train: {msg}", file=sys.stderr, flush=True)
 
 
 def load_run(out_dir, *, device="cpu"):
@@ -857,7 +750,8 @@ def _first(e: BaseException) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     """``tensorattn train --config FILE [key=value ...]``."""
     ap = argparse.ArgumentParser(prog="tensorattn train", description=__doc__.split("\n\n")[0],
-                                 epilog="keys: " + ", ".join(_FIELDS))
+                                 epilog="config keys (TOML or key=value):\n\n" + config_table(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="TOML file with top-level keys of TrainConfig")
     ap.add_argument("overrides", nargs="*", help="key=value, applied after the file (TOML values; bare text is a string)")
     args = ap.parse_args(argv)

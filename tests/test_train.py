@@ -7,7 +7,8 @@ import torch
 
 from tensorattn.data import CharData, load_mfeat, match3_labels
 from tensorattn.layers import tensor_ops
-from tensorattn.train import TrainConfig, build_task, load_config, lr_at, main, train
+from tensorattn.tasks import build_task
+from tensorattn.train import TrainConfig, load_config, lr_at, main, train
 
 torch.set_num_threads(1)
 
@@ -110,7 +111,7 @@ def test_config_file_and_overrides(tmp_path):
     (["steps=1.5"], TypeError, r"'steps'.*int, got float 1.5"),
     (["resume=1"], TypeError, r"'resume'.*bool, got int 1"),
     (["steps=0"], ValueError, r"config key 'steps' must be >= 1, got 0"),
-    (["task=vision"], ValueError, r"config key 'task' must be one of \['match3', 'kjv', 'mfeat'\], got 'vision'"),
+    (["task=vision"], ValueError, r"config key 'task' must be one of \['kjv', 'match3', 'mfeat'\] or a factory 'package.module:name' / 'path/to/file.py:name', got 'vision'"),
     (["pattern=SSXT", "n_layer=4"], ValueError, r"'pattern'/'n_layer'.*unknown letter"),
     (["pattern=SSST", "n_layer=6"], ValueError, r"n_layer must be a positive multiple"),
     (["min_lr=1", "lr=0.1"], ValueError, r"'min_lr' \(1.0\) must not exceed 'lr' \(0.1\)"),

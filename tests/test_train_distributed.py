@@ -67,7 +67,7 @@ def _worker(rank, world, store, root):
                         timeout_s=120)
     writes, report = [], {}
     _writes_under(root, writes)
-    from tensorattn.train import Match3Task
+    from tensorattn.tasks import Match3Task
 
     seen, loss = [], Match3Task.loss
     Match3Task.loss = lambda self, model, batch: seen.append(batch[0].tolist()) or loss(self, model, batch)
@@ -147,7 +147,7 @@ def test_ddp_equals_single_process_on_the_global_batch(runs):
 
 def test_each_rank_trains_on_its_share_of_the_global_batch(runs):
     _, reports = runs
-    from tensorattn.train import build_task
+    from tensorattn.tasks import build_task
 
     task = build_task(_cfg("unused", "x"))
     x, _ = task.train_batch(torch.Generator().manual_seed(BASE.get("seed", 0) + 1))  # train()'s first batch
