@@ -787,16 +787,9 @@ def check_args(preset: str, out: str, device: str, sections: Sequence[str]) -> N
     dup = sorted({s for s in sections if sections.count(s) > 1})
     if dup:
         raise ValueError(f"sections must name each section once, got {dup} more than once")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but torch.cuda.is_available() is False; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} was asked for but there are {torch.cuda.device_count()} CUDA device(s)")
+    from .check import check_device
+
+    dev = check_device(device)
     o = Path(out)
     for q in (o, *o.parents):
         if q.exists():
