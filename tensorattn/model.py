@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -258,13 +258,15 @@ class MultiViewClassifier(nn.Module):
         view_dims: features per view ``[F_1, ..., F_V]``.
         n_classes: number of classes.
         mixer: ``"tensor"``, ``"softmax"`` or ``"concat"``.
-        n_tokens: tokens per view. dim: token width. n_heads: attention heads.
+        n_tokens: tokens per view: one int, or one per view (views may have different token counts).
+        dim: token width. n_heads: attention heads.
         head_dim: per-head dim of the softmax mixer. t_head_dim: per-head dim of the tensor mixer
             (use ``2/3`` of ``head_dim`` for an equal parameter count).
         hidden: width of the classifier MLP (and of the concat baseline's two hidden layers).
     """
 
-    def __init__(self, view_dims: Sequence[int], n_classes: int, *, mixer: str = "tensor", n_tokens: int = 8,
+    def __init__(self, view_dims: Sequence[int], n_classes: int, *, mixer: str = "tensor",
+                 n_tokens: Union[int, Sequence[int]] = 8,
                  dim: int = 32, n_heads: int = 2, head_dim: Optional[int] = None, t_head_dim: Optional[int] = None,
                  hidden: int = 128):
         super().__init__()
@@ -273,20 +275,28 @@ class MultiViewClassifier(nn.Module):
         if isinstance(view_dims, (str, bytes)) or not hasattr(view_dims, "__len__"):
             raise TypeError(f"view_dims must be a sequence of ints (features per view), got {type(view_dims).__name__}")
         _check_dims(**{f"view_dims[{v}]": int(d) if isinstance(d, np.integer) else d for v, d in enumerate(view_dims)})
-        _check_dims(n_classes=n_classes, n_tokens=n_tokens, dim=dim, n_heads=n_heads, hidden=hidden)
+        if isinstance(n_tokens, (list, tuple)):  # one token count per view
+            if len(n_tokens) != len(view_dims):
+                raise ValueError(f"n_tokens must be an int or one int per view ({len(view_dims)}), got {n_tokens!r}")
+            _check_dims(**{f"n_tokens[{v}]": t for v, t in enumerate(n_tokens)})
+            counts = [int(t) for t in n_tokens]
+        else:
+            _check_dims(n_tokens=n_tokens)
+            counts = [n_tokens] * len(view_dims)
+        _check_dims(n_classes=n_classes, dim=dim, n_heads=n_heads, hidden=hidden)
         _check_optional_dims(head_dim=head_dim, t_head_dim=t_head_dim)
         view_dims = [int(d) for d in view_dims]
         if len(view_dims) < 3 and mixer != "concat":
             raise ValueError(f"cross-view attention needs at least 3 views, got {len(view_dims)}")
-        self.mixer, self.view_dims, self.n_tokens = mixer, view_dims, n_tokens
+        self.mixer, self.view_dims, self.n_tokens = mixer, view_dims, counts
         V = len(view_dims)
         if mixer == "concat":
             self.mlp = nn.Sequential(nn.Linear(sum(view_dims), hidden), nn.GELU(), nn.Linear(hidden, hidden),
                                      nn.GELU(), nn.Linear(hidden, n_classes))
         else:
-            self.chunk = [-(-d // n_tokens) for d in view_dims]  # ceil(F_v / n_tokens)
+            self.chunk = [-(-d // t) for d, t in zip(view_dims, counts)]  # ceil(F_v / n_tokens_v)
             self.embed = nn.ModuleList(nn.Linear(c, dim) for c in self.chunk)
-            self.tok_pos = nn.Parameter(torch.zeros(V, n_tokens, dim))
+            self.tok_pos = nn.Parameter(torch.zeros(V, max(counts), dim))  # view v uses its first n_tokens_v rows
             self.norm = nn.ModuleList(nn.LayerNorm(dim) for _ in range(V))
             if mixer == "tensor":
                 self.mix = nn.ModuleList(TensorAttention(dim, n_heads, head_dim=t_head_dim) for _ in range(V))
@@ -298,10 +308,10 @@ class MultiViewClassifier(nn.Module):
 
     def tokens(self, views: List[torch.Tensor]) -> List[torch.Tensor]:
         out = []
-        for v, (x, c) in enumerate(zip(views, self.chunk)):
-            pad = c * self.n_tokens - x.shape[1]
-            x = nn.functional.pad(x, (0, pad)).view(x.shape[0], self.n_tokens, c)  # [B, n_tokens, chunk]
-            out.append(self.embed[v](x) + self.tok_pos[v])  # [B, n_tokens, dim]
+        for v, (x, c, t) in enumerate(zip(views, self.chunk, self.n_tokens)):
+            pad = c * t - x.shape[1]
+            x = nn.functional.pad(x, (0, pad)).view(x.shape[0], t, c)  # [B, n_tokens_v, chunk]
+            out.append(self.embed[v](x) + self.tok_pos[v, :t])  # [B, n_tokens_v, dim]
         return out
 
     def forward(self, views: List[torch.Tensor]) -> torch.Tensor:

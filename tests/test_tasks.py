@@ -169,3 +169,22 @@ def test_compiled_training_matches_eager_and_checkpoints_load_either_way(tmp_pat
     s = train(_m3(tmp_path, out_dir=str(tmp_path / "e"), steps=9, eval_every=3, pattern="T", compile=True))
     assert s["step"] == 9
     assert _json.loads((tmp_path / "e" / "summary.json").read_text())["config"]["compile"] is True
+
+
+def test_multiview_classifier_takes_one_token_count_per_view():
+    from tensorattn import MultiViewClassifier
+
+    torch.manual_seed(0)
+    views = [torch.randn(5, d) for d in (24, 24, 16)]
+    for mixer in ("tensor", "softmax"):
+        m = MultiViewClassifier([24, 24, 16], 10, mixer=mixer, n_tokens=[6, 4, 2], dim=16, n_heads=2)
+        assert [t.shape[1] for t in m.tokens(views)] == [6, 4, 2]
+        out = m(views)
+        assert out.shape == (5, 10) and torch.isfinite(out).all()
+        out.sum().backward()
+    same = MultiViewClassifier([24, 24, 16], 10, n_tokens=4, dim=16, n_heads=2)
+    assert same.n_tokens == [4, 4, 4] and tuple(same.tok_pos.shape) == (3, 4, 16)  # old checkpoints still load
+    with pytest.raises(ValueError, match="n_tokens"):
+        MultiViewClassifier([24, 24, 16], 10, n_tokens=[4, 4])
+    with pytest.raises(ValueError, match=r"n_tokens\[1\]"):
+        MultiViewClassifier([24, 24, 16], 10, n_tokens=[4, 0, 2])
