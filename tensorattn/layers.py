@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from ._validate import check_bool, check_optional_bool, check_tensor, maybe_chec
 from .exact import tensor_attn
 from .poly import PolyTensorAttnState, poly_tensor_attn, poly_tensor_attn_step
 
-__all__ = ["RotaryEmbedding", "SoftmaxAttention", "TensorAttention", "PolyTensorAttention", "DecodeCache", "tensor_ops"]
+__all__ = ["RotaryEmbedding", "SoftmaxAttention", "TensorAttention", "PolyTensorAttention", "DecodeCache"]
 
 
 @dataclass
@@ -109,14 +109,6 @@ def _cached_tensor_attn(q, k1, k2, v1, v2, q_pos0: int, window, scale: Optional[
     o = torch.einsum("bhijk,bhje,bhke->bhie", p, heads(v1), heads(v2))
     return o.transpose(1, 2).to(q.dtype)
 
-
-
-def tensor_ops() -> Tuple[Callable, Optional[Callable]]:
-    """``(exact_op, poly_op)``: :func:`tensorattn.exact.tensor_attn` and :func:`tensorattn.poly.poly_tensor_attn`.
-
-    Kept for callers of the old helper (which looked for modules that now always exist); the layers import
-    the ops directly, which ``torch.compile`` traces without the warning an ``lru_cache``d helper gave."""
-    return tensor_attn, poly_tensor_attn
 
 
 def _check_dims(**dims: int) -> None:

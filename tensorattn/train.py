@@ -447,14 +447,14 @@ def _truncate_metrics(path: Path, step: int) -> List[Dict[str, Any]]:
     return [rec for _, rec in keep]
 
 
-# entries of a train checkpoint besides "model" and "optimizer" (or the older "opt"), with their types
+# entries of a train checkpoint besides "model" and "optimizer", with their types
 _CKPT_ENTRIES = {"config": dict, "gen": torch.Tensor, "torch_rng": torch.Tensor, "step": int, "acc_loss": float,
                  "acc_n": int, "train_time": float, "tokens": int}
 
 
 def _check_train_checkpoint(ck: Dict[str, Any], path: Path) -> None:
     """A checkpoint read safely is also one that ``train`` wrote: its entries present and of their types."""
-    missing = [k for k in _CKPT_ENTRIES if k not in ck] + ([] if ("optimizer" in ck or "opt" in ck) else ["optimizer"])
+    missing = [k for k in _CKPT_ENTRIES if k not in ck] + ([] if "optimizer" in ck else ["optimizer"])
     if missing:
         raise td.CheckpointError(f"checkpoint {path} is not a checkpoint of tensorattn train: it lacks the entries "
                                  f"{missing}{_RESUME_HINT}")
@@ -469,7 +469,7 @@ def _check_train_checkpoint(ck: Dict[str, Any], path: Path) -> None:
             want = "a 1-D uint8 tensor (an RNG state)" if t is torch.Tensor else f"a {t.__name__}"
             raise td.CheckpointError(f"checkpoint {path} is corrupt: entry {k!r} must be {want}, got "
                                      f"{type(v).__name__} {v!r:.60}{_RESUME_HINT}")
-    opt = ck.get("optimizer", ck.get("opt"))
+    opt = ck["optimizer"]
     if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
         raise td.CheckpointError(f"checkpoint {path} is corrupt: its optimizer entry is not an optimizer state dict "
                                  f"(with 'state' and 'param_groups'){_RESUME_HINT}")
@@ -601,8 +601,7 @@ def _train(cfg: TrainConfig, info: "td.DistInfo", task: Optional[Task] = None) -
                              f"({', '.join(f'{k}: checkpoint {old.get(k)!r}, now {getattr(cfg, k)!r}' for k in diff)}); "
                              "use another out_dir or resume=false")
         try:
-            # "opt": checkpoints written before train.py used tensorattn.distributed.save_checkpoint
-            ck["optimizer"] = _optim_state_as(ck.pop("optimizer", None) or ck.pop("opt"), opt_order, by_name)
+            ck["optimizer"] = _optim_state_as(ck["optimizer"], opt_order, by_name)
             ck = td.load_checkpoint(ck, model=model, optimizer=opt)  # the entries other than model/optimizer
             gen.set_state(ck["gen"])
             torch.set_rng_state(ck["torch_rng"])

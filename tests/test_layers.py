@@ -6,13 +6,11 @@ import torch
 
 from tensorattn import naive_tensor_attn
 from tensorattn.layers import (PolyTensorAttention, RotaryEmbedding, SoftmaxAttention, TensorAttention,
-                               param_count, tensor_ops)
+                               param_count)
 from tensorattn.model import MultiViewClassifier, Transformer, parse_pattern
 
 torch.set_num_threads(1)
 
-HAS_POLY = tensor_ops()[1] is not None
-needs_poly = pytest.mark.skipif(not HAS_POLY, reason="tensorattn.poly (poly_tensor_attn) is not in this tree yet")
 
 
 def _layer(kind, dim=24, **kw):
@@ -24,7 +22,7 @@ def _layer(kind, dim=24, **kw):
     return PolyTensorAttention(dim, 4, **kw).double()
 
 
-KINDS = ["S", "T", pytest.param("P", marks=needs_poly)]
+KINDS = ["S", "T", "P"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -107,7 +105,7 @@ def test_tensor_window_limits_what_a_query_sees(window):
             assert diff[i] > 1e-9, (i, diff[i])
 
 
-@pytest.mark.parametrize("pattern", ["ST", "TS", pytest.param("SP", marks=needs_poly)])
+@pytest.mark.parametrize("pattern", ["ST", "TS", "SP"])
 @pytest.mark.parametrize("pos", ["learned", "rope"])
 def test_transformer_causality_leak(pattern, pos):
     """Changing token t changes no logit before t (through every layer), and changes logit t."""
@@ -139,7 +137,6 @@ def test_poly_layer_has_the_exact_layers_parameters():
     assert small.q.weight.shape == (8, 24) and small.v1.weight.shape == (24, 24)
 
 
-@needs_poly
 def test_poly_layer_approaches_exact_layer():
     """With small scores the degree-g polynomial is close to exp, so the two layers nearly agree."""
     torch.manual_seed(0)

@@ -6,13 +6,11 @@ import pytest
 import torch
 
 from tensorattn.data import CharData, load_mfeat, match3_labels
-from tensorattn.layers import tensor_ops
 from tensorattn.tasks import build_task
 from tensorattn.train import TrainConfig, load_config, lr_at, main, train
 
 torch.set_num_threads(1)
 
-needs_poly = pytest.mark.skipif(tensor_ops()[1] is None, reason="tensorattn.poly is not in this tree yet")
 
 TINY = dict(task="match3", match3_n=6, dim=16, n_heads=2, batch_size=8, eval_batches=2, progress=False,
             warmup_steps=2, lr=3e-3, min_lr=3e-4)
@@ -25,7 +23,7 @@ def _cfg(tmp_path, name="run", **kw):
 @pytest.mark.parametrize("task,extra", [
     ("match3", {"pattern": "S"}),
     ("match3", {"pattern": "T"}),
-    pytest.param("match3", {"pattern": "P"}, marks=needs_poly),
+    ("match3", {"pattern": "P"}),
     ("mfeat", {"mixer": "tensor", "mfeat_tokens": 4}),
     ("mfeat", {"mixer": "softmax", "mfeat_tokens": 4}),
     ("mfeat", {"mixer": "concat"}),

@@ -7,8 +7,8 @@ runs the single-process references and compares:
   (metrics and final weights, float32 rounding);
 * a DDP run stopped and resumed equals the uninterrupted DDP run (exactly);
 * FSDP2 runs, checkpoints (full state), resumes from its checkpoint and equals the single-process run;
-* checkpoints cross launch modes: a single-process checkpoint in the old format (key ``"opt"``) resumes
-  under DDP, and a DDP checkpoint resumes in a single process;
+* checkpoints cross launch modes: a single-process checkpoint resumes under DDP, and a DDP checkpoint resumes
+  in a single process;
 * only rank 0 writes files (an audit hook records every file write, rename, mkdir and removal);
 * a global batch not divisible by the world size, and strategy "none" on 2 ranks, are refused clearly.
 
@@ -98,12 +98,8 @@ def _worker(rank, world, store, root):
 def runs(tmp_path_factory):
     """``(root, reports)``: the run directories and each rank's report."""
     root = tmp_path_factory.mktemp("runs")
-    # a single-process checkpoint at step 4 in the format train.py wrote before it used
-    # tensorattn.distributed (optimizer state under "opt"); the workers resume it under DDP
+    # a single-process checkpoint at step 4; the workers resume it under DDP
     train(_cfg(root, "legacy", stop_at=4))
-    ck = torch.load(root / "legacy" / "ckpt.pt", weights_only=False)
-    ck["opt"] = ck.pop("optimizer")
-    torch.save(ck, root / "legacy" / "ckpt.pt")
     os.environ["OMP_NUM_THREADS"] = "1"
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(WORLD, os.path.join(d, "store"), str(root)), nprocs=WORLD, join=True)
