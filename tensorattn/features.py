@@ -229,11 +229,19 @@ def monomial_features(x: torch.Tensor, degree: int) -> torch.Tensor:
         raise ValueError(f"x must have a last dimension d >= 1, got shape {tuple(x.shape)}")
     degree = _check_int("degree", degree, 0)
     p = _plan(x.shape[-1], degree)
+    return _apply_plan(x, p.parents, p.vars)
+
+
+def _apply_plan(x: torch.Tensor, parents, variables) -> torch.Tensor:
+    """The monomials of ``x`` ``[..., d]`` built by a plan: for each degree ``t = 1..g``, monomial ``i`` of degree
+    ``t`` is monomial ``parents[t-1][i]`` of degree ``t - 1`` times variable ``variables[t-1][i]`` (index
+    tensors). :func:`monomial_features` runs it with the plan of :func:`multi_indices`; no checks here (callers
+    that trace under ``torch.compile`` hold the plan as constants)."""
     # Work feature-major ([d, rows] -> [k, rows]): gathering whole rows is a contiguous copy, while
     # gathering columns of a row-major array is ~10x slower on the CPU.
     xt = x.reshape(-1, x.shape[-1]).T.contiguous()  # [d, rows]
     blocks = [torch.ones(1, xt.shape[1], dtype=x.dtype, device=x.device)]
-    for parent, var in zip(p.parents, p.vars):
+    for parent, var in zip(parents, variables):
         blocks.append(blocks[-1].index_select(0, parent.to(x.device)) * xt.index_select(0, var.to(x.device)))
     feats = torch.cat(blocks, 0)  # [k, rows]
     return feats.T.reshape(*x.shape[:-1], feats.shape[0])  # [..., k] (a transposed view for 2-D x; k explicit: rows may be 0)

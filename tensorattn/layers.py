@@ -23,7 +23,6 @@ are custom ops (``torch.ops.tensorattn.*``), one opaque node each; meta tensors 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
@@ -33,6 +32,7 @@ from torch import nn
 
 from ._validate import check_bool, check_optional_bool, check_tensor, maybe_check_finite, normalize_window
 from .exact import tensor_attn
+from .naive import naive_tensor_attn
 from .poly import PolyTensorAttnState, poly_tensor_attn, poly_tensor_attn_step
 
 __all__ = ["RotaryEmbedding", "SoftmaxAttention", "TensorAttention", "PolyTensorAttention", "DecodeCache"]
@@ -92,23 +92,19 @@ def _visible(q_pos0: int, T: int, k_pos0: int, S: int, window: Optional[int], de
 
 
 def _cached_tensor_attn(q, k1, k2, v1, v2, q_pos0: int, window, scale: Optional[float]) -> torch.Tensor:
-    """Exact tensor attention of new queries (absolute positions ``q_pos0 ..``) over keys that end at the last
-    query: ``[B, T, Hq, Dv]``. Materialises ``[B, Hq, T, S1, S2]`` scores (decoding: T is small)."""
-    B, T, Hq, D = q.shape
-    S1, S2, Hkv = k1.shape[1], k2.shape[1], k1.shape[2]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    g = Hq // Hkv
-    heads = lambda x: x.transpose(1, 2).to(acc).repeat_interleave(g, 1)  # noqa: E731  [B, Hq, S, *]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    s = scale * torch.einsum("bhid,bhjd,bhkd->bhijk", q.transpose(1, 2).to(acc), heads(k1), heads(k2))
-    w1, w2 = (None, None) if window is None else window
-    last = q_pos0 + T - 1
-    vis = (_visible(q_pos0, T, last - S1 + 1, S1, w1, q.device)[:, :, None]
-           & _visible(q_pos0, T, last - S2 + 1, S2, w2, q.device)[:, None, :])
-    p = s.masked_fill(~vis, float("-inf")).flatten(-2).softmax(-1).view_as(s)
-    o = torch.einsum("bhijk,bhje,bhke->bhie", p, heads(v1), heads(v2))
-    return o.transpose(1, 2).to(q.dtype)
-
+    """Exact tensor attention of new queries (absolute positions ``q_pos0 ..``) over cached keys that end at the last
+    query: each query runs :func:`tensorattn.naive_tensor_attn` unmasked on the keys visible from it (those up to its
+    own position, the last ``w1``/``w2`` of them with a window). ``[B, T, Hq, Dv]``."""
+    T, S = q.shape[1], k1.shape[1]
+    k_pos0 = q_pos0 + T - S  # absolute position of the first cached key (k1 and k2 keep the same positions)
+    outs = []
+    for t in range(T):
+        end = q_pos0 + t - k_pos0 + 1  # cached keys up to the query's own position
+        w1, w2 = (end, end) if window is None else window
+        s1, s2 = max(0, end - w1), max(0, end - w2)
+        outs.append(naive_tensor_attn(q[:, t:t + 1], k1[:, s1:end], k2[:, s2:end], v1[:, s1:end], v2[:, s2:end],
+                                      scale=scale, check_finite=False))  # the layer checked its input
+    return torch.cat(outs, 1)
 
 
 def _check_dims(**dims: int) -> None:

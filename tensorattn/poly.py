@@ -66,7 +66,7 @@ import torch
 from ._validate import check_attn_inputs, check_same, check_scale, check_tensor, maybe_check_finite, values_checkable
 from .dispatch import (Backend, autocast_off, choose, no_autocast, refuse_double_backward, refuse_double_backward_op,
                        triton_device_reasons)
-from .features import _plan, multinomial_weights, rank, taylor_coefficients
+from .features import _plan, _apply_plan, multinomial_weights, rank, taylor_coefficients
 
 __all__ = [
     "poly_tensor_attn",
@@ -170,11 +170,6 @@ def _poly(z: torch.Tensor, degree: int) -> torch.Tensor:
     return out
 
 
-def _qweights(d: int, degree: int, dtype, device) -> torch.Tensor:
-    """Query feature weights γ_|β| |β|!/β! = 1/β! for the Taylor coefficients γ_t = 1/t!."""
-    return torch.tensor(_feature_plan(d, degree)[2], dtype=torch.float64).to(dtype=dtype, device=device)
-
-
 def _static_int(n) -> int:
     """``n`` as a Python int. Under ``torch.compile(dynamic=True)`` a size is symbolic; ``len(range(n))`` makes
     dynamo specialise it (a guard, so another head dim recompiles) where the feature plan needs a constant."""
@@ -185,7 +180,7 @@ def _static_int(n) -> int:
 def _feature_plan(d: int, degree: int):
     """``(parents, variables, query weights)`` of the monomial map of :func:`tensorattn.features.monomial_features`
     as Python tuples: per degree ``t = 1..g`` the monomial of degree ``t - 1`` and the variable each degree-``t``
-    monomial is built from, and the weights ``1/β!`` of :func:`_qweights`. Constants for ``torch.compile``, which
+    monomial is built from, and the query weights ``γ_|β| |β|!/β! = 1/β!`` (Taylor ``γ_t = 1/t!``). Constants for ``torch.compile``, which
     cannot trace the plan's construction (its sizes depend on tensor values)."""
     key = (int(d), int(degree))
     if key not in _PLANS:
@@ -209,22 +204,14 @@ class _Feat:
         self.degree, self.scale = degree, scale
         parents, variables, w = _feature_plan(_static_int(d), _static_int(degree))
         self.w = torch.tensor(w, dtype=torch.float64).to(dtype=dtype, device=device)  # [k]
-        self._idx = [(torch.tensor(a, dtype=torch.long, device=device), torch.tensor(b, dtype=torch.long, device=device))
-                     for a, b in zip(parents, variables)]
-
-    def _mono(self, x):
-        xt = x.reshape(-1, x.shape[-1]).T.contiguous()  # [d, rows], as in monomial_features
-        blocks = [torch.ones(1, xt.shape[1], dtype=x.dtype, device=x.device)]
-        for parent, var in self._idx:
-            blocks.append(blocks[-1].index_select(0, parent.to(x.device)) * xt.index_select(0, var.to(x.device)))
-        feats = torch.cat(blocks, 0)  # [k, rows]
-        return feats.T.reshape(*x.shape[:-1], feats.shape[0])
+        self._parents = [torch.tensor(a, dtype=torch.long, device=device) for a in parents]
+        self._vars = [torch.tensor(b, dtype=torch.long, device=device) for b in variables]
 
     def q(self, x):
-        return self._mono(x * self.scale) * self.w
+        return _apply_plan(x * self.scale, self._parents, self._vars) * self.w
 
     def k(self, x):
-        return self._mono(x)
+        return _apply_plan(x, self._parents, self._vars)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -459,30 +446,6 @@ def _torch_bwd(do, q, k1, k2, v1, v2, o, den, states, degree, causal, scale, chu
     dv1, dv2 = dv1[..., :-1], dv2[..., :-1]  # the ones column is not an input
     return (dq.transpose(1, 2).to(q.dtype), _reduce_groups(dk1, g).to(k1.dtype), _reduce_groups(dk2, g).to(k2.dtype),
             _reduce_groups(dv1, g).to(v1.dtype), _reduce_groups(dv2, g).to(v2.dtype))
-
-
-class PolyTensorAttnFunction(torch.autograd.Function):
-    """Torch path as an autograd Function: chunked forward; the backward recomputes features chunk by chunk (no
-    n x k arrays). :func:`poly_tensor_attn` runs the same computation as the custom op
-    ``torch.ops.tensorattn.poly_fwd`` (for ``torch.compile``); this class is kept for direct callers."""
-
-    @staticmethod
-    @no_autocast
-    def forward(ctx, q, k1, k2, v1, v2, degree, causal, scale, chunk, ckpt):
-        o, den, states = _torch_fwd(q, k1, k2, v1, v2, degree, causal, scale, chunk, ckpt)
-        flat = [t for st in states for t in st]
-        ctx.save_for_backward(q, k1, k2, v1, v2, o, den, *flat)
-        ctx.cfg = (degree, causal, scale, chunk, ckpt)
-        return o.transpose(1, 2).to(q.dtype)
-
-    @staticmethod
-    @refuse_double_backward("poly_tensor_attn")  # a hand-written first-order backward
-    @no_autocast
-    def backward(ctx, do):
-        q, k1, k2, v1, v2, o, den, *flat = ctx.saved_tensors
-        states = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
-        grads = _torch_bwd(do.transpose(1, 2), q, k1, k2, v1, v2, o, den, states, *ctx.cfg)
-        return (*grads, None, None, None, None, None)
 
 
 # Custom ops (torch.library) of the torch path: what poly_tensor_attn calls, one opaque node each under

@@ -789,7 +789,7 @@ def check_args(preset: str, out: str, device: str, sections: Sequence[str]) -> N
         raise ValueError(f"sections must name each section once, got {dup} more than once")
     from .check import check_device
 
-    dev = check_device(device)
+    check_device(device)
     o = Path(out)
     for q in (o, *o.parents):
         if q.exists():

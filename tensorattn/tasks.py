@@ -229,10 +229,17 @@ def load_task_factory(spec: str) -> Callable[["TrainConfig"], Task]:
             if not path.is_file():
                 raise FileNotFoundError(f"no such file {str(path)!r}")
             name = "tensorattn_user_task_" + path.stem
-            mspec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(mspec)
-            sys.modules[name] = module
-            mspec.loader.exec_module(module)
+            module = sys.modules.get(name)
+            if module is None or Path(getattr(module, "__file__", "")).resolve() != path.resolve():
+                # run the file once per process: the config's validation and the task's construction both load it
+                mspec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(mspec)
+                sys.modules[name] = module
+                try:
+                    mspec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]  # a module that failed to run is not kept for the next call
+                    raise
         else:
             module = importlib.import_module(mod_name)
     except Exception as e:  # noqa: BLE001  (any failure inside the user's module is reported, not a traceback)

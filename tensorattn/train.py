@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import difflib
 import json
 import math
@@ -52,7 +51,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 try:
     import tomllib
@@ -734,16 +732,8 @@ def load_run(out_dir, *, device="cpu"):
         raise FileNotFoundError(f"run directory {str(out)!r} has no checkpoint ckpt.pt (was it trained?)")
     task = build_task(cfg, device)
     model = task.build_model().to(device)
-    ck = td.read_checkpoint(ckpt_path)
-    try:
-        model.load_state_dict(ck["model"])
-    except (KeyError, RuntimeError) as e:
-        raise td.CheckpointError(f"checkpoint {ckpt_path} does not fit the run's model: {_first(e)}") from None
+    td.load_checkpoint(ckpt_path, model=model)  # weights_only; CheckpointError naming the file if it does not fit
     return cfg, task, model.eval()
-
-
-def _first(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

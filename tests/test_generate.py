@@ -45,6 +45,15 @@ def test_prefill_and_steps_equal_the_full_forward(kind, kv, window, prefill):
         assert cache.tensors is None and cache.state.length == 11
 
 
+@pytest.mark.parametrize("kind,kv,window", [("S", None, 3), ("T", 2, None), ("T", None, (3, 5)), ("P", 2, None)])
+def test_chunks_after_a_prefill_equal_the_full_forward(kind, kv, window):
+    layer = _layer(kind, kv=kv, window=window)
+    x = torch.randn(2, 11, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    cache = layer.new_cache()
+    parts = [layer(x[:, a:b], cache=cache) for a, b in ((0, 4), (4, 7), (7, 8), (8, 11))]
+    torch.testing.assert_close(torch.cat(parts, 1), layer(x), rtol=1e-9, atol=1e-11)
+
+
 def test_fast_layer_state_stays_the_same_size():
     layer = _layer("P")
     x = torch.randn(1, 30, 24, dtype=torch.float64)

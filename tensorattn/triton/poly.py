@@ -638,7 +638,6 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float):
         rd = torch.empty(B * HQ, nf + 1, 2, cfg.KP, **f32)
         rs[:, 0] = carry
         rd[:, 0] = carryd
-        grid = (nf, B * HQ, NE)
         common = (cfg.ia, cfg.ib, cfg.wq)
         for stream, ne in ([(2, NE), (3, NE), (4, 1)] if TUNE["BWD_SPLIT"] else [(0, NE)]):
             _rstate_kernel[(nf, B * HQ, ne)](q, k1, k2, v1, v2, do, den, delta, st, sd, rs, rd, *common, T, c0 * F,
