@@ -18,6 +18,9 @@ import torch
 from tensorattn._bench import guarded, machine_info, time_fn, write_report
 
 
+KERNELS = ("_state_kernel", "_fwd_kernel", "_bwd_kernel")
+
+
 def _inputs(B, T, Hq, Hkv, Dk, Dv, dtype, seed, scale=1.0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     shapes = [(B, T, Hq, Dk), (B, T, Hkv, Dk), (B, T, Hkv, Dk), (B, T, Hkv, Dv), (B, T, Hkv, Dv)]
@@ -62,8 +65,10 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="poly_tune")
     ap.add_argument("--T", type=int, default=65536)
     ap.add_argument("--dk", type=int, nargs="+", default=[16])
-    ap.add_argument("--variants", nargs="+", default=["F=64,EB_FWD=64,WARPS_FWD=8,EB_BWD=32,WARPS_BWD=4"],
+    ap.add_argument("--variants", nargs="+", default=["F=64,EB_FWD=64,WARPS_FWD=8,BK_BWD=32,WARPS_BWD=4"],
                     help="TUNE settings, each 'KEY=VALUE,KEY=VALUE' (keys of tensorattn.triton.poly.TUNE)")
+    ap.add_argument("--profile", choices=["first", "all"], default="first",
+                    help="profile the kernels of the first variant only, or of every variant")
     ap.add_argument("--best-env", default=None,
                     help="write 'export TENSORATTN_POLY_KEY=VALUE' lines of the fastest variant (fwd+bwd) to this file")
     args = ap.parse_args(argv)
@@ -108,16 +113,17 @@ def main(argv=None) -> int:
         row.update(fwd_ms=r1.get("ms"), fwdbwd_ms=r2.get("ms"))
         if r1.get("ms") and r2.get("ms"):
             row["bwd_over_fwd"] = (r2["ms"] - r1["ms"]) / r1["ms"]
-        for kname in ("_state_kernel", "_fwd_kernel", "_rstate_kernel", "_grad_kernel"):
+        for kname in KERNELS:
             kern = getattr(tp, kname)
             try:  # the kernels compiled so far: registers and spills of each
                 cks = list(kern.device_caches[torch.cuda.current_device()][0].values())
                 row[kname] = " ".join(f"{ck.n_regs}r/{ck.n_spills}s" for ck in cks)
             except Exception as e:
                 row[kname] = f"? ({type(e).__name__})"
-        if not profiles:  # where the time goes, for the first variant: device time per kernel of one fwd+bwd
+        if args.profile == "all" or not profiles:  # where the time goes: device time per kernel of one fwd+bwd
             profiles.append(dict(variant=spec, kernels=_profile(fwdbwd)))
-            for k in profiles[0]["kernels"]:
+            print("profile of", spec, flush=True)
+            for k in profiles[-1]["kernels"][:6]:
                 print(f"  {k['name'][:60]:60s} {k['ms']:9.2f} ms  x{k['count']}", flush=True)
         rows.append(row)
         print(row, flush=True)
@@ -126,8 +132,7 @@ def main(argv=None) -> int:
     meta = machine_info("cuda")
     meta["profile"] = profiles
     meta["command"] = "python benchmarks/poly_tune.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    cols = ["Dk", "T", "variant", "err_f32", "err_bf16", "fwd_ms", "fwdbwd_ms", "bwd_over_fwd", "_fwd_kernel",
-            "_rstate_kernel", "_grad_kernel", "error"]
+    cols = ["Dk", "T", "variant", "err_f32", "err_bf16", "fwd_ms", "fwdbwd_ms", "bwd_over_fwd", *KERNELS[1:], "error"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_report(out / args.name, title="Polynomial kernels: block-size sweep (bf16, causal, B=1, H=16, Dv=64)",

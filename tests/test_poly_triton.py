@@ -16,14 +16,14 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (B, T, Hq, Hkv, Dk, Dv, state-chunk length F, segment budget in bytes or 0 for the default, backward split)
+# (B, T, Hq, Hkv, Dk, Dv, state-chunk length F, segment budget in bytes or 0 for the default, backward feature block)
 INTERP_CASES = [
-    (1, 1, 1, 1, 16, 16, 64, 0, 1),  # one position: o = v1 ∘ v2, zero q/k gradients
-    (1, 7, 1, 1, 16, 8, 64, 0, 1),  # shorter than a sub-chunk
-    (1, 63, 2, 1, 16, 20, 32, 0, 1),  # GQA, Dv not a power of two, several sub-chunks and chunks
-    (2, 150, 2, 2, 16, 40, 32, 50_000, 1),  # B = 2, two value blocks in the backward, one chunk per segment
-    (1, 70, 2, 1, 16, 40, 32, 0, 0),  # the backward in three launches instead of six
-    (1, 40, 1, 1, 32, 16, 16, 0, 1),  # Dk = 32 (rank 561): a longer feature-block loop
+    (1, 1, 1, 1, 16, 16, 64, 0, 32),  # one position: o = v1 ∘ v2, zero q/k gradients
+    (1, 7, 1, 1, 16, 8, 64, 0, 32),  # shorter than a sub-chunk
+    (1, 63, 2, 1, 16, 20, 32, 0, 32),  # GQA, Dv not a power of two, several sub-chunks and chunks
+    (2, 150, 2, 2, 16, 40, 32, 50_000, 32),  # B = 2, Dv padded to 64, one chunk per segment
+    (1, 70, 2, 1, 16, 40, 32, 0, 16),  # the backward in feature blocks of 16
+    (1, 40, 1, 1, 32, 16, 16, 0, 32),  # Dk = 32 (rank 561): more feature blocks
 ]
 
 _SCRIPT = textwrap.dedent("""
@@ -31,9 +31,9 @@ _SCRIPT = textwrap.dedent("""
     import torch
     import tensorattn.triton.poly as tp
     from tensorattn.poly import naive_poly_tensor_attn, poly_tensor_attn
-    B, T, Hq, Hkv, D, Dv, F, seg, split = json.loads(sys.argv[1])
+    B, T, Hq, Hkv, D, Dv, F, seg, bkb = json.loads(sys.argv[1])
     tp.TUNE["F"] = F
-    tp.TUNE["BWD_SPLIT"] = split
+    tp.TUNE["BK_BWD"] = bkb
     if seg:
         tp.SEG_BYTES = seg
     g = torch.Generator().manual_seed(7)
@@ -53,7 +53,7 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("case", INTERP_CASES, ids=lambda c: "B{}-T{}-H{}/{}-Dk{}-Dv{}-F{}-seg{}-split{}".format(*c))
+@pytest.mark.parametrize("case", INTERP_CASES, ids=lambda c: "B{}-T{}-H{}/{}-Dk{}-Dv{}-F{}-seg{}-bk{}".format(*c))
 def test_triton_interpreter_matches_naive(case):
     skip_if_interpreter_broken()
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",

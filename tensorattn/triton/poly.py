@@ -26,18 +26,22 @@ Parallel over the sequence, in three levels:
   The normaliser is a vector scan (``cumsum`` of the features inside the sub-chunk): O(k) per position.
   The output is normalised in the kernel and written once in the input dtype; no float32 numerator.
 * **backward**: per segment, last to first, the forward states are recomputed (state kernel + cumsum from
-  the segment's saved start state); :func:`_rstate_kernel` computes every chunk's contribution
-  ``ΔR2[n] = Σ_{i in n} dL2_i`` to the gradient of the states (``dL2_i = (U1[i] ⊗ G_i) ∘ L3_i``), a
-  reversed in-place cumsum gives the suffix sums, and :func:`_grad_kernel` computes all five input
-  gradients of a chunk from its forward states and its suffix states, walking the sub-chunks forward
-  (forward states by addition, suffix states by subtraction of the sub-chunk's own part), in separate
-  launches per part and stream (``TUNE["BWD_SPLIT"]``) so that each holds fewer tiles.
+  the segment's saved start state). :func:`_bwd_kernel` then runs twice, one program per (state chunk, query
+  head, block of ``TUNE["BK_BWD"]`` features) with that block's states ``[BK, Dv]`` in float32 registers,
+  walking the chunk one position at a time on the CUDA cores: first (``MODE=1``) it sums every chunk's
+  contribution ``ΔR2[n] = Σ_{i in n} dL2_i`` to the gradient of the states (``dL2_i = (U1[i] ⊗ G_i) ∘ L3_i``),
+  a reversed in-place cumsum gives the suffix sums, then (``MODE=2``) it computes all five input gradients of
+  each row from the forward state (by addition) and the inclusive suffix (by subtraction of the row's own
+  part), adding them into float32 segment buffers by atomics. The per-position walk does ``O(k Dv)`` work per
+  row where the forward's pair products do ``O(C k Dv)`` on tensor cores: the backward's pair products (in the
+  previous version) cost more in layout conversions and spills than the walk does in CUDA-core FLOPs.
 
 Measured figures, the FLOP and byte counts and what limits the kernels: ``benchmarks/NOTES_poly.md``.
 
-Accumulation: states, suffix states, outputs and gradients in float32. Matrix-product operands are bf16
-for bf16/fp16 inputs (the states' range exceeds fp16's), float32 for float32 inputs (exact ``ieee``
-products unless ``torch.backends.cuda.matmul.allow_tf32`` is set, then tf32).
+Accumulation: states, suffix states, outputs and gradients in float32; the backward computes in float32
+throughout. The forward's matrix-product operands are bf16 for bf16/fp16 inputs (the states' range exceeds
+fp16's), float32 for float32 inputs (exact ``ieee`` products unless ``torch.backends.cuda.matmul.allow_tf32``
+is set, then tf32). Atomic adds are relaxed: their buffers are read only after the kernel ends.
 """
 from __future__ import annotations
 
@@ -56,8 +60,9 @@ BK = 32  # features per block
 EPS = 1e-6
 # The states of one segment (forward states, plus suffix states in the backward) take at most this many bytes.
 SEG_BYTES = 1 << 30
-# Tunables (the benchmark sweeps them): state-chunk length F, value-block widths and warps per kernel.
-TUNE = dict(F=64, EB_FWD=64, EB_BWD=32, WARPS_FWD=8, WARPS_BWD=4, WARPS_STATE=4, BWD_SPLIT=1)
+# Tunables (the benchmark sweeps them): state-chunk length F, the forward's value block, the backward's feature
+# block, warps per kernel.
+TUNE = dict(F=64, EB_FWD=64, WARPS_FWD=8, WARPS_STATE=4, BK_BWD=32, WARPS_BWD=4)
 for _k in list(TUNE):  # TENSORATTN_POLY_<KEY> overrides a default (benchmark sweeps)
     if os.environ.get(f"TENSORATTN_POLY_{_k}") is not None:
         TUNE[_k] = int(os.environ[f"TENSORATTN_POLY_{_k}"])
@@ -97,15 +102,12 @@ def _pairs(a, b, C: tl.constexpr, W: tl.constexpr):
 
 @triton.jit
 def _sub_feats(qb, k1b, k2b, rows, rmask, sq, sk, ia, ib, wq, D: tl.constexpr, scale):
-    """One sub-chunk's features in one feature block: ``U1``, ``U2``, ``U3`` ``[C, BK]`` (zero past T) and the
-    gathered factors each is the product of (for the feature Jacobians)."""
+    """One sub-chunk's features in one feature block: ``U1``, ``U2``, ``U3`` ``[C, BK]`` (zero past T)."""
     ya, yb = _gather(qb, rows, rmask, sq, ia, ib, D, scale)
-    u1 = tl.where(rmask[:, None], ya * yb * wq[None, :], 0.0)
     x1a, x1b = _gather(k1b, rows, rmask, sk, ia, ib, D, 1.0)
-    u2 = tl.where(rmask[:, None], x1a * x1b, 0.0)
     x2a, x2b = _gather(k2b, rows, rmask, sk, ia, ib, D, 1.0)
-    u3 = tl.where(rmask[:, None], x2a * x2b, 0.0)
-    return u1, u2, u3, ya, yb, x1a, x1b, x2a, x2b
+    return (tl.where(rmask[:, None], ya * yb * wq[None, :], 0.0), tl.where(rmask[:, None], x1a * x1b, 0.0),
+            tl.where(rmask[:, None], x2a * x2b, 0.0))
 
 
 @triton.jit
@@ -127,52 +129,6 @@ def _bases(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, n, bh, HQ, GRO
     sdb = sd_ptr + ((b * HK + hk) * NS1 + n) * 2 * KP
     return (b, h, sq, sk, sv, so, q_ptr + b * T * sq + h * D, k1_ptr + ko, k2_ptr + ko, v1_ptr + vo, v2_ptr + vo,
             b * T * so + h * DV, stb, sdb)
-
-
-@triton.jit
-def _feature_block(ia_ptr, ib_ptr, wq_ptr, stb, sdb, kb, cols, KP, BK: tl.constexpr, DVP: tl.constexpr):
-    """Feature block kb: its indices, gather tables, query weights, and the states' ``[BK, EB]`` blocks."""
-    m = kb * BK + tl.arange(0, BK)
-    soff = m[:, None] * DVP + cols[None, :]
-    return (m, tl.load(ia_ptr + m), tl.load(ib_ptr + m), tl.load(wq_ptr + m), soff, tl.load(stb + soff),
-            tl.load(stb + KP * DVP + soff), tl.load(sdb + m), tl.load(sdb + KP + m))
-
-
-@triton.jit
-def _sub_values(v1b, v2b, dob, denb, rows, rmask, sv, so, HQ, cols, DV: tl.constexpr):
-    """One sub-chunk's value blocks, its normaliser and ``G = dO / den`` (the gradient of the numerator)."""
-    den = tl.load(denb + rows * HQ, mask=rmask, other=1.0)
-    return (_rows(v1b, rows, rmask, sv, cols, DV), _rows(v2b, rows, rmask, sv, cols, DV), den,
-            _rows(dob, rows, rmask, so, cols, DV) / den[:, None])
-
-
-@triton.jit
-def _own_part(g, u1, u_o, v_o, a_o, m2, C: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr, DT: tl.constexpr,
-              PREC: tl.constexpr):
-    """One sub-chunk's part of the gradient of one stream's state, ``Σ_i (U1[i] ⊗ G_i) ∘ L_o,i`` with the other
-    stream's running state ``L_o,i = a_o + Σ_{j <= i} u_o[j] ⊗ v_o[j]``: ``[BK, EB]``."""
-    z = tl.reshape(g[:, None, :] * v_o[None, :, :] * m2[:, :, None], (C * C, EB))
-    return _mm(tl.trans(u1), g, DT, PREC) * a_o + _mm(tl.trans(_pairs(u1, u_o, C, BK)), z, DT, PREC)
-
-
-@triton.jit
-def _pair_part(g, u1, u_o, v_o, a, m2, C: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr, DT: tl.constexpr,
-               PREC: tl.constexpr):
-    """Gradients of one (before, inside) block ``Σ_{j <= i} v_o[j] ∘ ((U1[i] ∘ u_o[j]) a)``: w.r.t. U1, u_o
-    (``[C, BK]`` each) and v_o (``[C, EB]``)."""
-    z = tl.reshape(g[:, None, :] * v_o[None, :, :] * m2[:, :, None], (C * C, EB))
-    y = tl.reshape(_mm(z, tl.trans(a), DT, PREC), (C, C, BK))  # [(i, j), m]
-    t = tl.reshape(_mm(_pairs(u1, u_o, C, BK), a, DT, PREC), (C, C, EB))
-    return (tl.sum(y * u_o[None, :, :], axis=1), tl.sum(y * u1[:, None, :], axis=0),
-            tl.sum(t * g[:, None, :] * m2[:, :, None], axis=0))
-
-
-@triton.jit
-def _onehot_back(dx, ya, yb, ia, ib, dk, DT: tl.constexpr, PREC: tl.constexpr):
-    """d/dx of ``ya * yb`` through the gathers: ``[C, BK] x one-hot [BK, D]`` products."""
-    ea = (ia[:, None] == dk[None, :]).to(tl.float32)
-    eb = (ib[:, None] == dk[None, :]).to(tl.float32)
-    return _mm(dx * yb, ea, DT, PREC) + _mm(dx * ya, eb, DT, PREC)
 
 
 @triton.jit
@@ -286,7 +242,7 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
                 a3 = tl.load(sck + BK * EB + se)
                 a2d = tl.load(scb + NKB * 2 * BK * EB + m)
                 a3d = tl.load(scb + NKB * 2 * BK * EB + KP + m)
-            u1, u2, u3, ya, yb, x1a, x1b, x2a, x2b = _sub_feats(qb, k1b, k2b, rows, rmask, sq, sk, ia, ib, wq, D, scale)
+            u1, u2, u3 = _sub_feats(qb, k1b, k2b, rows, rmask, sq, sk, ia, ib, wq, D, scale)
             part += _mm(u1, a2 * a3, DT, PREC)  # (before, before)
             t2 = tl.dot(_pairs(u1, u3, C, BK).to(DT), a2.to(DT), t2, input_precision=PREC)
             t3 = tl.dot(_pairs(u1, u2, C, BK).to(DT), a3.to(DT), t3, input_precision=PREC)
@@ -309,212 +265,148 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
             tl.store(den_ptr + b * T * HQ + h + rows * HQ, den, mask=rmask)
 
 
+# --------------------------------------------------------------------------------------------------
+# Backward: one position at a time inside a chunk, the states of one feature block in registers
+# --------------------------------------------------------------------------------------------------
 @triton.jit
-def _rstate_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_ptr, st_ptr, sd_ptr, rs_ptr,
-                   rd_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, NS1, HQ, GROUPS, KP, NKB, scale,
-                   D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
-                   BK: tl.constexpr, EB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, STREAM: tl.constexpr):
-    """Chunk n's contribution ``Σ_{i in n} dL2_i`` (and dL3, and the normaliser's vectors) to the gradient
-    of the states, per query head -> slot ``NS1 - 1 - n`` (reversed, so a forward cumsum gives suffixes).
-    ``STREAM``: 2 or 3 computes that stream's states only, 4 the normaliser's only, 0 all of them."""
-    S2: tl.constexpr = STREAM == 0 or STREAM == 2
-    S3: tl.constexpr = STREAM == 0 or STREAM == 3
-    SD: tl.constexpr = STREAM == 0 or STREAM == 4
-    NSUB: tl.constexpr = F // C
+def _scan_load(qb, k1b, k2b, v1b, v2b, dob, denb, dlb, i, T, ia, ib, am, bm, cols, cm, sq, sk, sv, so, HQ):
+    """Row i's raw inputs: the gathered q, k1, k2 entries (``[BK]`` each, 0 past T), v1, v2, dO ``[DVP]``, the
+    normaliser and ``<dO, o>`` (1 and 0 past T)."""
+    ok = (ia * 0 + i) < T
+    okc = (cols * 0 + i) < T
+    qa = tl.load(qb + i * sq + ia, mask=am & ok, other=0.0)
+    qc = tl.load(qb + i * sq + ib, mask=bm & ok, other=0.0)
+    k1a = tl.load(k1b + i * sk + ia, mask=am & ok, other=0.0)
+    k1c = tl.load(k1b + i * sk + ib, mask=bm & ok, other=0.0)
+    k2a = tl.load(k2b + i * sk + ia, mask=am & ok, other=0.0)
+    k2c = tl.load(k2b + i * sk + ib, mask=bm & ok, other=0.0)
+    v1r = tl.load(v1b + i * sv + cols, mask=cm & okc, other=0.0)
+    v2r = tl.load(v2b + i * sv + cols, mask=cm & okc, other=0.0)
+    dor = tl.load(dob + i * so + cols, mask=cm & okc, other=0.0)
+    den = tl.load(denb + i * HQ, mask=i < T, other=1.0)
+    dl = tl.load(dlb + i * HQ, mask=i < T, other=0.0)
+    return qa, qc, k1a, k1c, k2a, k2c, v1r, v2r, dor, den, dl
+
+
+@triton.jit
+def _scan_feats(xa, xc, ok, am, bm, scale):
+    """Factors ``ya = scale x[ia]``, ``yb`` (1 for the constant) and the feature ``ya yb`` (0 past T)."""
+    ya = tl.where(am, xa.to(tl.float32) * scale, 1.0)
+    yb = tl.where(bm, xc.to(tl.float32) * scale, 1.0)
+    return ya, yb, tl.where(ok, ya * yb, 0.0)
+
+
+@triton.jit
+def _scan_start(ia_ptr, ib_ptr, wq_ptr, stb, sdb, kb, KP, D: tl.constexpr, DVP: tl.constexpr, BK: tl.constexpr):
+    """Feature block kb of the scan kernels: gather tables, query weights, and the states before the chunk."""
+    m = kb * BK + tl.arange(0, BK)
+    cols = tl.arange(0, DVP)
+    ia = tl.load(ia_ptr + m)
+    ib = tl.load(ib_ptr + m)
+    soff = m[:, None] * DVP + cols[None, :]
+    return (m, cols, ia, ib, ia < D, ib < D, tl.load(wq_ptr + m), soff, tl.load(stb + soff),
+            tl.load(stb + KP * DVP + soff), tl.load(sdb + m), tl.load(sdb + KP + m))
+
+
+@triton.jit
+def _bwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_ptr, st_ptr, sd_ptr, rs_ptr, rd_ptr,
+                dq_ptr, dk1_ptr, dk2_ptr, dv1_ptr, dv2_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, NS1, HQ, GROUPS, KP, scale,
+                D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, BK: tl.constexpr,
+                MODE: tl.constexpr):
+    """One chunk n, one query head, one feature block of ``BK`` features: the states ``[BK, DVP]`` in registers
+    (float32, CUDA cores), one position per step (forward states ``L += u ⊗ v`` by addition from the chunk's
+    start).
+
+    * ``MODE == 1`` (state gradients): the chunk's contribution ``Σ_{i in n} dL2_i`` with
+      ``dL2_i = (U1[i] ⊗ G_i) ∘ L3_i`` (likewise dL3, and the normaliser's vectors), per query head -> slot
+      ``NS1 - 1 - n`` of ``rs``, ``rd`` (reversed, so a forward cumsum gives suffixes).
+    * ``MODE == 2`` (input gradients): suffix states (inclusive, from the reversed cumsum) less each row's own
+      part; the five gradients of every row added into the segment's float32 buffers ``[B, TS, Hq, *]`` by
+      atomics (feature blocks add up; the launcher sums GQA groups).
+
+    Loading the next row's inputs one step ahead (by hand) measured slower on the H200 (NOTES_poly.md)."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    pe = tl.program_id(2)
+    kb = tl.program_id(2)
     b, h, sq, sk, sv, so, qb, k1b, k2b, v1b, v2b, oo, stb, sdb = _bases(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr,
                                                                          sd_ptr, n, bh, HQ, GROUPS, T, NS1, KP, D, DV,
                                                                          DVP)
+    m, cols, ia, ib, am, bm, wq, soff, L2, L3, l2, l3 = _scan_start(ia_ptr, ib_ptr, wq_ptr, stb, sdb, kb, KP, D, DVP,
+                                                                    BK)
+    cm = cols < DV
+    dk = tl.arange(0, D)
     dob = do_ptr + oo
+    rb = b * T * HQ + h
+    TS = (NS1 - 1) * F
     rsb = rs_ptr + (bh * NS1 + NS1 - 1 - n) * 2 * KP * DVP
     rdb = rd_ptr + (bh * NS1 + NS1 - 1 - n) * 2 * KP
-
-    ci = tl.arange(0, C)
-    cols = pe * EB + tl.arange(0, EB)
-    m2 = (ci[None, :] <= ci[:, None]).to(tl.float32)
-    r0 = t0 + n * F
-    for kb in range(NKB):
-        m, ia, ib, wq, soff, a2, a3, a2d, a3d = _feature_block(ia_ptr, ib_ptr, wq_ptr, stb, sdb, kb, cols, KP, BK, DVP)
-        r2 = tl.zeros((BK, EB), tl.float32)
-        r3 = tl.zeros((BK, EB), tl.float32)
+    if MODE == 2:  # inclusive suffix from chunk n
+        R2 = tl.load(rsb + soff)
+        R3 = tl.load(rsb + KP * DVP + soff)
+        r2d = tl.load(rdb + m)
+        r3d = tl.load(rdb + KP + m)
+    else:
+        R2 = tl.zeros((BK, DVP), tl.float32)
+        R3 = tl.zeros((BK, DVP), tl.float32)
         r2d = tl.zeros((BK,), tl.float32)
         r3d = tl.zeros((BK,), tl.float32)
-        for s in range(NSUB):
-            rows = r0 + s * C + ci
-            rmask = rows < T
-            u1, u2, u3, ya, yb, x1a, x1b, x2a, x2b = _sub_feats(qb, k1b, k2b, rows, rmask, sq, sk, ia, ib, wq, D, scale)
-            v1c, v2c, den, g = _sub_values(v1b, v2b, dob, den_ptr + b * T * HQ + h, rows, rmask, sv, so, HQ, cols, DV)
-            if S2:
-                r2 += _own_part(g, u1, u3, v2c, a3, m2, C, BK, EB, DT, PREC)
-            if S3:
-                r3 += _own_part(g, u1, u2, v1c, a2, m2, C, BK, EB, DT, PREC)
-            if SD:
-                if pe == 0:
-                    gd = -tl.load(delta_ptr + b * T * HQ + h + rows * HQ, mask=rmask, other=0.0) / den
-                    l2 = a2d[None, :] + tl.cumsum(u2, axis=0)
-                    l3 = a3d[None, :] + tl.cumsum(u3, axis=0)
-                    r2d += tl.sum(gd[:, None] * u1 * l3, axis=0)
-                    r3d += tl.sum(gd[:, None] * u1 * l2, axis=0)
-                    a2d += tl.sum(u2, axis=0)
-                    a3d += tl.sum(u3, axis=0)
-            a2 += _mm(tl.trans(u2), v1c, DT, PREC)
-            a3 += _mm(tl.trans(u3), v2c, DT, PREC)
-        if S2:
-            tl.store(rsb + soff, r2)
-        if S3:
-            tl.store(rsb + KP * DVP + soff, r3)
-        if SD:
-            if pe == 0:
-                tl.store(rdb + m, r2d)
-                tl.store(rdb + KP + m, r3d)
-
-
-@triton.jit
-def _grad_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_ptr, st_ptr, sd_ptr, rs_ptr, rd_ptr,
-                 dq_ptr, dk1_ptr, dk2_ptr, dv1_ptr, dv2_ptr, ia_ptr, ib_ptr, wq_ptr,
-                 T, t0, NS1, HQ, GROUPS, KP, NKB, scale,
-                 D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
-                 BK: tl.constexpr, EB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
-                 STREAM: tl.constexpr):
-    """Gradients of chunk n's rows for one query head and value block, in three parts (launched separately,
-    so that each holds fewer tiles in registers); every part adds into float32 buffers of the segment's rows
-    ``[B, TS, Hq, *]`` by atomics (feature blocks, value blocks and parts add up; the launcher sums GQA groups).
-
-    * ``PART == 0``: through the states: the keys of a sub-chunk seen by every later query (suffix states,
-      the chunk's inclusive suffix less each sub-chunk's own part), and the normaliser's vector scans.
-    * ``PART == 1``: the (before, before), (before, inside) and (inside, before) pairs.
-    * ``PART == 2``: the (inside, inside) triples by the exact polynomial (no feature loop).
-    """
-    NSUB: tl.constexpr = F // C
-    n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    pe = tl.program_id(2)
-    b, h, sq, sk, sv, so, qb, k1b, k2b, v1b, v2b, oo, stb, sdb = _bases(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr,
-                                                                         sd_ptr, n, bh, HQ, GROUPS, T, NS1, KP, D, DV,
-                                                                         DVP)
-    TS = (NS1 - 1) * F
-    dob = do_ptr + oo
-    rsb = rs_ptr + (bh * NS1 + NS1 - 1 - n) * 2 * KP * DVP  # inclusive suffix from chunk n
-    rdb = rd_ptr + (bh * NS1 + NS1 - 1 - n) * 2 * KP
-    gqb = b * TS * sq + h * D  # this head's rows in the segment's gradient buffers
-    gvb = b * TS * so + h * DV
-
-    ci = tl.arange(0, C)
-    dk = tl.arange(0, D)
-    cols = pe * EB + tl.arange(0, EB)
-    pi = tl.arange(0, C * C) // C
-    pj = tl.arange(0, C * C) % C
-    m2 = (ci[None, :] <= ci[:, None]).to(tl.float32)
-    m3 = (pj[:, None] <= pi[:, None]) & (ci[None, :] <= pi[:, None])
-    r0 = t0 + n * F
-    if PART == 2:
-        # (inside, inside) by the exact polynomial: z = <scale q_i, k1_j1 ∘ k2_j2>, P'(z) = 1 + z
-        for s in range(NSUB):
-            rows = r0 + s * C + ci
-            rmask = rows < T
-            qc = _rows(qb, rows, rmask, sq, dk, D) * scale
-            k1c = _rows(k1b, rows, rmask, sk, dk, D)
-            k2c = _rows(k2b, rows, rmask, sk, dk, D)
-            v1c, v2c, den, g = _sub_values(v1b, v2b, dob, den_ptr + b * T * HQ + h, rows, rmask, sv, so, HQ, cols, DV)
-            qk1 = _pairs(qc, k1c, C, D)
-            z = _mm(qk1, tl.trans(k2c), DT, PREC)  # [(i, j1), j2]
-            p = tl.where(m3, 1.0 + z + 0.5 * z * z, 0.0)
-            gv1 = _pairs(g, v1c, C, EB)
-            w = _mm(gv1, tl.trans(v2c), DT, PREC)  # Σ_e G[i] v1[j1] v2[j2]
-            dz = tl.where(m3, (1.0 + z) * w, 0.0)
-            dzk2 = tl.reshape(_mm(dz, k2c, DT, PREC), (C, C, D))
-            lq = gqb + (rows - t0)[:, None] * sq + dk[None, :]
-            lv = gvb + (rows - t0)[:, None] * so + cols[None, :]
-            vm = rmask[:, None] & (cols[None, :] < DV)
-            tl.atomic_add(dq_ptr + lq, tl.sum(dzk2 * k1c[None, :, :], axis=1) * scale, mask=rmask[:, None])
-            tl.atomic_add(dk1_ptr + lq, tl.sum(dzk2 * qc[:, None, :], axis=0), mask=rmask[:, None])
-            tl.atomic_add(dk2_ptr + lq, _mm(tl.trans(dz), qk1, DT, PREC), mask=rmask[:, None])
-            pv2 = tl.reshape(_mm(p, v2c, DT, PREC), (C, C, EB))
-            tl.atomic_add(dv1_ptr + lv, tl.sum(pv2 * g[:, None, :], axis=0), mask=vm)
-            tl.atomic_add(dv2_ptr + lv, _mm(tl.trans(p), gv1, DT, PREC), mask=vm)
-    else:
-        # S2 / S3: this launch computes the terms of stream 2 (k1, v1 keys seen through A3's partner) or 3, or
-        # both (0); S4: the normaliser only. Launching them apart halves the tiles held at once.
-        S2: tl.constexpr = STREAM == 0 or STREAM == 2
-        S3: tl.constexpr = STREAM == 0 or STREAM == 3
-        SD: tl.constexpr = PART == 0 and (STREAM == 0 or STREAM == 4)
-        P0: tl.constexpr = PART == 0
-        P1: tl.constexpr = PART == 1
-        DQ: tl.constexpr = P1 or SD
-        DK1: tl.constexpr = ((P0 and S2) or (P1 and S3)) or SD
-        DK2: tl.constexpr = ((P0 and S3) or (P1 and S2)) or SD
-        DV1: tl.constexpr = (P0 and S2) or (P1 and S3)
-        DV2: tl.constexpr = (P0 and S3) or (P1 and S2)
-        for kb in range(NKB):
-            m, ia, ib, wq, soff, a2, a3, a2d, a3d = _feature_block(ia_ptr, ib_ptr, wq_ptr, stb, sdb, kb, cols, KP, BK,
-                                                                   DVP)
-            e2 = tl.load(rsb + soff)
-            e3 = tl.load(rsb + KP * DVP + soff)
-            e2d = tl.load(rdb + m)
-            e3d = tl.load(rdb + KP + m)
-            for s in range(NSUB):
-                rows = r0 + s * C + ci
-                rmask = rows < T
-                u1, u2, u3, ya, yb, x1a, x1b, x2a, x2b = _sub_feats(qb, k1b, k2b, rows, rmask, sq, sk, ia, ib, wq, D,
-                                                                    scale)
-                v1c, v2c, den, g = _sub_values(v1b, v2b, dob, den_ptr + b * T * HQ + h, rows, rmask, sv, so, HQ, cols,
-                                               DV)
-                du1 = tl.zeros((C, BK), tl.float32)
-                du2 = tl.zeros((C, BK), tl.float32)
-                du3 = tl.zeros((C, BK), tl.float32)
-                dv1 = tl.zeros((C, EB), tl.float32)
-                dv2 = tl.zeros((C, EB), tl.float32)
-                if PART == 0:
-                    # suffix states after this sub-chunk: the inclusive ones less this sub-chunk's own part
-                    if S2:
-                        e2 -= _own_part(g, u1, u3, v2c, a3, m2, C, BK, EB, DT, PREC)
-                        du2 += _mm(v1c, tl.trans(e2), DT, PREC)
-                        dv1 += _mm(u2, e2, DT, PREC)
-                    if S3:
-                        e3 -= _own_part(g, u1, u2, v1c, a2, m2, C, BK, EB, DT, PREC)
-                        du3 += _mm(v2c, tl.trans(e3), DT, PREC)
-                        dv2 += _mm(u3, e3, DT, PREC)
-                    if SD:
-                        if pe == 0:
-                            # the normaliser (a column of ones): vector scans, once per query head
-                            gd = -tl.load(delta_ptr + b * T * HQ + h + rows * HQ, mask=rmask, other=0.0) / den
-                            l2 = a2d[None, :] + tl.cumsum(u2, axis=0)
-                            l3 = a3d[None, :] + tl.cumsum(u3, axis=0)
-                            du1 += gd[:, None] * l2 * l3
-                            g2 = gd[:, None] * u1 * l3
-                            g3 = gd[:, None] * u1 * l2
-                            du2 += e2d[None, :] - (tl.cumsum(g2, axis=0) - g2)  # Σ_{i >= j}: this and later rows
-                            du3 += e3d[None, :] - (tl.cumsum(g3, axis=0) - g3)
-                            e2d -= tl.sum(g2, axis=0)
-                            e3d -= tl.sum(g3, axis=0)
-                            a2d += tl.sum(u2, axis=0)
-                            a3d += tl.sum(u3, axis=0)
-                else:
-                    if S2:  # (before, before) and (before, inside)
-                        du1 += _mm(g, tl.trans(a2 * a3), DT, PREC)
-                        d1, du3, dv2 = _pair_part(g, u1, u3, v2c, a2, m2, C, BK, EB, DT, PREC)
-                        du1 += d1
-                    if S3:  # (inside, before)
-                        d1, du2, dv1 = _pair_part(g, u1, u2, v1c, a3, m2, C, BK, EB, DT, PREC)
-                        du1 += d1
-                a2 += _mm(tl.trans(u2), v1c, DT, PREC)
-                a3 += _mm(tl.trans(u3), v2c, DT, PREC)
-                lq = gqb + (rows - t0)[:, None] * sq + dk[None, :]
-                lv = gvb + (rows - t0)[:, None] * so + cols[None, :]
-                vm = rmask[:, None] & (cols[None, :] < DV)
-                if DQ:
-                    tl.atomic_add(dq_ptr + lq, _onehot_back(du1 * wq[None, :], ya, yb, ia, ib, dk, DT, PREC) * scale,
-                                  mask=rmask[:, None])
-                if DK1:
-                    tl.atomic_add(dk1_ptr + lq, _onehot_back(du2, x1a, x1b, ia, ib, dk, DT, PREC), mask=rmask[:, None])
-                if DK2:
-                    tl.atomic_add(dk2_ptr + lq, _onehot_back(du3, x2a, x2b, ia, ib, dk, DT, PREC), mask=rmask[:, None])
-                if DV1:
-                    tl.atomic_add(dv1_ptr + lv, dv1, mask=vm)
-                if DV2:
-                    tl.atomic_add(dv2_ptr + lv, dv2, mask=vm)
+    ea = (ia[:, None] == dk[None, :]).to(tl.float32)  # one-hot of the gathers: d(ya yb)/dx = yb ea + ya eb
+    eb = (ib[:, None] == dk[None, :]).to(tl.float32)
+    r0 = (t0 + n * F).to(tl.int64)
+    for t in range(F):
+        i = r0 + t
+        qa, qc, k1a, k1c, k2a, k2c, v1r, v2r, dor, den, dl = _scan_load(qb, k1b, k2b, v1b, v2b, dob, den_ptr + rb,
+                                                                        delta_ptr + rb, i, T, ia, ib, am, bm, cols,
+                                                                        cm, sq, sk, sv, so, HQ)
+        ok = (ia * 0 + i) < T
+        ya, yb, u1 = _scan_feats(qa, qc, ok, am, bm, scale)
+        x1a, x1b, u2 = _scan_feats(k1a, k1c, ok, am, bm, 1.0)
+        x2a, x2b, u3 = _scan_feats(k2a, k2c, ok, am, bm, 1.0)
+        u1 = u1 * wq
+        v1f = v1r.to(tl.float32)
+        v2f = v2r.to(tl.float32)
+        L2 += u2[:, None] * v1f[None, :]
+        L3 += u3[:, None] * v2f[None, :]
+        l2 += u2
+        l3 += u3
+        okc = cm & ((cols * 0 + i) < T)
+        rden = 1.0 / den  # one division per row, not one per value column
+        g = dor.to(tl.float32) * rden
+        gd = -dl * rden
+        gl3 = g[None, :] * L3
+        gl2 = g[None, :] * L2
+        if MODE == 1:
+            R2 += u1[:, None] * gl3
+            R3 += u1[:, None] * gl2
+            r2d += gd * u1 * l3
+            r3d += gd * u1 * l2
+        else:
+            du1 = tl.sum(gl3 * L2, axis=1) + gd * l2 * l3
+            du2 = tl.sum(R2 * v1f[None, :], axis=1) + r2d
+            du3 = tl.sum(R3 * v2f[None, :], axis=1) + r3d
+            dv1 = tl.sum(R2 * u2[:, None], axis=0)
+            dv2 = tl.sum(R3 * u3[:, None], axis=0)
+            R2 -= u1[:, None] * gl3
+            R3 -= u1[:, None] * gl2
+            r2d -= gd * u1 * l3
+            r3d -= gd * u1 * l2
+            c1 = du1 * wq * scale
+            okd = (dk * 0 + i) < T
+            lq = b * TS * sq + h * D + (i - t0) * sq + dk
+            lv = b * TS * so + h * DV + (i - t0) * so + cols
+            tl.atomic_add(dq_ptr + lq, tl.sum((c1 * yb)[:, None] * ea + (c1 * ya)[:, None] * eb, axis=0),
+                          mask=okd, sem="relaxed")
+            tl.atomic_add(dk1_ptr + lq, tl.sum((du2 * x1b)[:, None] * ea + (du2 * x1a)[:, None] * eb, axis=0),
+                          mask=okd, sem="relaxed")
+            tl.atomic_add(dk2_ptr + lq, tl.sum((du3 * x2b)[:, None] * ea + (du3 * x2a)[:, None] * eb, axis=0),
+                          mask=okd, sem="relaxed")
+            tl.atomic_add(dv1_ptr + lv, dv1, mask=okc, sem="relaxed")
+            tl.atomic_add(dv2_ptr + lv, dv2, mask=okc, sem="relaxed")
+    if MODE == 1:
+        tl.store(rsb + soff, R2)
+        tl.store(rsb + KP * DVP + soff, R3)
+        tl.store(rdb + m, r2d)
+        tl.store(rdb + KP + m, r3d)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -561,7 +453,6 @@ class _Cfg:
         if self.F % C or self.F < C or self.F & (self.F - 1):
             raise ValueError(f"TUNE['F'] must be a power of two >= {C}, got {self.F}")
         self.EBF = min(self.DVP, int(TUNE["EB_FWD"]))
-        self.EBB = min(self.DVP, int(TUNE["EB_BWD"]))
         self.NF = -(-self.T // self.F)
         if q.dtype == torch.float32:
             self.DT = tl.float32
@@ -570,6 +461,11 @@ class _Cfg:
         else:  # bf16 operands for bf16 and fp16 inputs: the states outgrow fp16's range
             self.DT, self.PREC = tl.bfloat16, "ieee"
         self.kw = dict(D=self.D, DV=self.DV, DVP=self.DVP, F=self.F, BK=BK, DT=self.DT, PREC=self.PREC)
+        bkb = int(TUNE["BK_BWD"])
+        if bkb not in (16, 32):
+            raise ValueError(f"TUNE['BK_BWD'] must be 16 or 32 (a divisor of the feature padding {BK}), got {bkb}")
+        self.NKBB = self.KP // bkb
+        self.kwb = dict(D=self.D, DV=self.DV, DVP=self.DVP, F=self.F, BK=bkb, num_warps=int(TUNE["WARPS_BWD"]))
 
     def seg_chunks(self, heads: int) -> int:
         """State chunks per segment so that ``heads`` states of ``[2, KP, DVP]`` per chunk fit SEG_BYTES."""
@@ -600,7 +496,7 @@ def poly_fwd(q, k1, k2, v1, v2, scale: float, *, save: bool = True):
     den = torch.empty(cfg.B, cfg.T, cfg.HQ, dtype=torch.float32, device=dev)
     prefix = torch.zeros(cfg.B * cfg.HK, 2, cfg.KP, cfg.DVP, dtype=torch.float32, device=dev)
     prefd = torch.zeros(cfg.B * cfg.HK, 2, cfg.KP, dtype=torch.float32, device=dev)
-    seg = cfg.seg_chunks(cfg.HK + cfg.HQ)  # the forward's scratch is as large as the states, per query head
+    seg = cfg.seg_chunks(cfg.HK + cfg.HQ)  # the forward's scratch (and the backward's suffix states) per query head
     saved = []
     NE = cfg.DVP // cfg.EBF
     for c0 in range(0, cfg.NF, seg):
@@ -630,19 +526,17 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float):
     dv1, dv2 = torch.empty_like(v1), torch.empty_like(v2)
     carry = torch.zeros(B * HQ, 2, cfg.KP, cfg.DVP, dtype=torch.float32, device=dev)
     carryd = torch.zeros(B * HQ, 2, cfg.KP, dtype=torch.float32, device=dev)
-    NE = cfg.DVP // cfg.EBB
     f32 = dict(dtype=torch.float32, device=dev)
+    grid = lambda nf: (nf, B * HQ, cfg.NKBB)  # noqa: E731
     for c0, nf, prefix, prefd in reversed(saved):
         st, sd = _segment_states(cfg, k1, k2, v1, v2, c0, nf, prefix, prefd)
         rs = torch.empty(B * HQ, nf + 1, 2, cfg.KP, cfg.DVP, **f32)
         rd = torch.empty(B * HQ, nf + 1, 2, cfg.KP, **f32)
         rs[:, 0] = carry
         rd[:, 0] = carryd
-        common = (cfg.ia, cfg.ib, cfg.wq)
-        for stream, ne in ([(2, NE), (3, NE), (4, 1)] if TUNE["BWD_SPLIT"] else [(0, NE)]):
-            _rstate_kernel[(nf, B * HQ, ne)](q, k1, k2, v1, v2, do, den, delta, st, sd, rs, rd, *common, T, c0 * F,
-                                             nf + 1, HQ, cfg.G, cfg.KP, cfg.NKB, scale, C=C, EB=cfg.EBB, STREAM=stream,
-                                             num_warps=TUNE["WARPS_BWD"], **cfg.kw)
+        args = (cfg.ia, cfg.ib, cfg.wq, T, c0 * F, nf + 1, HQ, cfg.G, cfg.KP, scale)
+        _bwd_kernel[grid(nf)](q, k1, k2, v1, v2, do, den, delta, st, sd, rs, rd, rs, rs, rs, rs, rs, *args, MODE=1,
+                              **cfg.kwb)
         rs.cumsum_(1)
         rd.cumsum_(1)
         r0, r1 = c0 * F, min(T, (c0 + nf) * F)
@@ -652,14 +546,8 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float):
         gk2 = torch.zeros(B, TS, HQ, D, **f32)
         gv1 = torch.zeros(B, TS, HQ, DV, **f32)
         gv2 = torch.zeros(B, TS, HQ, DV, **f32)
-        if TUNE["BWD_SPLIT"]:
-            launches = [(0, 2, NE), (0, 3, NE), (0, 4, 1), (1, 2, NE), (1, 3, NE), (2, 0, NE)]
-        else:
-            launches = [(0, 0, NE), (1, 0, NE), (2, 0, NE)]
-        for part, stream, ne in launches:
-            _grad_kernel[(nf, B * HQ, ne)](q, k1, k2, v1, v2, do, den, delta, st, sd, rs, rd, gq, gk1, gk2, gv1, gv2,
-                                           *common, T, c0 * F, nf + 1, HQ, cfg.G, cfg.KP, cfg.NKB, scale, C=C,
-                                           EB=cfg.EBB, PART=part, STREAM=stream, num_warps=TUNE["WARPS_BWD"], **cfg.kw)
+        _bwd_kernel[grid(nf)](q, k1, k2, v1, v2, do, den, delta, st, sd, rs, rd, gq, gk1, gk2, gv1, gv2, *args,
+                              MODE=2, **cfg.kwb)
         carry, carryd = rs[:, nf].clone(), rd[:, nf].clone()
         del st, sd, rs, rd
         n = r1 - r0
