@@ -25,16 +25,19 @@ Parallel over the sequence, in three levels:
 
   The normaliser is a vector scan (``cumsum`` of the features inside the sub-chunk): O(k) per position.
   The output is normalised in the kernel and written once in the input dtype; no float32 numerator.
-* **backward**: per segment, last to first, the forward states are recomputed (state kernel + cumsum from
-  the segment's saved start state). :func:`_bwd_kernel` then runs twice, one program per (state chunk, query
-  head, block of ``TUNE["BK_BWD"]`` features) with that block's states ``[BK, Dv]`` in float32 registers,
-  walking the chunk one position at a time on the CUDA cores: first (``MODE=1``) it sums every chunk's
-  contribution ``ΔR2[n] = Σ_{i in n} dL2_i`` to the gradient of the states (``dL2_i = (U1[i] ⊗ G_i) ∘ L3_i``),
-  a reversed in-place cumsum gives the suffix sums, then (``MODE=2``) it computes all five input gradients of
-  each row from the forward state (by addition) and the inclusive suffix (by subtraction of the row's own
-  part), adding them into float32 segment buffers by atomics. The per-position walk does ``O(k Dv)`` work per
-  row where the forward's pair products do ``O(C k Dv)`` on tensor cores: the backward's pair products (in the
-  previous version) cost more in layout conversions and spills than the walk does in CUDA-core FLOPs.
+* **backward**: per segment, last to first (the backward's segments are shorter than the forward's: each
+  starts from a state the forward saved), the forward states are recomputed (state kernel + cumsum),
+  :func:`_feat_kernel` writes the segment's features ``U1, U2, U3`` (float32 ``[B, TS, H, KP]``), and
+  :func:`_bwd_kernel` runs twice, one program per (state chunk, query head, block of ``TUNE["BK_BWD"]``
+  features) with that block's states ``[BK, Dv]`` in float32 registers, walking the chunk one position at a
+  time on the CUDA cores: first (``MODE=1``) it sums every chunk's contribution ``ΔR2[n] = Σ_{i in n} dL2_i``
+  to the gradient of the states (``dL2_i = (U1[i] ⊗ G_i) ∘ L3_i``), a reversed in-place cumsum gives the
+  suffix sums, then (``MODE=2``) it computes every row's feature gradients (stored: each row's block belongs
+  to one program) and value gradients (atomics over feature blocks) from the forward state (by addition) and
+  the inclusive suffix (by subtraction of the row's own part). :func:`_proj_kernel` takes the feature
+  gradients through the monomials to dq, dk1, dk2 (one-hot products), summing GQA groups first. The walk does
+  ``O(k Dv)`` CUDA-core work per row where the forward's pair products do ``O(C k Dv)`` on tensor cores: in
+  the backward, pair products cost more in layout conversions and spills than the walk does in FLOPs.
 
 Measured figures, the FLOP and byte counts and what limits the kernels: ``benchmarks/NOTES_poly.md``.
 
@@ -269,75 +272,99 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
 # Backward: one position at a time inside a chunk, the states of one feature block in registers
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _scan_load(qb, k1b, k2b, v1b, v2b, dob, denb, dlb, i, T, ia, ib, am, bm, cols, cm, sq, sk, sv, so, HQ):
-    """Row i's raw inputs: the gathered q, k1, k2 entries (``[BK]`` each, 0 past T), v1, v2, dO ``[DVP]``, the
-    normaliser and ``<dO, o>`` (1 and 0 past T)."""
-    ok = (ia * 0 + i) < T
-    okc = (cols * 0 + i) < T
-    qa = tl.load(qb + i * sq + ia, mask=am & ok, other=0.0)
-    qc = tl.load(qb + i * sq + ib, mask=bm & ok, other=0.0)
-    k1a = tl.load(k1b + i * sk + ia, mask=am & ok, other=0.0)
-    k1c = tl.load(k1b + i * sk + ib, mask=bm & ok, other=0.0)
-    k2a = tl.load(k2b + i * sk + ia, mask=am & ok, other=0.0)
-    k2c = tl.load(k2b + i * sk + ib, mask=bm & ok, other=0.0)
-    v1r = tl.load(v1b + i * sv + cols, mask=cm & okc, other=0.0)
-    v2r = tl.load(v2b + i * sv + cols, mask=cm & okc, other=0.0)
-    dor = tl.load(dob + i * so + cols, mask=cm & okc, other=0.0)
-    den = tl.load(denb + i * HQ, mask=i < T, other=1.0)
-    dl = tl.load(dlb + i * HQ, mask=i < T, other=0.0)
-    return qa, qc, k1a, k1c, k2a, k2c, v1r, v2r, dor, den, dl
-
-
-@triton.jit
-def _scan_feats(xa, xc, ok, am, bm, scale):
-    """Factors ``ya = scale x[ia]``, ``yb`` (1 for the constant) and the feature ``ya yb`` (0 past T)."""
-    ya = tl.where(am, xa.to(tl.float32) * scale, 1.0)
-    yb = tl.where(bm, xc.to(tl.float32) * scale, 1.0)
-    return ya, yb, tl.where(ok, ya * yb, 0.0)
-
-
-@triton.jit
-def _scan_start(ia_ptr, ib_ptr, wq_ptr, stb, sdb, kb, KP, D: tl.constexpr, DVP: tl.constexpr, BK: tl.constexpr):
-    """Feature block kb of the scan kernels: gather tables, query weights, and the states before the chunk."""
+def _feat_kernel(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TS, H, KP, scale, D: tl.constexpr, R: tl.constexpr,
+                 BK: tl.constexpr, QW: tl.constexpr):
+    """Features ``ya yb`` (times the query weights when ``QW``) of the segment's rows ``t0 + [0, TS)`` of
+    ``x [B, T, H, D]`` -> ``u [B, TS, H, KP]`` float32, zero past T: one ``[R, BK]`` block per program."""
+    rb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    kb = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    rl = rb * R + tl.arange(0, R)
+    rows = t0 + rl
+    rmask = (rows < T) & (rl < TS)
     m = kb * BK + tl.arange(0, BK)
-    cols = tl.arange(0, DVP)
-    ia = tl.load(ia_ptr + m)
-    ib = tl.load(ib_ptr + m)
-    soff = m[:, None] * DVP + cols[None, :]
-    return (m, cols, ia, ib, ia < D, ib < D, tl.load(wq_ptr + m), soff, tl.load(stb + soff),
-            tl.load(stb + KP * DVP + soff), tl.load(sdb + m), tl.load(sdb + KP + m))
+    ya, yb = _gather(x_ptr + b * T * H * D + h * D, rows, rmask, H * D, tl.load(ia_ptr + m), tl.load(ib_ptr + m), D,
+                     scale)
+    u = ya * yb
+    if QW:
+        u = u * tl.load(wq_ptr + m)[None, :]
+    tl.store(u_ptr + ((b * TS + rl)[:, None] * H + h) * KP + m[None, :], tl.where(rmask[:, None], u, 0.0),
+             mask=(rl < TS)[:, None])
 
 
 @triton.jit
-def _bwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_ptr, st_ptr, sd_ptr, rs_ptr, rd_ptr,
-                dq_ptr, dk1_ptr, dk2_ptr, dv1_ptr, dv2_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, NS1, HQ, GROUPS, KP, scale,
-                D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, BK: tl.constexpr,
-                MODE: tl.constexpr):
+def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TS, HX, HQ, GROUPS, KP, NKB, scale,
+                 D: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, QW: tl.constexpr):
+    """Chain rule through the features: ``dx = Σ_m du[m] (yb[m] e_ia[m] + ya[m] e_ib[m])`` (times the query
+    weights and the scale when ``QW``) for ``R`` rows of one head ``hx`` of ``x [B, T, HX, D]``, the feature
+    gradients ``du [B, TS, HQ, KP]`` summed over the ``GROUPS`` query heads of ``hx`` first; written into ``dx``
+    (x's layout and dtype). One-hot products in float32 (``ieee``)."""
+    rb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // HX
+    hx = bh % HX
+    rl = rb * R + tl.arange(0, R)
+    rows = t0 + rl
+    rmask = (rows < T) & (rl < TS)
+    dk = tl.arange(0, D)
+    xb = x_ptr + b * T * HX * D + hx * D
+    acc = tl.zeros((R, D), tl.float32)
+    for kb in range(NKB):
+        m = kb * BK + tl.arange(0, BK)
+        ia = tl.load(ia_ptr + m)
+        ib = tl.load(ib_ptr + m)
+        ya, yb = _gather(xb, rows, rmask, HX * D, ia, ib, D, scale)
+        du = tl.zeros((R, BK), tl.float32)
+        for g in range(GROUPS):
+            du += tl.load(du_ptr + ((b * TS + rl)[:, None] * HQ + hx * GROUPS + g) * KP + m[None, :],
+                          mask=rmask[:, None], other=0.0)
+        if QW:
+            du = du * (tl.load(wq_ptr + m) * scale)[None, :]
+        ea = (ia[:, None] == dk[None, :]).to(tl.float32)
+        eb = (ib[:, None] == dk[None, :]).to(tl.float32)
+        acc = tl.dot(du * yb, ea, acc, input_precision="ieee")
+        acc = tl.dot(du * ya, eb, acc, input_precision="ieee")
+    tl.store(dx_ptr + (b * T + rows)[:, None] * HX * D + hx * D + dk[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=rmask[:, None])
+
+
+@triton.jit
+def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_ptr, st_ptr, sd_ptr, rs_ptr, rd_ptr,
+                du1_ptr, du2_ptr, du3_ptr, dv1_ptr, dv2_ptr, T, t0, NS1, HQ, GROUPS, KP,
+                DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr):
     """One chunk n, one query head, one feature block of ``BK`` features: the states ``[BK, DVP]`` in registers
     (float32, CUDA cores), one position per step (forward states ``L += u ⊗ v`` by addition from the chunk's
-    start).
+    start); the features come from the segment's buffers ``u1 [B, TS, Hq, KP]``, ``u2``, ``u3 [B, TS, Hkv, KP]``.
 
     * ``MODE == 1`` (state gradients): the chunk's contribution ``Σ_{i in n} dL2_i`` with
       ``dL2_i = (U1[i] ⊗ G_i) ∘ L3_i`` (likewise dL3, and the normaliser's vectors), per query head -> slot
       ``NS1 - 1 - n`` of ``rs``, ``rd`` (reversed, so a forward cumsum gives suffixes).
     * ``MODE == 2`` (input gradients): suffix states (inclusive, from the reversed cumsum) less each row's own
-      part; the five gradients of every row added into the segment's float32 buffers ``[B, TS, Hq, *]`` by
-      atomics (feature blocks add up; the launcher sums GQA groups).
-
-    Loading the next row's inputs one step ahead (by hand) measured slower on the H200 (NOTES_poly.md)."""
+      part; the feature gradients ``du1..3`` of every row stored into ``[B, TS, Hq, KP]`` (each row's block
+      belongs to this program alone), the value gradients added into ``[B, TS, Hq, Dv]`` by atomics (feature
+      blocks add up; the launcher sums GQA groups)."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kb = tl.program_id(2)
-    b, h, sq, sk, sv, so, qb, k1b, k2b, v1b, v2b, oo, stb, sdb = _bases(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr,
-                                                                         sd_ptr, n, bh, HQ, GROUPS, T, NS1, KP, D, DV,
-                                                                         DVP)
-    m, cols, ia, ib, am, bm, wq, soff, L2, L3, l2, l3 = _scan_start(ia_ptr, ib_ptr, wq_ptr, stb, sdb, kb, KP, D, DVP,
-                                                                    BK)
-    cm = cols < DV
-    dk = tl.arange(0, D)
-    dob = do_ptr + oo
-    rb = b * T * HQ + h
+    b = bh // HQ
+    h = bh % HQ
+    hk = h // GROUPS
+    HK = HQ // GROUPS
+    sv = HK * DV
+    so = HQ * DV
     TS = (NS1 - 1) * F
+    m = kb * BK + tl.arange(0, BK)
+    cols = tl.arange(0, DVP)
+    cm = cols < DV
+    soff = m[:, None] * DVP + cols[None, :]
+    stb = st_ptr + ((b * HK + hk) * NS1 + n) * 2 * KP * DVP
+    sdb = sd_ptr + ((b * HK + hk) * NS1 + n) * 2 * KP
+    L2 = tl.load(stb + soff)
+    L3 = tl.load(stb + KP * DVP + soff)
+    l2 = tl.load(sdb + m)
+    l3 = tl.load(sdb + KP + m)
     rsb = rs_ptr + (bh * NS1 + NS1 - 1 - n) * 2 * KP * DVP
     rdb = rd_ptr + (bh * NS1 + NS1 - 1 - n) * 2 * KP
     if MODE == 2:  # inclusive suffix from chunk n
@@ -350,29 +377,32 @@ def _bwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_pt
         R3 = tl.zeros((BK, DVP), tl.float32)
         r2d = tl.zeros((BK,), tl.float32)
         r3d = tl.zeros((BK,), tl.float32)
-    ea = (ia[:, None] == dk[None, :]).to(tl.float32)  # one-hot of the gathers: d(ya yb)/dx = yb ea + ya eb
-    eb = (ib[:, None] == dk[None, :]).to(tl.float32)
+    v1b = v1_ptr + b * T * sv + hk * DV + cols
+    v2b = v2_ptr + b * T * sv + hk * DV + cols
+    dob = do_ptr + b * T * so + h * DV + cols
+    rb = b * T * HQ + h
+    tq = n * F  # this chunk's first row in the segment
+    u1b = u1_ptr + ((b * TS + tq) * HQ + h) * KP + m
+    u2b = u2_ptr + ((b * TS + tq) * HK + hk) * KP + m
+    u3b = u3_ptr + ((b * TS + tq) * HK + hk) * KP + m
+    gub = ((b * TS + tq) * HQ + h) * KP + m
+    gvb = ((b * TS + tq) * HQ + h) * DV + cols
     r0 = (t0 + n * F).to(tl.int64)
     for t in range(F):
         i = r0 + t
-        qa, qc, k1a, k1c, k2a, k2c, v1r, v2r, dor, den, dl = _scan_load(qb, k1b, k2b, v1b, v2b, dob, den_ptr + rb,
-                                                                        delta_ptr + rb, i, T, ia, ib, am, bm, cols,
-                                                                        cm, sq, sk, sv, so, HQ)
-        ok = (ia * 0 + i) < T
-        ya, yb, u1 = _scan_feats(qa, qc, ok, am, bm, scale)
-        x1a, x1b, u2 = _scan_feats(k1a, k1c, ok, am, bm, 1.0)
-        x2a, x2b, u3 = _scan_feats(k2a, k2c, ok, am, bm, 1.0)
-        u1 = u1 * wq
-        v1f = v1r.to(tl.float32)
-        v2f = v2r.to(tl.float32)
-        L2 += u2[:, None] * v1f[None, :]
-        L3 += u3[:, None] * v2f[None, :]
+        okc = cm & ((cols * 0 + i) < T)
+        u1 = tl.load(u1b + t * HQ * KP)
+        u2 = tl.load(u2b + t * HK * KP)
+        u3 = tl.load(u3b + t * HK * KP)
+        v1r = tl.load(v1b + i * sv, mask=okc, other=0.0).to(tl.float32)
+        v2r = tl.load(v2b + i * sv, mask=okc, other=0.0).to(tl.float32)
+        rden = 1.0 / tl.load(den_ptr + rb + i * HQ, mask=i < T, other=1.0)  # one division per row
+        g = tl.load(dob + i * so, mask=okc, other=0.0).to(tl.float32) * rden
+        gd = -tl.load(delta_ptr + rb + i * HQ, mask=i < T, other=0.0) * rden
+        L2 += u2[:, None] * v1r[None, :]
+        L3 += u3[:, None] * v2r[None, :]
         l2 += u2
         l3 += u3
-        okc = cm & ((cols * 0 + i) < T)
-        rden = 1.0 / den  # one division per row, not one per value column
-        g = dor.to(tl.float32) * rden
-        gd = -dl * rden
         gl3 = g[None, :] * L3
         gl2 = g[None, :] * L2
         if MODE == 1:
@@ -381,27 +411,15 @@ def _bwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_pt
             r2d += gd * u1 * l3
             r3d += gd * u1 * l2
         else:
-            du1 = tl.sum(gl3 * L2, axis=1) + gd * l2 * l3
-            du2 = tl.sum(R2 * v1f[None, :], axis=1) + r2d
-            du3 = tl.sum(R3 * v2f[None, :], axis=1) + r3d
-            dv1 = tl.sum(R2 * u2[:, None], axis=0)
-            dv2 = tl.sum(R3 * u3[:, None], axis=0)
+            tl.store(du1_ptr + gub + t * HQ * KP, tl.sum(gl3 * L2, axis=1) + gd * l2 * l3)
+            tl.store(du2_ptr + gub + t * HQ * KP, tl.sum(R2 * v1r[None, :], axis=1) + r2d)
+            tl.store(du3_ptr + gub + t * HQ * KP, tl.sum(R3 * v2r[None, :], axis=1) + r3d)
+            tl.atomic_add(dv1_ptr + gvb + t * so, tl.sum(R2 * u2[:, None], axis=0), mask=okc, sem="relaxed")
+            tl.atomic_add(dv2_ptr + gvb + t * so, tl.sum(R3 * u3[:, None], axis=0), mask=okc, sem="relaxed")
             R2 -= u1[:, None] * gl3
             R3 -= u1[:, None] * gl2
             r2d -= gd * u1 * l3
             r3d -= gd * u1 * l2
-            c1 = du1 * wq * scale
-            okd = (dk * 0 + i) < T
-            lq = b * TS * sq + h * D + (i - t0) * sq + dk
-            lv = b * TS * so + h * DV + (i - t0) * so + cols
-            tl.atomic_add(dq_ptr + lq, tl.sum((c1 * yb)[:, None] * ea + (c1 * ya)[:, None] * eb, axis=0),
-                          mask=okd, sem="relaxed")
-            tl.atomic_add(dk1_ptr + lq, tl.sum((du2 * x1b)[:, None] * ea + (du2 * x1a)[:, None] * eb, axis=0),
-                          mask=okd, sem="relaxed")
-            tl.atomic_add(dk2_ptr + lq, tl.sum((du3 * x2b)[:, None] * ea + (du3 * x2a)[:, None] * eb, axis=0),
-                          mask=okd, sem="relaxed")
-            tl.atomic_add(dv1_ptr + lv, dv1, mask=okc, sem="relaxed")
-            tl.atomic_add(dv2_ptr + lv, dv2, mask=okc, sem="relaxed")
     if MODE == 1:
         tl.store(rsb + soff, R2)
         tl.store(rsb + KP * DVP + soff, R3)
@@ -465,11 +483,16 @@ class _Cfg:
         if bkb not in (16, 32):
             raise ValueError(f"TUNE['BK_BWD'] must be 16 or 32 (a divisor of the feature padding {BK}), got {bkb}")
         self.NKBB = self.KP // bkb
-        self.kwb = dict(D=self.D, DV=self.DV, DVP=self.DVP, F=self.F, BK=bkb, num_warps=int(TUNE["WARPS_BWD"]))
+        self.kwb = dict(DV=self.DV, DVP=self.DVP, F=self.F, BK=bkb, num_warps=int(TUNE["WARPS_BWD"]))
 
-    def seg_chunks(self, heads: int) -> int:
-        """State chunks per segment so that ``heads`` states of ``[2, KP, DVP]`` per chunk fit SEG_BYTES."""
-        per_chunk = self.B * heads * 2 * self.KP * (self.DVP + 1) * 4
+    def seg_chunks(self, backward: bool) -> int:
+        """State chunks per segment so that a segment's buffers fit SEG_BYTES. Forward: the states (per kv
+        head) ``[2, KP, DVP + 1]`` per chunk and the kernel's scratch (per query head, as large). Backward: the
+        forward states and the suffix states (per query head), plus the features and their gradients
+        (``4 Hq + 2 Hkv`` rows of ``KP``) and the value gradients (``2 Hq`` rows of ``Dv``) per position."""
+        per_chunk = 4 * self.B * (self.HK + self.HQ) * 2 * self.KP * (self.DVP + 1)
+        if backward:
+            per_chunk += 4 * self.B * self.F * ((4 * self.HQ + 2 * self.HK) * self.KP + 2 * self.HQ * self.DV)
         return max(1, min(self.NF, SEG_BYTES // per_chunk))
 
 
@@ -496,14 +519,16 @@ def poly_fwd(q, k1, k2, v1, v2, scale: float, *, save: bool = True):
     den = torch.empty(cfg.B, cfg.T, cfg.HQ, dtype=torch.float32, device=dev)
     prefix = torch.zeros(cfg.B * cfg.HK, 2, cfg.KP, cfg.DVP, dtype=torch.float32, device=dev)
     prefd = torch.zeros(cfg.B * cfg.HK, 2, cfg.KP, dtype=torch.float32, device=dev)
-    seg = cfg.seg_chunks(cfg.HK + cfg.HQ)  # the forward's scratch (and the backward's suffix states) per query head
+    seg = cfg.seg_chunks(backward=False)
+    segb = cfg.seg_chunks(backward=True)  # the backward's segments are shorter: each starts from a saved state
     saved = []
     NE = cfg.DVP // cfg.EBF
     for c0 in range(0, cfg.NF, seg):
         nf = min(seg, cfg.NF - c0)
-        if save:
-            saved.append((c0, nf, prefix, prefd))
         st, sd = _segment_states(cfg, k1, k2, v1, v2, c0, nf, prefix, prefd)
+        if save:
+            for j in range(0, nf, segb):
+                saved.append((c0 + j, min(segb, nf - j), st[:, j].clone(), sd[:, j].clone()))
         grid = (nf, cfg.B * cfg.HQ, NE)
         args = (cfg.ia, cfg.ib, cfg.wq, cfg.T, c0 * cfg.F, nf + 1, cfg.HQ, cfg.G, cfg.KP, cfg.NKB, scale)
         kw = dict(C=C, EB=cfg.EBF, num_warps=TUNE["WARPS_FWD"], **cfg.kw)
@@ -520,43 +545,50 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float):
     """Backward: gradients of q, k1, k2, v1, v2 in their dtypes (k/v gradients summed over GQA groups)."""
     cfg = _Cfg(q, k1, v1)
     dev = q.device
-    B, T, HQ, HK, D, DV, F = cfg.B, cfg.T, cfg.HQ, cfg.HK, cfg.D, cfg.DV, cfg.F
+    B, T, HQ, HK, D, DV, F, KP = cfg.B, cfg.T, cfg.HQ, cfg.HK, cfg.D, cfg.DV, cfg.F, cfg.KP
     dq = torch.empty_like(q)
     dk1, dk2 = torch.empty_like(k1), torch.empty_like(k2)
     dv1, dv2 = torch.empty_like(v1), torch.empty_like(v2)
-    carry = torch.zeros(B * HQ, 2, cfg.KP, cfg.DVP, dtype=torch.float32, device=dev)
-    carryd = torch.zeros(B * HQ, 2, cfg.KP, dtype=torch.float32, device=dev)
+    carry = torch.zeros(B * HQ, 2, KP, cfg.DVP, dtype=torch.float32, device=dev)
+    carryd = torch.zeros(B * HQ, 2, KP, dtype=torch.float32, device=dev)
     f32 = dict(dtype=torch.float32, device=dev)
-    grid = lambda nf: (nf, B * HQ, cfg.NKBB)  # noqa: E731
+    R = 64  # rows per program of the feature and projection kernels
     for c0, nf, prefix, prefd in reversed(saved):
         st, sd = _segment_states(cfg, k1, k2, v1, v2, c0, nf, prefix, prefd)
-        rs = torch.empty(B * HQ, nf + 1, 2, cfg.KP, cfg.DVP, **f32)
-        rd = torch.empty(B * HQ, nf + 1, 2, cfg.KP, **f32)
+        TS, t0 = nf * F, c0 * F
+        r1 = min(T, t0 + TS)
+        feats = []
+        for x, h, qw, sc in ((q, HQ, 1, scale), (k1, HK, 0, 1.0), (k2, HK, 0, 1.0)):
+            u = torch.empty(B, TS, h, KP, **f32)
+            _feat_kernel[(-(-TS // R), B * h, cfg.NKB)](x, u, cfg.ia, cfg.ib, cfg.wq, T, t0, TS, h, KP, sc, D=D, R=R,
+                                                        BK=BK, QW=qw, num_warps=4)
+            feats.append(u)
+        rs = torch.empty(B * HQ, nf + 1, 2, KP, cfg.DVP, **f32)
+        rd = torch.empty(B * HQ, nf + 1, 2, KP, **f32)
         rs[:, 0] = carry
         rd[:, 0] = carryd
-        args = (cfg.ia, cfg.ib, cfg.wq, T, c0 * F, nf + 1, HQ, cfg.G, cfg.KP, scale)
-        _bwd_kernel[grid(nf)](q, k1, k2, v1, v2, do, den, delta, st, sd, rs, rd, rs, rs, rs, rs, rs, *args, MODE=1,
-                              **cfg.kwb)
+        grid = (nf, B * HQ, cfg.NKBB)
+        args = (T, t0, nf + 1, HQ, cfg.G, KP)
+        _bwd_kernel[grid](*feats, v1, v2, do, den, delta, st, sd, rs, rd, rs, rs, rs, rs, rs, *args, MODE=1, **cfg.kwb)
         rs.cumsum_(1)
         rd.cumsum_(1)
-        r0, r1 = c0 * F, min(T, (c0 + nf) * F)
-        TS = nf * F
-        gq = torch.zeros(B, TS, HQ, D, **f32)
-        gk1 = torch.zeros(B, TS, HQ, D, **f32)
-        gk2 = torch.zeros(B, TS, HQ, D, **f32)
+        dus = [torch.empty(B, TS, HQ, KP, **f32) for _ in range(3)]
         gv1 = torch.zeros(B, TS, HQ, DV, **f32)
         gv2 = torch.zeros(B, TS, HQ, DV, **f32)
-        _bwd_kernel[grid(nf)](q, k1, k2, v1, v2, do, den, delta, st, sd, rs, rd, gq, gk1, gk2, gv1, gv2, *args,
-                              MODE=2, **cfg.kwb)
+        _bwd_kernel[grid](*feats, v1, v2, do, den, delta, st, sd, rs, rd, *dus, gv1, gv2, *args, MODE=2, **cfg.kwb)
         carry, carryd = rs[:, nf].clone(), rd[:, nf].clone()
-        del st, sd, rs, rd
-        n = r1 - r0
-        dq[:, r0:r1] = gq[:, :n]
-        for dst, src in ((dk1, gk1), (dk2, gk2), (dv1, gv1), (dv2, gv2)):
+        del st, sd, rs, rd, feats
+        for x, du, dx, h, g, qw, sc in ((q, dus[0], dq, HQ, 1, 1, scale), (k1, dus[1], dk1, HK, cfg.G, 0, 1.0),
+                                        (k2, dus[2], dk2, HK, cfg.G, 0, 1.0)):
+            _proj_kernel[(-(-TS // R), B * h)](x, du, dx, cfg.ia, cfg.ib, cfg.wq, T, t0, TS, h, HQ, g, KP, cfg.NKB, sc,
+                                               D=D, R=R, BK=BK, QW=qw, num_warps=4)
+        del dus
+        n = r1 - t0
+        for dst, src in ((dv1, gv1), (dv2, gv2)):
             src = src[:, :n]
             if cfg.G > 1:
-                src = src.view(B, n, HK, cfg.G, src.shape[-1]).sum(3)
-            dst[:, r0:r1] = src
+                src = src.view(B, n, HK, cfg.G, DV).sum(3)
+            dst[:, t0:r1] = src
     return dq, dk1, dk2, dv1, dv2
 
 
