@@ -18,7 +18,7 @@ by ``torch.compile``), except the optional non-finite check, which is skipped wh
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -212,3 +212,45 @@ def check_attn_inputs(q, k1, k2, v1, v2, *, causal: bool = False, window=None, s
         raise ValueError(f"causal masking and windows need k1/v1 and k2/v2 as long as q: got T={T}, "
                          f"len(k1)={S1}, len(k2)={S2}")
     return B, T, Hq, Hkv, D, Dv, S1, S2, win
+
+
+def check_cu_seqlens(cu_seqlens, max_seqlen, *, B: int, T: int, S1: int, S2: int, device) -> List[int]:
+    """Validate packed-document boundaries (flash-attention's ``cu_seqlens`` convention) and return them as a
+    list ``[0, e_1, ..., T]``.
+
+    ``cu_seqlens``: a 1-D int32 tensor on the inputs' device, starting at 0, strictly increasing (no empty
+    document), ending at the packed length ``T``; inputs packed as ``[1, T, H, D]`` with
+    ``k1``/``k2`` packed like ``q`` (``S1 == S2 == T``). ``max_seqlen``: ``None`` or an int at least the longest
+    document (flash-attention's hint; checked here, not needed). Reading the boundaries synchronises a GPU.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor of int32 document starts, got {_type_name(cu_seqlens)}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must have dtype torch.int32 (flash-attention's convention), got "
+                        f"{cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries ([0, ..., total]), got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != torch.device(device):
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}")
+    if B != 1:
+        raise ValueError(f"packed documents (cu_seqlens) need the inputs as [1, total, H, D], got batch size {B}")
+    if not (S1 == T and S2 == T):
+        raise ValueError(f"packed documents (cu_seqlens) need k1/v1 and k2/v2 packed like q: got T={T}, "
+                         f"len(k1)={S1}, len(k2)={S2}")
+    b = [int(x) for x in cu_seqlens.tolist()]
+    if b[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {b[0]}")
+    if b[-1] != T:
+        raise ValueError(f"cu_seqlens must end at the packed length {T} (q.shape[1]), got {b[-1]}")
+    bad = next((i for i in range(1, len(b)) if b[i] <= b[i - 1]), None)
+    if bad is not None:
+        raise ValueError(f"cu_seqlens must be strictly increasing (no empty document), got {b[bad - 1]} then "
+                         f"{b[bad]} at index {bad}")
+    if max_seqlen is not None:
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+            raise TypeError(f"max_seqlen must be an int or None, got {_type_name(max_seqlen)}")
+        longest = max(b[i] - b[i - 1] for i in range(1, len(b)))
+        if max_seqlen < longest:
+            raise ValueError(f"max_seqlen ({max_seqlen}) is shorter than the longest document ({longest})")
+    return b

@@ -183,6 +183,29 @@ class CharData:
         w = data[ix[:, None] + off[None, :]]  # [batch, block + 1]
         return w[:, :-1], w[:, 1:]
 
+    def packed_batch(self, split: str, tokens: int, block: int, generator: torch.Generator):
+        """``(x, y, cu_seqlens)`` for packed training: ``tokens`` consecutive characters from a random offset as one
+        row ``[1, tokens]``, cut into documents that end after each newline (a verse and its newline; pieces of at
+        most ``block`` characters); ``y`` is the next character, -100 (ignored by the loss) at the last position of
+        every document, whose next character belongs to another document."""
+        data = self.train if split == "train" else self.val
+        if len(data) <= tokens + 1:
+            raise ValueError(f"the {split} text has {len(data)} characters, fewer than tokens + 2 = {tokens + 2}")
+        i0 = int(torch.randint(0, len(data) - tokens - 1, (1,), generator=generator))
+        w = data[i0:i0 + tokens + 1]
+        x, y = w[:-1].clone(), w[1:].clone()
+        nl = self.stoi.get("\n")
+        ends = [] if nl is None else (x == nl).nonzero().flatten().tolist()
+        bounds = [0]
+        for e in ends + [tokens - 1]:
+            end = e + 1
+            while end - bounds[-1] > block:
+                bounds.append(bounds[-1] + block)
+            if end > bounds[-1]:
+                bounds.append(end)
+        y[torch.tensor(bounds[1:]) - 1] = -100
+        return x[None], y[None], torch.tensor(bounds, dtype=torch.int32)
+
     def decode(self, ids) -> str:
         return "".join(self.itos[int(i)] for i in ids)
 

@@ -204,8 +204,11 @@ def init_distributed(backend: Optional[str] = None, *, device: Optional[str] = N
 
 
 def cleanup() -> None:
-    """Destroy the default process group if one exists (call once at the end of a torchrun script)."""
+    """Destroy the default process group if one exists (call once at the end of a torchrun script, on every rank).
+    A barrier first: a rank that tears its group down while another still sends can abort the other's gloo
+    transport threads (seen as ``terminate called without an active exception`` in a spawned rank)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -25,10 +25,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import exact_torch
-from ._validate import check_attn_inputs, check_bool, check_scale
+from ._validate import check_attn_inputs, check_bool, check_cu_seqlens, check_scale
 from .dispatch import (Backend, autocast_off, choose, no_autocast, refuse_double_backward, refuse_double_backward_op,
                        triton_device_reasons)
 from .naive import acc_dtype
+from .packing import check_no_max_seqlen, run_per_document
 
 __all__ = ["tensor_attn", "TensorAttnFunction", "BACKENDS", "AUTO_BACKENDS", "choose_backend", "exact_fwd_op",
            "exact_bwd_op"]
@@ -198,7 +199,8 @@ refuse_double_backward_op(exact_bwd_op, "tensor_attn")
 
 def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, *,
                 scale: Optional[float] = None, causal: bool = False, window=None, backend: str = "auto",
-                check_finite: Optional[bool] = None) -> torch.Tensor:
+                check_finite: Optional[bool] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None) -> torch.Tensor:
     """Exact tensor (2-simplicial) attention with autograd.
 
     For each query ``i`` and visible key pair ``(j1, j2)``::
@@ -224,6 +226,10 @@ def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
         check_finite: refuse NaN/Inf inputs with a ``ValueError``. ``None`` (default) checks CPU inputs only:
             on a GPU the check would synchronise every call. An unchecked non-finite value poisons the rows it
             reaches, and on the torch/naive backends also rows that cannot see it (0 · NaN in the masked sums).
+        cu_seqlens: packed documents (:mod:`tensorattn.packing`): inputs ``[1, total, H, D]`` and an int32
+            tensor of document starts with a leading 0 and ``total`` at the end; each query then sees only key
+            pairs of its own document (masks and windows inside it). Runs the op once per document for now.
+        max_seqlen: with ``cu_seqlens``, optionally the longest document's length (checked).
 
     Differentiable once: double backward raises a ``RuntimeError`` on every backend.
 
@@ -249,6 +255,13 @@ def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
     B, T, Hq, Hkv, D, Dv, S1, S2, win = check_attn_inputs(q, k1, k2, v1, v2, causal=causal, window=window,
                                                           check_finite=check_finite)
     scale = check_scale(scale, D, dtype=q.dtype)
+    check_no_max_seqlen(cu_seqlens, max_seqlen)
+    if cu_seqlens is not None:
+        bounds = check_cu_seqlens(cu_seqlens, max_seqlen, B=B, T=T, S1=S1, S2=S2, device=q.device)
+        if len(bounds) > 2:
+            return run_per_document(lambda *xs: tensor_attn(*xs, scale=scale, causal=causal, window=window,
+                                                            backend=backend, check_finite=False), bounds,
+                                    q, k1, k2, v1, v2)
     if win is not None:
         # a window at least as long as the sequence is the causal mask; the fused kernels take the causal path
         win = None if (win[0] >= T and win[1] >= T) else win

@@ -24,15 +24,17 @@ are custom ops (``torch.ops.tensorattn.*``), one opaque node each; meta tensors 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import check_bool, check_optional_bool, check_tensor, maybe_check_finite, normalize_window
+from ._validate import (check_bool, check_cu_seqlens, check_optional_bool, check_tensor, maybe_check_finite,
+                        normalize_window)
 from .exact import tensor_attn
 from .naive import naive_tensor_attn
+from .packing import positions_in_documents
 from .poly import PolyTensorAttnState, poly_tensor_attn, poly_tensor_attn_step
 
 __all__ = ["RotaryEmbedding", "SoftmaxAttention", "TensorAttention", "PolyTensorAttention", "DecodeCache"]
@@ -107,6 +109,18 @@ def _cached_tensor_attn(q, k1, k2, v1, v2, q_pos0: int, window, scale: Optional[
     return torch.cat(outs, 1)
 
 
+def _packed(layer: nn.Module, cu_seqlens, x, others, cache) -> Optional[List[int]]:
+    """Document boundaries of a packed self-attention call (``None`` without ``cu_seqlens``)."""
+    if cu_seqlens is None:
+        return None
+    if cache is not None:
+        raise ValueError(f"{type(layer).__name__}: cu_seqlens (packed documents) and cache cannot be combined")
+    if any(t is not None for t in others):
+        raise ValueError(f"{type(layer).__name__}: cu_seqlens (packed documents) needs self-attention (no y/z)")
+    T = x.shape[1]
+    return check_cu_seqlens(cu_seqlens, None, B=x.shape[0], T=T, S1=T, S2=T, device=x.device)
+
+
 def _check_dims(**dims: int) -> None:
     for name, v in dims.items():
         if isinstance(v, bool) or not isinstance(v, int):
@@ -170,10 +184,14 @@ class RotaryEmbedding(nn.Module):
         inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # [D/2]
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """``x``: ``[B, T, H, D]``; position ``t`` of ``x`` is ``offset + t``."""
+    def forward(self, x: torch.Tensor, offset: int = 0, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x``: ``[B, T, H, D]``; position ``t`` of ``x`` is ``offset + t``, or ``positions[t]`` when given (a
+        ``[T]`` integer tensor, e.g. positions inside packed documents)."""
         T = x.shape[1]
-        t = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
+        if positions is not None:
+            t = positions.to(device=x.device, dtype=torch.float32)
+        else:
+            t = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
         ang = t[:, None] * self.inv_freq.to(x.device)  # [T, D/2]
         cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]  # [1, T, 1, D/2]
         x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]  # [B, T, H, D/2]
@@ -226,13 +244,16 @@ class SoftmaxAttention(nn.Module):
         return DecodeCache()
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *,
-                cache: Optional[DecodeCache] = None) -> torch.Tensor:
+                cache: Optional[DecodeCache] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x``: ``[B, T, dim]`` (queries); ``y``: ``[B, S, dim]`` (keys/values, default ``x``).
 
         With ``cache`` (causal self-attention only), ``x`` holds the next ``T`` positions after those the cache
-        has seen; their keys and values join the cache (the last ``window`` of them with a window)."""
+        has seen; their keys and values join the cache (the last ``window`` of them with a window). With
+        ``cu_seqlens`` (self-attention, ``x`` ``[1, total, dim]``: see :mod:`tensorattn.packing`) attention and
+        RoPE positions stay inside each packed document."""
         _check_inputs(self, [("x", x)] if y is None else [("x", x), ("y", y)], ("x" if y is None else "y",),
                       self.check_finite)
+        bounds = _packed(self, cu_seqlens, x, (y,), cache)
         L = 0 if cache is None else _check_cache(self, cache, y)
         y = x if y is None else y
         B, T, _ = x.shape
@@ -240,8 +261,9 @@ class SoftmaxAttention(nn.Module):
         q = self.q(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, Hq, D]
         k = self.k(y).view(B, S, self.n_kv_heads, self.head_dim)  # [B, S, Hkv, D]
         v = self.v(y).view(B, S, self.n_kv_heads, self.head_dim)
+        pos = None if bounds is None else positions_in_documents(bounds, x.device)
         if self.rope is not None:
-            q, k = self.rope(q, offset=L), self.rope(k, offset=L)
+            q, k = self.rope(q, offset=L, positions=pos), self.rope(k, offset=L, positions=pos)
         mask = None
         if cache is not None:
             k, v = _append(cache, (k, v), self.window)
@@ -252,6 +274,12 @@ class SoftmaxAttention(nn.Module):
             if S != T:
                 raise ValueError(f"causal/window attention needs y as long as x, got T={T}, S={S}")
             mask = _visible(0, T, 0, T, self.window, x.device)
+        if bounds is not None:  # same document (positions restart at each start, so the causal part holds too)
+            doc = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=x.device),
+                                          torch.tensor([e - s for s, e in zip(bounds[:-1], bounds[1:])],
+                                                       device=x.device))
+            same = doc[:, None] == doc[None, :]
+            mask = same if mask is None else mask & same
         g = self.n_heads // self.n_kv_heads
         # SDPA wants [B, H, T, D]; expand kv heads for GQA (tiny models: the copy is cheap)
         qh = q.transpose(1, 2)
@@ -318,7 +346,7 @@ class TensorAttention(nn.Module):
             raise ValueError(f"rope needs an even key/head dim, got {key_dim}")
         self.rope = RotaryEmbedding(key_dim) if rope else None
 
-    def _project(self, x, y, z, offset: int = 0):
+    def _project(self, x, y, z, offset: int = 0, positions: Optional[torch.Tensor] = None):
         y = x if y is None else y
         z = x if z is None else z
         B, T, _ = x.shape
@@ -330,12 +358,12 @@ class TensorAttention(nn.Module):
         v1 = self.v1(y).view(B, S1, Hkv, Dv)  # [B, S1, Hkv, Dv]
         v2 = self.v2(z).view(B, S2, Hkv, Dv)  # [B, S2, Hkv, Dv]
         if self.rope is not None:
-            q, k1, k2 = self.rope(q, offset=offset), self.rope(k1, offset=offset), self.rope(k2, offset=offset)
+            q, k1, k2 = (self.rope(t, offset=offset, positions=positions) for t in (q, k1, k2))
         return q, k1, k2, v1, v2
 
-    def _attend(self, q, k1, k2, v1, v2):
+    def _attend(self, q, k1, k2, v1, v2, cu_seqlens=None):
         return tensor_attn(q, k1, k2, v1, v2, scale=self.scale, causal=self.causal, window=self.window,
-                     backend=self.backend)
+                           backend=self.backend, cu_seqlens=cu_seqlens)
 
     def new_cache(self) -> DecodeCache:
         """An empty cache for incremental decoding (see :class:`DecodeCache` for what it keeps and costs)."""
@@ -351,16 +379,22 @@ class TensorAttention(nn.Module):
         return _cached_tensor_attn(q, *full, L, self.window, self.scale)
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None, *,
-                cache: Optional[DecodeCache] = None):
+                cache: Optional[DecodeCache] = None, cu_seqlens: Optional[torch.Tensor] = None):
         """``x``: ``[B, T, dim]`` queries; ``y``: ``[B, S1, dim]`` for k1/v1; ``z``: ``[B, S2, dim]`` for k2/v2.
 
         With ``cache`` (causal self-attention only), ``x`` holds the next ``T`` positions after those the cache
-        has seen; the output equals those rows of the full causal forward. Returns ``[B, T, dim]``.
+        has seen; the output equals those rows of the full causal forward. With ``cu_seqlens`` (self-attention,
+        ``x`` ``[1, total, dim]``: see :mod:`tensorattn.packing`) the key pairs and RoPE positions stay inside
+        each packed document. Returns ``[B, T, dim]``.
         """
         named = [("x", x)] + [(n, t) for n, t in (("y", y), ("z", z)) if t is not None]
         _check_inputs(self, named, ("x" if y is None else "y", "x" if z is None else "z"), self.check_finite)
+        bounds = _packed(self, cu_seqlens, x, (y, z), cache)
         B, T = x.shape[:2]
-        if cache is None:
+        if bounds is not None:
+            o = self._attend(*self._project(x, None, None, positions=positions_in_documents(bounds, x.device)),
+                             cu_seqlens=cu_seqlens)
+        elif cache is None:
             o = self._attend(*self._project(x, y, z))  # [B, T, Hq, Dv]
         else:
             L = _check_cache(self, cache, y, z)
@@ -411,9 +445,9 @@ class PolyTensorAttention(TensorAttention):
         _check_dims(degree=degree)
         self.degree = degree
 
-    def _attend(self, q, k1, k2, v1, v2):
+    def _attend(self, q, k1, k2, v1, v2, cu_seqlens=None):
         return poly_tensor_attn(q, k1, k2, v1, v2, degree=self.degree, causal=self.causal, scale=self.scale,
-                    backend=self.backend)
+                                backend=self.backend, cu_seqlens=cu_seqlens)
 
     def _attend_cached(self, q, k1, k2, v1, v2, cache: DecodeCache, L: int):
         """A prompt on an empty cache by the parallel op, the state from the prompt's keys; later tokens one at a

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._validate import check_bool, check_tensor, maybe_check_finite, values_checkable
+from ._validate import check_bool, check_cu_seqlens, check_tensor, maybe_check_finite, values_checkable
 from .layers import DecodeCache, PolyTensorAttention, SoftmaxAttention, TensorAttention, _check_dims, _init_like_gpt
+from .packing import positions_in_documents
 
 __all__ = ["Transformer", "ModelCache", "MultiViewClassifier", "parse_pattern"]
 
@@ -66,8 +67,14 @@ class Block(nn.Module):
         self.ln1, self.attn = nn.LayerNorm(dim), attn
         self.ln2, self.mlp = nn.LayerNorm(dim), MLP(dim, mlp_ratio * dim)
 
-    def forward(self, x, cache: Optional[DecodeCache] = None):
-        x = x + (self.attn(self.ln1(x)) if cache is None else self.attn(self.ln1(x), cache=cache))
+    def forward(self, x, cache: Optional[DecodeCache] = None, cu_seqlens: Optional[torch.Tensor] = None):
+        if cache is not None:
+            a = self.attn(self.ln1(x), cache=cache)
+        elif cu_seqlens is not None:
+            a = self.attn(self.ln1(x), cu_seqlens=cu_seqlens)
+        else:
+            a = self.attn(self.ln1(x))
+        x = x + a
         return x + self.mlp(self.ln2(x))
 
 
@@ -160,7 +167,8 @@ class Transformer(nn.Module):
             raise ValueError("new_cache: this Transformer was built with causal=False; decoding needs causal=True")
         return ModelCache([b.attn.new_cache() for b in self.blocks])
 
-    def forward(self, idx: torch.Tensor, cache: Optional[ModelCache] = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: Optional[ModelCache] = None, *,
+                cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``idx``: ``[B, T]`` token ids (int64 or int32) in ``[0, vocab_size)``, ``1 <= T <= block_size``.
         Returns logits ``[B, T, n_out]``. Ids out of range are refused for CPU tensors (on a GPU the check would
         synchronise; the embedding then fails with a device-side assert). The id check reads the values, so it is
@@ -169,7 +177,11 @@ class Transformer(nn.Module):
 
         With ``cache`` (:meth:`new_cache`), ``idx`` holds the next ``T`` positions after the ``cache.length`` ones
         already seen. Learned positions stop at ``block_size``; with ``pos="rope"`` or ``"none"`` decoding goes on
-        past it (windowed and fast layers in bounded memory, full-causal layers with a growing cache)."""
+        past it (windowed and fast layers in bounded memory, full-causal layers with a growing cache).
+
+        With ``cu_seqlens`` (:mod:`tensorattn.packing`), ``idx`` ``[1, total]`` packs documents (each at most
+        ``block_size`` long); every layer attends inside each document and positions restart at each start, so
+        the logits equal those of running each document alone."""
         check_tensor("idx", idx, ndim=2, floating=False)
         if idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"idx must hold integer token ids (torch.int64 or torch.int32), got dtype {idx.dtype}")
@@ -177,9 +189,18 @@ class Transformer(nn.Module):
         if cache is not None and not isinstance(cache, ModelCache):
             raise TypeError(f"cache must be a ModelCache (from Transformer.new_cache()), got {type(cache).__name__}")
         L = 0 if cache is None else cache.length
-        if cache is None and T > self.block_size:
+        bounds = None
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("cu_seqlens (packed documents) and cache cannot be combined")
+            bounds = check_cu_seqlens(cu_seqlens, None, B=B, T=T, S1=T, S2=T, device=idx.device)
+            longest = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
+            if longest > self.block_size:
+                raise ValueError(f"the longest packed document has {longest} positions, more than block_size "
+                                 f"{self.block_size}")
+        elif cache is None and T > self.block_size:
             raise ValueError(f"idx has sequence length {T} (idx.shape[1]), which exceeds block_size {self.block_size}")
-        if self.pos_emb is not None and L + T > self.block_size:
+        if self.pos_emb is not None and bounds is None and L + T > self.block_size:
             raise ValueError(f"positions {L}..{L + T - 1} exceed block_size {self.block_size}: the learned position "
                              "table ends there (build the model with pos='rope' or 'none' to decode further)")
         if T == 0:
@@ -193,9 +214,11 @@ class Transformer(nn.Module):
                                  f"[{lo}, {hi}]")
         x = self.tok(idx)  # [B, T, dim]
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(L, L + T, device=idx.device))
+            pos = torch.arange(L, L + T, device=idx.device) if bounds is None else positions_in_documents(bounds,
+                                                                                                          idx.device)
+            x = x + self.pos_emb(pos)
         for i, b in enumerate(self.blocks):
-            x = b(x) if cache is None else b(x, cache=cache.layers[i])
+            x = b(x, cache=None if cache is None else cache.layers[i], cu_seqlens=cu_seqlens)
         if cache is not None:
             cache.length = L + T
         return self.head(self.ln_f(x))

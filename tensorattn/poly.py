@@ -63,10 +63,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._validate import check_attn_inputs, check_same, check_scale, check_tensor, maybe_check_finite, values_checkable
+from ._validate import (check_attn_inputs, check_cu_seqlens, check_same, check_scale, check_tensor, maybe_check_finite,
+                        values_checkable)
 from .dispatch import (Backend, autocast_off, choose, no_autocast, refuse_double_backward, refuse_double_backward_op,
                        triton_device_reasons)
 from .features import _plan, _apply_plan, multinomial_weights, rank, taylor_coefficients
+from .packing import check_no_max_seqlen, run_per_document
 
 __all__ = [
     "poly_tensor_attn",
@@ -696,7 +698,8 @@ BACKENDS = [_TritonBackend(), _TorchBackend()]
 # Public API
 # --------------------------------------------------------------------------------------------------
 def poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False, scale=None, backend: str = "auto",
-                     check_finite: Optional[bool] = None):
+                     check_finite: Optional[bool] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                     max_seqlen: Optional[int] = None):
     """Tensor attention with ``exp`` replaced by its degree-``g`` Taylor polynomial, in linear time.
 
     For query ``i`` and visible key pairs ``(j1, j2)`` (all pairs; or ``j1 <= i`` and ``j2 <= i`` when
@@ -722,6 +725,10 @@ def poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False
         check_finite: refuse NaN/Inf inputs with a ``ValueError``; ``None`` (default) checks CPU inputs only
             (on a GPU the check would synchronise every call). An unchecked non-finite value spreads through
             the shared states: to every row on the torch backend, to its chunk and later ones on Triton.
+        cu_seqlens: packed documents (:mod:`tensorattn.packing`): inputs ``[1, total, H, D]`` and an int32
+            tensor of document starts with a leading 0 and ``total`` at the end; the pairs (and the causal
+            state) stay inside each document. Runs the op once per document for now.
+        max_seqlen: with ``cu_seqlens``, optionally the longest document's length (checked).
 
     Returns:
         ``[B, T, Hq, Dv]`` in q's dtype. Accumulates in float32 (float64 for float64 inputs);
@@ -733,6 +740,14 @@ def poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str ('auto', 'triton' or 'torch'), got {type(backend).__name__}")
     _check_rank(D, degree, "q.shape[3]")
+    check_no_max_seqlen(cu_seqlens, max_seqlen)
+    if cu_seqlens is not None:
+        bounds = check_cu_seqlens(cu_seqlens, max_seqlen, B=B, T=T, S1=S1, S2=S2, device=q.device)
+        if len(bounds) > 2:
+            o = run_per_document(lambda *xs: poly_tensor_attn(*xs, degree=degree, causal=causal, scale=scale,
+                                                              backend=backend, check_finite=False), bounds,
+                                 q, k1, k2, v1, v2)
+            return _check_output(o, check_finite, degree, scale)
     be = choose(BACKENDS, backend, dict(device=q.device, dtype=q.dtype, degree=degree, causal=causal,
                                          head_dim=D, value_dim=Dv), op="poly_tensor_attn")
     if B == 0 or T == 0:  # nothing to attend from: an empty output, still connected to the inputs' graph

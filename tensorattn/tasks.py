@@ -155,9 +155,14 @@ class KJVTask(Task):
         return self.data.decode(ids)
 
     def train_batch(self, gen):
+        if self.cfg.kjv_pack:  # one row of packed verses (x, y, cu_seqlens); the same characters per step
+            return self.data.packed_batch("train", self.tokens_per_batch, self.cfg.block_size, gen)
         return self.data.batch("train", self.cfg.batch_size, self.cfg.block_size, gen)
 
     def loss(self, model, batch):
+        if len(batch) == 3:  # packed: attention stops at each verse's end, its last position has no target
+            x, y, cu = (t.to(self.device) for t in batch)
+            return F.cross_entropy(model(x, cu_seqlens=cu).flatten(0, 1).float(), y.flatten(), ignore_index=-100)
         x, y = (t.to(self.device) for t in batch)
         return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
 

@@ -133,6 +133,7 @@ class TrainConfig:
     match3_m: int = 0  # 0 = the modulus whose measured positive rate is closest to 50 % (summary.json: task_info)
     match3_distinct: bool = False  # count only triples of three distinct positions (no pairwise shortcut)
     kjv_val_books: List[str] = field(default_factory=lambda: ["Ruth", "Jonah", "Mark", "James"])  # kjv: held-out books
+    kjv_pack: bool = False  # kjv: train on packed verses (batch_size x block_size characters in one row, one verse a document)
     mfeat_views: List[str] = field(default_factory=lambda: ["pix", "fou", "zer"])  # mfeat: UCI views
     mfeat_tokens: int = 8  # mfeat (and the digits example): tokens per view
     mixer: str = "tensor"  # mfeat: "tensor" | "softmax" | "concat"
@@ -551,6 +552,9 @@ def _train(cfg: TrainConfig, info: "td.DistInfo", task: Optional[Task] = None) -
     if cfg.batch_size % W:
         raise ValueError(f"config key 'batch_size' (the global batch, {cfg.batch_size}) must be divisible by the "
                          f"world size {W}")
+    if cfg.kjv_pack and W > 1:
+        raise ValueError(f"config key 'kjv_pack' packs one row per step, which is not split over ranks yet: run it "
+                         f"in a single process (this is one of {W})")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = info.device

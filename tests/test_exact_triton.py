@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import skip_if_interpreter_broken
+from utils import skip_if_interpreter_broken
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -2,19 +2,14 @@
 reference in float64, under TRITON_INTERPRET=1 on tiny shapes (in a subprocess, so the variable, which must be
 set before triton is imported, does not leak into other test modules) and on a CUDA device."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import skip_if_interpreter_broken
+from utils import run_interpreter
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # (B, T, Hq, Hkv, Dk, Dv, state-chunk length F, segment budget in bytes or 0 for the default, backward feature block)
 INTERP_CASES = [
@@ -56,13 +51,7 @@ _SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("case", INTERP_CASES, ids=lambda c: "B{}-T{}-H{}/{}-Dk{}-Dv{}-F{}-seg{}-bk{}".format(*c))
 def test_triton_interpreter_matches_naive(case):
-    skip_if_interpreter_broken()
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(case)], env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = json.loads(run_interpreter(_SCRIPT, json.dumps(case)).strip().splitlines()[-1])
     assert res["finite"]
     # float32 inputs, exact (ieee) products under the interpreter: float32 rounding only
     assert res["out"] < 1e-5, res

@@ -1,0 +1,50 @@
+"""Packed variable-length documents (flash-attention's ``cu_seqlens`` convention).
+
+Several documents are packed into one row ``[1, total, H, D]``; ``cu_seqlens`` (int32) holds their starts with a
+leading 0 and the total at the end, e.g. ``[0, 3, 10]`` for documents of 3 and 7 tokens. Attention then stays
+inside each document: a query sees only key pairs of its own document (causal masks and windows apply inside
+it), and the polynomial op's state restarts at every boundary.
+
+This version runs the op once per document (a Python loop over the documents' slices, so autograd gives all
+five gradients): one set of kernel launches per document, and the boundaries are read on the host (a GPU
+synchronisation per call). Kernels that take the boundaries themselves are future work.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+
+__all__ = ["cu_seqlens_from_lengths", "positions_in_documents", "run_per_document"]
+
+
+def cu_seqlens_from_lengths(lengths, device=None) -> torch.Tensor:
+    """``cu_seqlens`` (int32) of documents of the given positive lengths, e.g. ``[3, 7] -> [0, 3, 10]``."""
+    lens = [int(n) for n in lengths]
+    if not lens or any(n < 1 for n in lens):
+        raise ValueError(f"lengths must be a non-empty list of positive ints, got {lens}")
+    out = [0]
+    for n in lens:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+def positions_in_documents(bounds: List[int], device=None) -> torch.Tensor:
+    """Position of each packed token inside its own document (``[total]`` int64): ``[0, 3, 10] -> 0 1 2 0 1 .. 6``."""
+    total = bounds[-1]
+    idx = torch.arange(total, device=device)
+    starts = torch.tensor(bounds[:-1], device=device)
+    lengths = torch.tensor([bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)], device=device)
+    return idx - torch.repeat_interleave(starts, lengths)
+
+
+def run_per_document(fn: Callable[..., torch.Tensor], bounds: List[int], *tensors: torch.Tensor,
+                     dim: int = 1) -> torch.Tensor:
+    """``fn`` on each document's slice ``[b_i, b_{i+1})`` of every tensor along ``dim``, concatenated along ``dim``."""
+    outs = [fn(*(t.narrow(dim, s, e - s) for t in tensors)) for s, e in zip(bounds[:-1], bounds[1:])]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=dim)
+
+
+def check_no_max_seqlen(cu_seqlens: Optional[torch.Tensor], max_seqlen) -> None:
+    if cu_seqlens is None and max_seqlen is not None:
+        raise ValueError("max_seqlen is given without cu_seqlens; it describes packed documents only")

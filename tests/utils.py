@@ -1,0 +1,76 @@
+"""Helpers shared by the tests: running code under Triton's interpreter in a subprocess.
+
+``TRITON_INTERPRET=1`` must be set before triton is imported, so interpreter runs happen in a fresh process;
+the variable then does not leak into the other test modules.
+"""
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import triton  # noqa: F401
+
+    TRITON_INTERPRETER = True
+except ImportError:  # pragma: no cover - triton is a core dependency
+    TRITON_INTERPRETER = False
+
+
+def interpreter_env() -> dict:
+    """The environment of an interpreter subprocess: TRITON_INTERPRET=1, one thread, this checkout first."""
+    return dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def run_interpreter(script: str, *args: str, timeout: int = 600) -> str:
+    """Run ``python -c script args...`` under the interpreter (skipping if this Triton's interpreter is broken);
+    asserts a zero exit status (with the end of stderr in the message) and returns stdout."""
+    skip_if_interpreter_broken()
+    r = subprocess.run([sys.executable, "-c", script, *args], env=interpreter_env(), capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+# A kernel loop whose bound is a runtime argument: Triton 3.6's interpreter turns scalar arguments into
+# 1-element arrays and calls int() on them, which numpy >= 2.3 refuses. Newer Triton squeezes them first.
+_INTERPRETER_PROBE = """
+import torch, triton, triton.language as tl
+
+@triton.jit
+def _k(o, n):
+    s = 0
+    for i in range(0, n):
+        s += i
+    tl.store(o, s)
+
+o = torch.zeros(1, dtype=torch.int32)
+_k[(1,)](o, 4)
+assert int(o) == 6, int(o)
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def triton_interpreter_problem():
+    """``None`` when this Triton's interpreter (``TRITON_INTERPRET=1``) runs a loop with a runtime bound,
+    else the error it gives (a limitation of that Triton and numpy, not of tensorattn's kernels)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _INTERPRETER_PROBE], env=env, capture_output=True, text=True,
+                       timeout=300)
+    if r.returncode == 0:
+        return None
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else f"exit status {r.returncode}"
+
+
+def skip_if_interpreter_broken():
+    problem = triton_interpreter_problem()
+    if problem is not None:
+        import triton
+
+        pytest.skip(f"the interpreter of triton {triton.__version__} cannot run a loop with a runtime bound "
+                    f"here ({problem}); the kernels' interpreter tests need a newer triton")
