@@ -686,9 +686,9 @@ class _TritonBackend(Backend):
         return r
 
     def run(self, q, k1, k2, v1, v2, degree, causal, scale):
-        from .triton.poly import PolyTensorAttnTritonFunction
+        from .triton.poly import poly_triton
 
-        return PolyTensorAttnTritonFunction.apply(q, k1, k2, v1, v2, scale)
+        return poly_triton(q, k1, k2, v1, v2, scale)
 
 
 BACKENDS = [_TritonBackend(), _TorchBackend()]

@@ -50,12 +50,13 @@ from __future__ import annotations
 
 import math
 import os
+from typing import List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import no_autocast, refuse_double_backward
+from ..dispatch import autocast_off, refuse_double_backward_op
 from ..features import multi_indices
 
 C = 16  # queries per sub-chunk (the pair products have C² = 256 rows)
@@ -486,14 +487,34 @@ class _Cfg:
         self.kwb = dict(DV=self.DV, DVP=self.DVP, F=self.F, BK=bkb, num_warps=int(TUNE["WARPS_BWD"]))
 
     def seg_chunks(self, backward: bool) -> int:
-        """State chunks per segment so that a segment's buffers fit SEG_BYTES. Forward: the states (per kv
-        head) ``[2, KP, DVP + 1]`` per chunk and the kernel's scratch (per query head, as large). Backward: the
-        forward states and the suffix states (per query head), plus the features and their gradients
-        (``4 Hq + 2 Hkv`` rows of ``KP``) and the value gradients (``2 Hq`` rows of ``Dv``) per position."""
-        per_chunk = 4 * self.B * (self.HK + self.HQ) * 2 * self.KP * (self.DVP + 1)
-        if backward:
-            per_chunk += 4 * self.B * self.F * ((4 * self.HQ + 2 * self.HK) * self.KP + 2 * self.HQ * self.DV)
-        return max(1, min(self.NF, SEG_BYTES // per_chunk))
+        return _seg_chunks(self.B, self.HQ, self.HK, self.KP, self.DVP, self.DV, self.F, self.NF, backward)
+
+
+def _padded_rank(D: int) -> int:
+    """The degree-2 rank ``C(D + 2, 2)`` padded to a multiple of BK (the kernels' feature count KP)."""
+    return -(-math.comb(D + 2, 2) // BK) * BK
+
+
+def _seg_chunks(B: int, HQ: int, HK: int, KP: int, DVP: int, DV: int, F: int, NF: int, backward: bool) -> int:
+    """State chunks per segment so that a segment's buffers fit SEG_BYTES. Forward: the states (per kv head)
+    ``[2, KP, DVP + 1]`` per chunk and the kernel's scratch (per query head, as large). Backward: the forward
+    states and the suffix states (per query head), plus the features and their gradients (``4 Hq + 2 Hkv`` rows
+    of ``KP``) and the value gradients (``2 Hq`` rows of ``Dv``) per position."""
+    per_chunk = 4 * B * (HK + HQ) * 2 * KP * (DVP + 1)
+    if backward:
+        per_chunk += 4 * B * F * ((4 * HQ + 2 * HK) * KP + 2 * HQ * DV)
+    return max(1, min(NF, SEG_BYTES // per_chunk))
+
+
+def _saved_ranges(B: int, T: int, HQ: int, HK: int, D: int, DV: int) -> list:
+    """``(first chunk, chunks)`` of each backward segment, the forward's segments cut to the backward's length
+    (pure ints: the fake implementation of the forward op sizes its outputs with it)."""
+    F, KP, DVP = int(TUNE["F"]), _padded_rank(D), max(16, _next_pow2(DV))
+    NF = -(-T // F)
+    seg = _seg_chunks(B, HQ, HK, KP, DVP, DV, F, NF, backward=False)
+    segb = _seg_chunks(B, HQ, HK, KP, DVP, DV, F, NF, backward=True)
+    return [(c0 + j, min(segb, min(seg, NF - c0) - j)) for c0 in range(0, NF, seg)
+            for j in range(0, min(seg, NF - c0), segb)]
 
 
 def _segment_states(cfg: _Cfg, k1, k2, v1, v2, c0: int, nf: int, prefix, prefd):
@@ -526,7 +547,7 @@ def poly_fwd(q, k1, k2, v1, v2, scale: float, *, save: bool = True):
     for c0 in range(0, cfg.NF, seg):
         nf = min(seg, cfg.NF - c0)
         st, sd = _segment_states(cfg, k1, k2, v1, v2, c0, nf, prefix, prefd)
-        if save:
+        if save:  # the order of _saved_ranges
             for j in range(0, nf, segb):
                 saved.append((c0 + j, min(segb, nf - j), st[:, j].clone(), sd[:, j].clone()))
         grid = (nf, cfg.B * cfg.HQ, NE)
@@ -592,29 +613,74 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float):
     return dq, dk1, dk2, dv1, dv2
 
 
-class PolyTensorAttnTritonFunction(torch.autograd.Function):
-    """Causal degree-2 polynomial tensor attention on the chunk-parallel kernels."""
+# --------------------------------------------------------------------------------------------------
+# Custom ops (torch.library): what poly_tensor_attn's Triton backend calls, one opaque node each under
+# torch.compile, with fake implementations that size every output from the shapes alone
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("tensorattn::poly_triton_fwd", mutates_args=())
+def poly_triton_fwd_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor,
+                       scale: float, save: bool) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    """Causal degree-2 forward on the fused kernels: ``(o [B, T, Hq, Dv]`` in q's dtype, ``den [B, T, Hq]``
+    float32, and with ``save`` the forward state at the start of each backward segment, two tensors a segment
+    in the order of :func:`_saved_ranges`)``; autocast off. The number of saved tensors depends on the shapes,
+    so a compiled graph specialises on them (one recompilation per new length under dynamic shapes)."""
+    with autocast_off(q.device.type), torch.no_grad():
+        o, den, saved = poly_fwd(*(x.contiguous() for x in (q, k1, k2, v1, v2)), scale, save=save)
+        return o, den, [t for _, _, p, pd in saved for t in (p, pd)]
 
-    @staticmethod
-    @no_autocast
-    def forward(ctx, q, k1, k2, v1, v2, scale):
-        q, k1, k2, v1, v2 = (x.contiguous() for x in (q, k1, k2, v1, v2))
-        save = any(ctx.needs_input_grad[:5])
-        o, den, saved = poly_fwd(q, k1, k2, v1, v2, scale, save=save)
-        if save:
-            flat = [t for _, _, p, pd in saved for t in (p, pd)]
-            ctx.save_for_backward(q, k1, k2, v1, v2, o, den, *flat)
-            ctx.cfg = (scale, [(c0, nf) for c0, nf, _, _ in saved])
-        return o
 
-    @staticmethod
-    @refuse_double_backward("poly_tensor_attn")  # a hand-written first-order backward
-    @no_autocast
-    def backward(ctx, do):
-        q, k1, k2, v1, v2, o, den, *flat = ctx.saved_tensors
-        scale, ranges = ctx.cfg
-        saved = [(c0, nf, flat[2 * i], flat[2 * i + 1]) for i, (c0, nf) in enumerate(ranges)]
-        do = do.contiguous()
+@poly_triton_fwd_op.register_fake
+def _poly_triton_fwd_fake(q, k1, k2, v1, v2, scale, save):
+    B, T, HQ, D = q.shape
+    HK, DV = k1.shape[2], v1.shape[3]
+    KP, DVP = _padded_rank(int(D)), max(16, _next_pow2(int(DV)))
+    n = len(_saved_ranges(int(B), int(T), int(HQ), int(HK), int(D), int(DV))) if save else 0
+    f32 = dict(dtype=torch.float32)
+    states = [t for _ in range(n) for t in (q.new_empty(B * HK, 2, KP, DVP, **f32), q.new_empty(B * HK, 2, KP, **f32))]
+    return q.new_empty(B, T, HQ, DV), q.new_empty(B, T, HQ, **f32), states
+
+
+@torch.library.custom_op("tensorattn::poly_triton_bwd", mutates_args=())
+def poly_triton_bwd_op(do: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor,
+                       v2: torch.Tensor, o: torch.Tensor, den: torch.Tensor, states: List[torch.Tensor], scale: float
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The five input gradients (their dtypes) given ``do`` and the forward's outputs. Not differentiable:
+    differentiating its outputs raises."""
+    with autocast_off(q.device.type), torch.no_grad():
+        q, k1, k2, v1, v2, do = (x.contiguous() for x in (q, k1, k2, v1, v2, do))
+        B, T, HQ, D = q.shape
+        ranges = _saved_ranges(B, T, HQ, k1.shape[2], D, v1.shape[3])
+        saved = [(c0, nf, states[2 * i], states[2 * i + 1]) for i, (c0, nf) in enumerate(ranges)]
         delta = (do.float() * o.float()).sum(-1).contiguous()  # <dO, o> per row: [B, T, Hq]
-        grads = poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale)
-        return (*grads, None)
+        return tuple(poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale))
+
+
+@poly_triton_bwd_op.register_fake
+def _poly_triton_bwd_fake(do, q, k1, k2, v1, v2, o, den, states, scale):
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k1, k2, v1, v2))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k1, k2, v1, v2, scale, save = inputs
+    o, den, states = output
+    ctx.save_for_backward(q, k1, k2, v1, v2, o, den, *states)
+    ctx.mark_non_differentiable(den, *states)
+    ctx.scale, ctx.save = scale, save
+
+
+def _backward(ctx, do, _dden, _dstates):
+    if not ctx.save:
+        raise RuntimeError("poly_tensor_attn: this forward saved no states (no input required a gradient then)")
+    q, k1, k2, v1, v2, o, den, *states = ctx.saved_tensors
+    return (*poly_triton_bwd_op(do, q, k1, k2, v1, v2, o, den, states, ctx.scale), None, None)
+
+
+poly_triton_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward_op(poly_triton_bwd_op, "poly_tensor_attn")
+
+
+def poly_triton(q, k1, k2, v1, v2, scale: float) -> torch.Tensor:
+    """Causal degree-2 polynomial tensor attention on the fused kernels, differentiable once (the states for the
+    backward are saved only when an input needs a gradient)."""
+    save = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k1, k2, v1, v2))
+    return poly_triton_fwd_op(q, k1, k2, v1, v2, scale, save)[0]
