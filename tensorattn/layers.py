@@ -34,7 +34,7 @@ from ._validate import (check_bool, check_cu_seqlens, check_optional_bool, check
                         normalize_window)
 from .exact import tensor_attn
 from .naive import naive_tensor_attn
-from .packing import positions_in_documents
+from .packing import positions_in_documents, run_per_document
 from .poly import PolyTensorAttnState, poly_tensor_attn, poly_tensor_attn_step
 
 __all__ = ["RotaryEmbedding", "SoftmaxAttention", "TensorAttention", "PolyTensorAttention", "DecodeCache"]
@@ -254,6 +254,8 @@ class SoftmaxAttention(nn.Module):
         _check_inputs(self, [("x", x)] if y is None else [("x", x), ("y", y)], ("x" if y is None else "y",),
                       self.check_finite)
         bounds = _packed(self, cu_seqlens, x, (y,), cache)
+        if bounds is not None and len(bounds) > 2:  # each document alone: no [total, total] mask over the row
+            return run_per_document(lambda xd: self(xd), bounds, x)
         L = 0 if cache is None else _check_cache(self, cache, y)
         y = x if y is None else y
         B, T, _ = x.shape
@@ -261,9 +263,8 @@ class SoftmaxAttention(nn.Module):
         q = self.q(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, Hq, D]
         k = self.k(y).view(B, S, self.n_kv_heads, self.head_dim)  # [B, S, Hkv, D]
         v = self.v(y).view(B, S, self.n_kv_heads, self.head_dim)
-        pos = None if bounds is None else positions_in_documents(bounds, x.device)
         if self.rope is not None:
-            q, k = self.rope(q, offset=L, positions=pos), self.rope(k, offset=L, positions=pos)
+            q, k = self.rope(q, offset=L), self.rope(k, offset=L)
         mask = None
         if cache is not None:
             k, v = _append(cache, (k, v), self.window)
@@ -274,12 +275,6 @@ class SoftmaxAttention(nn.Module):
             if S != T:
                 raise ValueError(f"causal/window attention needs y as long as x, got T={T}, S={S}")
             mask = _visible(0, T, 0, T, self.window, x.device)
-        if bounds is not None:  # same document (positions restart at each start, so the causal part holds too)
-            doc = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=x.device),
-                                          torch.tensor([e - s for s, e in zip(bounds[:-1], bounds[1:])],
-                                                       device=x.device))
-            same = doc[:, None] == doc[None, :]
-            mask = same if mask is None else mask & same
         g = self.n_heads // self.n_kv_heads
         # SDPA wants [B, H, T, D]; expand kv heads for GQA (tiny models: the copy is cheap)
         qh = q.transpose(1, 2)

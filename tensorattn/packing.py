@@ -7,7 +7,8 @@ it), and the polynomial op's state restarts at every boundary.
 
 This version runs the op once per document (a Python loop over the documents' slices, so autograd gives all
 five gradients): one set of kernel launches per document, and the boundaries are read on the host (a GPU
-synchronisation per call). Kernels that take the boundaries themselves are future work.
+synchronisation per call, and a graph break under ``torch.compile``). Kernels that take the boundaries themselves
+are future work.
 """
 from __future__ import annotations
 

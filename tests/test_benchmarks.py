@@ -193,3 +193,17 @@ def test_bench_poly_main_writes_report_with_peer_notes(tmp_path, monkeypatch):
     md = (out / "bench_poly.md").read_text()
     assert "## Summary" in md and "## Targets" in md and "| note |" in md and "fake GPU" in md
     assert (out / "bench_poly.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_decode_writes_rows_and_the_fast_cache_stays_flat(tmp_path):
+    from tensorattn.bench_decode import main as bench_decode
+
+    assert bench_decode(["--out", str(tmp_path), "--device", "cpu", "--contexts", "16", "48", "--new", "2",
+                         "--dim", "32", "--layers", "1", "--heads", "2", "--window", "8", "--key-dim", "4"]) == 0
+    rows = json.loads((tmp_path / "bench_decode.json").read_text())["rows"]
+    by = {(r["model"].split(" ")[0], r["context"]): r for r in rows}
+    assert all(r["tokens_per_s"] > 0 and not r.get("note") for r in rows), rows
+    assert by[("softmax", 48)]["cache_mib"] == 3 * by[("softmax", 16)]["cache_mib"]  # grows with the context
+    assert by[("window-tensor", 48)]["cache_mib"] == by[("window-tensor", 16)]["cache_mib"]  # the last w only
+    assert by[("fast-tensor", 48)]["cache_mib"] == by[("fast-tensor", 16)]["cache_mib"]  # a fixed-size state
+    assert "device" in (tmp_path / "bench_decode.md").read_text()

@@ -252,7 +252,10 @@ def test_meta_device_layers_and_models():
 
 _TRITON_POLY_SCRIPT = """
 import torch
+import tensorattn.triton.poly as tp
 from tensorattn import poly_tensor_attn
+tp.TUNE["F"] = 16
+tp.SEG_BYTES = 200_000  # T = 40: one forward segment of 3 chunks, 3 backward segments (3 saved states)
 g = torch.Generator().manual_seed(0)
 q = 0.5 * torch.randn(1, 40, 2, 16, generator=g)
 k1, k2 = (0.5 * torch.randn(1, 40, 1, 16, generator=g) for _ in range(2))
@@ -271,6 +274,10 @@ with torch.no_grad():
 err = max([float((o1 - o2).abs().max()), float((o1 - o3).abs().max())] +
           [float((x - y).abs().max()) for x, y in zip(g1, g2)])
 assert err < 1e-6, err
+assert len(tp._saved_ranges(1, 40, 2, 1, 16, 8, 16, tp.SEG_BYTES)) == 3
+_, _, saved = tp.poly_triton_fwd_op(*xs, 0.25, 16, tp.SEG_BYTES, True)
+_, _, none = tp.poly_triton_fwd_op(*xs, 0.25, 16, tp.SEG_BYTES, False)
+assert (len(saved), len(none)) == (6, 0), (len(saved), len(none))
 try:
     gg = torch.autograd.grad(f(*b).sum(), b[0], create_graph=True)[0]  # eager: compiled graphs donate buffers
     torch.autograd.grad(gg.sum(), b[0])
@@ -284,6 +291,7 @@ print("ok")
 def test_triton_poly_path_compiles_fullgraph_under_the_interpreter():
     """The fused polynomial path is a pair of custom ops too: fullgraph compiles, equal to eager (output and
     gradients), with and without gradients; double backward refused (eagerly)."""
+    pytest.importorskip("triton")
     from utils import run_interpreter
 
     assert run_interpreter(_TRITON_POLY_SCRIPT).strip().endswith("ok")

@@ -184,6 +184,10 @@ def test_train_kjv_packed(tmp_path):
     cfg = dict(task="kjv", pattern="STP", n_layer=3, dim=16, n_heads=2, p_key_dim=4, block_size=16, batch_size=2,
                steps=2, eval_every=2, eval_batches=1, log_every=1, progress=False, pos="rope", kjv_val_books=["Ruth"],
                kjv_pack=True)
+    from tensorattn.tasks import build_task
+
+    x, y, cu = build_task(TrainConfig(**cfg, out_dir=str(tmp_path / "t"))).train_batch(torch.Generator())
+    assert x.shape == (1, 32) and cu[-1] == 32 and (y == -100).sum() == len(cu) - 1  # packed, one target dropped each
     res = train(TrainConfig(**cfg, out_dir=str(tmp_path / "run")))
     assert res["final"]["val_bpc"] == res["final"]["val_bpc"]  # finite, not NaN
     p = tmp_path / "bad.toml"

@@ -16,6 +16,7 @@ INTERP_CASES = [
     (1, 1, 1, 1, 16, 16, 64, 0, 32),  # one position: o = v1 ∘ v2, zero q/k gradients
     (1, 7, 1, 1, 16, 8, 64, 0, 32),  # shorter than a sub-chunk
     (1, 63, 2, 1, 16, 20, 32, 0, 32),  # GQA, Dv not a power of two, several sub-chunks and chunks
+    (1, 45, 4, 2, 16, 12, 16, 0, 32),  # GQA with two kv heads: each query head must read its own
     (2, 150, 2, 2, 16, 40, 32, 50_000, 32),  # B = 2, Dv padded to 64, one chunk per segment
     (1, 63, 2, 1, 16, 20, 32, 300_000, 32),  # one forward segment of two chunks, two backward segments of one
     (1, 70, 2, 1, 16, 40, 32, 0, 16),  # the backward in feature blocks of 16

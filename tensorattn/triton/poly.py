@@ -166,7 +166,7 @@ def _state_kernel(k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, ia_ptr, ib_ptr
     hk = bh % HK
     sk = HK * D
     sv = HK * DV
-    rows = t0 + n * F + tl.arange(0, F)
+    rows = (t0 + n * F).to(tl.int64) + tl.arange(0, F)  # int64: T * H * D may pass 2^31
     rmask = rows < T
     m = kb * BK + tl.arange(0, BK)
     ia = tl.load(ia_ptr + m)
@@ -219,7 +219,7 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
     m2 = (ci[None, :] <= ci[:, None]).to(tl.float32)
     m3 = (pj[:, None] <= pi[:, None]) & (ci[None, :] <= pi[:, None])
     se = tl.arange(0, BK)[:, None] * EB + tl.arange(0, EB)[None, :]
-    r0 = t0 + n * F
+    r0 = (t0 + n * F).to(tl.int64)  # int64 row offsets: T * H * D may pass 2^31
     for s in range(NSUB):
         rows = r0 + s * C + ci
         rmask = rows < T
@@ -283,7 +283,7 @@ def _feat_kernel(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TS, H, KP, scale, 
     b = bh // H
     h = bh % H
     rl = rb * R + tl.arange(0, R)
-    rows = t0 + rl
+    rows = rl.to(tl.int64) + t0  # int64: T * H * D may pass 2^31
     rmask = (rows < T) & (rl < TS)
     m = kb * BK + tl.arange(0, BK)
     ya, yb = _gather(x_ptr + b * T * H * D + h * D, rows, rmask, H * D, tl.load(ia_ptr + m), tl.load(ib_ptr + m), D,
@@ -307,7 +307,7 @@ def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TS, HX, H
     b = bh // HX
     hx = bh % HX
     rl = rb * R + tl.arange(0, R)
-    rows = t0 + rl
+    rows = rl.to(tl.int64) + t0  # int64: T * H * D may pass 2^31
     rmask = (rows < T) & (rl < TS)
     dk = tl.arange(0, D)
     xb = x_ptr + b * T * HX * D + hx * D
@@ -461,14 +461,14 @@ def _next_pow2(x: int) -> int:
 class _Cfg:
     """Shapes, block sizes and product precision of one call."""
 
-    def __init__(self, q, k1, v1):
+    def __init__(self, q, k1, v1, F: int, seg_bytes: int):
         self.B, self.T, self.HQ, self.D = q.shape
         self.HK, self.DV = k1.shape[2], v1.shape[3]
         self.G = self.HQ // self.HK
         self.ia, self.ib, self.wq, self.KP = _tables(self.D, q.device)
         self.NKB = self.KP // BK
         self.DVP = max(16, _next_pow2(self.DV))
-        self.F = int(TUNE["F"])
+        self.F, self.seg_bytes = int(F), int(seg_bytes)
         if self.F % C or self.F < C or self.F & (self.F - 1):
             raise ValueError(f"TUNE['F'] must be a power of two >= {C}, got {self.F}")
         self.EBF = min(self.DVP, int(TUNE["EB_FWD"]))
@@ -487,7 +487,8 @@ class _Cfg:
         self.kwb = dict(DV=self.DV, DVP=self.DVP, F=self.F, BK=bkb, num_warps=int(TUNE["WARPS_BWD"]))
 
     def seg_chunks(self, backward: bool) -> int:
-        return _seg_chunks(self.B, self.HQ, self.HK, self.KP, self.DVP, self.DV, self.F, self.NF, backward)
+        return _seg_chunks(self.B, self.HQ, self.HK, self.KP, self.DVP, self.DV, self.F, self.NF, backward,
+                           self.seg_bytes)
 
 
 def _padded_rank(D: int) -> int:
@@ -495,24 +496,25 @@ def _padded_rank(D: int) -> int:
     return -(-math.comb(D + 2, 2) // BK) * BK
 
 
-def _seg_chunks(B: int, HQ: int, HK: int, KP: int, DVP: int, DV: int, F: int, NF: int, backward: bool) -> int:
-    """State chunks per segment so that a segment's buffers fit SEG_BYTES. Forward: the states (per kv head)
+def _seg_chunks(B: int, HQ: int, HK: int, KP: int, DVP: int, DV: int, F: int, NF: int, backward: bool,
+                seg_bytes: int) -> int:
+    """State chunks per segment so that a segment's buffers fit ``seg_bytes`` (:data:`SEG_BYTES` by default). Forward: the states (per kv head)
     ``[2, KP, DVP + 1]`` per chunk and the kernel's scratch (per query head, as large). Backward: the forward
     states and the suffix states (per query head), plus the features and their gradients (``4 Hq + 2 Hkv`` rows
     of ``KP``) and the value gradients (``2 Hq`` rows of ``Dv``) per position."""
     per_chunk = 4 * B * (HK + HQ) * 2 * KP * (DVP + 1)
     if backward:
         per_chunk += 4 * B * F * ((4 * HQ + 2 * HK) * KP + 2 * HQ * DV)
-    return max(1, min(NF, SEG_BYTES // per_chunk))
+    return max(1, min(NF, seg_bytes // per_chunk))
 
 
-def _saved_ranges(B: int, T: int, HQ: int, HK: int, D: int, DV: int) -> list:
+def _saved_ranges(B: int, T: int, HQ: int, HK: int, D: int, DV: int, F: int, seg_bytes: int) -> list:
     """``(first chunk, chunks)`` of each backward segment, the forward's segments cut to the backward's length
     (pure ints: the fake implementation of the forward op sizes its outputs with it)."""
-    F, KP, DVP = int(TUNE["F"]), _padded_rank(D), max(16, _next_pow2(DV))
+    KP, DVP = _padded_rank(D), max(16, _next_pow2(DV))
     NF = -(-T // F)
-    seg = _seg_chunks(B, HQ, HK, KP, DVP, DV, F, NF, backward=False)
-    segb = _seg_chunks(B, HQ, HK, KP, DVP, DV, F, NF, backward=True)
+    seg = _seg_chunks(B, HQ, HK, KP, DVP, DV, F, NF, False, seg_bytes)
+    segb = _seg_chunks(B, HQ, HK, KP, DVP, DV, F, NF, True, seg_bytes)
     return [(c0 + j, min(segb, min(seg, NF - c0) - j)) for c0 in range(0, NF, seg)
             for j in range(0, min(seg, NF - c0), segb)]
 
@@ -531,10 +533,11 @@ def _segment_states(cfg: _Cfg, k1, k2, v1, v2, c0: int, nf: int, prefix, prefd):
     return st, sd
 
 
-def poly_fwd(q, k1, k2, v1, v2, scale: float, *, save: bool = True):
+def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: bool = True):
     """Forward: ``o`` ``[B, T, Hq, Dv]`` in q's dtype, the normaliser ``den`` float32 ``[B, T, Hq]``, and (when
-    ``save``) the state at each segment's start with the segment's chunk range, for the backward."""
-    cfg = _Cfg(q, k1, v1)
+    ``save``) the state at each segment's start with the segment's chunk range, for the backward. ``F``: the state
+    chunk length (:data:`TUNE`), ``seg_bytes``: the segments' budget (:data:`SEG_BYTES`)."""
+    cfg = _Cfg(q, k1, v1, F, seg_bytes)
     dev = q.device
     o = torch.empty(cfg.B, cfg.T, cfg.HQ, cfg.DV, dtype=q.dtype, device=dev)
     den = torch.empty(cfg.B, cfg.T, cfg.HQ, dtype=torch.float32, device=dev)
@@ -562,9 +565,9 @@ def poly_fwd(q, k1, k2, v1, v2, scale: float, *, save: bool = True):
     return o, den, saved
 
 
-def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float):
+def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg_bytes: int):
     """Backward: gradients of q, k1, k2, v1, v2 in their dtypes (k/v gradients summed over GQA groups)."""
-    cfg = _Cfg(q, k1, v1)
+    cfg = _Cfg(q, k1, v1, F, seg_bytes)
     dev = q.device
     B, T, HQ, HK, D, DV, F, KP = cfg.B, cfg.T, cfg.HQ, cfg.HK, cfg.D, cfg.DV, cfg.F, cfg.KP
     dq = torch.empty_like(q)
@@ -619,22 +622,23 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float):
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("tensorattn::poly_triton_fwd", mutates_args=())
 def poly_triton_fwd_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor,
-                       scale: float, save: bool) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+                       scale: float, F: int, seg_bytes: int, save: bool
+                       ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
     """Causal degree-2 forward on the fused kernels: ``(o [B, T, Hq, Dv]`` in q's dtype, ``den [B, T, Hq]``
     float32, and with ``save`` the forward state at the start of each backward segment, two tensors a segment
     in the order of :func:`_saved_ranges`)``; autocast off. The number of saved tensors depends on the shapes,
     so a compiled graph specialises on them (one recompilation per new length under dynamic shapes)."""
     with autocast_off(q.device.type), torch.no_grad():
-        o, den, saved = poly_fwd(*(x.contiguous() for x in (q, k1, k2, v1, v2)), scale, save=save)
+        o, den, saved = poly_fwd(*(x.contiguous() for x in (q, k1, k2, v1, v2)), scale, F, seg_bytes, save=save)
         return o, den, [t for _, _, p, pd in saved for t in (p, pd)]
 
 
 @poly_triton_fwd_op.register_fake
-def _poly_triton_fwd_fake(q, k1, k2, v1, v2, scale, save):
+def _poly_triton_fwd_fake(q, k1, k2, v1, v2, scale, F, seg_bytes, save):
     B, T, HQ, D = q.shape
     HK, DV = k1.shape[2], v1.shape[3]
     KP, DVP = _padded_rank(int(D)), max(16, _next_pow2(int(DV)))
-    n = len(_saved_ranges(int(B), int(T), int(HQ), int(HK), int(D), int(DV))) if save else 0
+    n = len(_saved_ranges(int(B), int(T), int(HQ), int(HK), int(D), int(DV), F, seg_bytes)) if save else 0
     f32 = dict(dtype=torch.float32)
     states = [t for _ in range(n) for t in (q.new_empty(B * HK, 2, KP, DVP, **f32), q.new_empty(B * HK, 2, KP, **f32))]
     return q.new_empty(B, T, HQ, DV), q.new_empty(B, T, HQ, **f32), states
@@ -642,37 +646,41 @@ def _poly_triton_fwd_fake(q, k1, k2, v1, v2, scale, save):
 
 @torch.library.custom_op("tensorattn::poly_triton_bwd", mutates_args=())
 def poly_triton_bwd_op(do: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor,
-                       v2: torch.Tensor, o: torch.Tensor, den: torch.Tensor, states: List[torch.Tensor], scale: float
+                       v2: torch.Tensor, o: torch.Tensor, den: torch.Tensor, states: List[torch.Tensor], scale: float,
+                       F: int, seg_bytes: int
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The five input gradients (their dtypes) given ``do`` and the forward's outputs. Not differentiable:
     differentiating its outputs raises."""
     with autocast_off(q.device.type), torch.no_grad():
         q, k1, k2, v1, v2, do = (x.contiguous() for x in (q, k1, k2, v1, v2, do))
         B, T, HQ, D = q.shape
-        ranges = _saved_ranges(B, T, HQ, k1.shape[2], D, v1.shape[3])
+        ranges = _saved_ranges(B, T, HQ, k1.shape[2], D, v1.shape[3], F, seg_bytes)
+        if len(states) != 2 * len(ranges):
+            raise ValueError(f"poly_triton_bwd: {len(states)} saved states for {len(ranges)} backward segments "
+                             f"(expected {2 * len(ranges)}): F or seg_bytes differ from the forward's")
         saved = [(c0, nf, states[2 * i], states[2 * i + 1]) for i, (c0, nf) in enumerate(ranges)]
         delta = (do.float() * o.float()).sum(-1).contiguous()  # <dO, o> per row: [B, T, Hq]
-        return tuple(poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale))
+        return tuple(poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale, F, seg_bytes))
 
 
 @poly_triton_bwd_op.register_fake
-def _poly_triton_bwd_fake(do, q, k1, k2, v1, v2, o, den, states, scale):
+def _poly_triton_bwd_fake(do, q, k1, k2, v1, v2, o, den, states, scale, F, seg_bytes):
     return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k1, k2, v1, v2))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k1, k2, v1, v2, scale, save = inputs
+    q, k1, k2, v1, v2, scale, F, seg_bytes, save = inputs
     o, den, states = output
     ctx.save_for_backward(q, k1, k2, v1, v2, o, den, *states)
     ctx.mark_non_differentiable(den, *states)
-    ctx.scale, ctx.save = scale, save
+    ctx.cfg, ctx.save = (scale, F, seg_bytes), save  # the backward uses the forward's plan, whatever TUNE says then
 
 
 def _backward(ctx, do, _dden, _dstates):
     if not ctx.save:
         raise RuntimeError("poly_tensor_attn: this forward saved no states (no input required a gradient then)")
     q, k1, k2, v1, v2, o, den, *states = ctx.saved_tensors
-    return (*poly_triton_bwd_op(do, q, k1, k2, v1, v2, o, den, states, ctx.scale), None, None)
+    return (*poly_triton_bwd_op(do, q, k1, k2, v1, v2, o, den, states, *ctx.cfg), None, None, None, None)
 
 
 poly_triton_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -683,4 +691,4 @@ def poly_triton(q, k1, k2, v1, v2, scale: float) -> torch.Tensor:
     """Causal degree-2 polynomial tensor attention on the fused kernels, differentiable once (the states for the
     backward are saved only when an input needs a gradient)."""
     save = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k1, k2, v1, v2))
-    return poly_triton_fwd_op(q, k1, k2, v1, v2, scale, save)[0]
+    return poly_triton_fwd_op(q, k1, k2, v1, v2, scale, int(TUNE["F"]), int(SEG_BYTES), save)[0]
