@@ -113,6 +113,54 @@ def match3_baselines(x: torch.Tensor, y: torch.Tensor, m: int) -> Dict[str, floa
     return {"positive_rate": rate, "majority": max(rate, 1.0 - rate), "pairwise_rule": rule}
 
 
+# -------------------------------------------------------------------------------------------------- long-range Match3
+def long_match3_batch(n: int, k: int, m: int, batch: int, generator: torch.Generator, *,
+                      gap: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Long-range three-way matching: tokens ``[batch, n]`` and labels ``[batch]``.
+
+    Each row is filler (token 0) with ``k`` marked values ``v`` in ``[0, m)`` (token ``1 + v``) at distinct random
+    positions before ``n - 1 - gap``, and a query ``q`` (token ``1 + m + q``) at the last position. The label is 1 iff
+    two marked positions hold values with ``q + a + b ≡ 0 (mod m)``: the query must combine two far-apart tokens
+    (at least ``gap`` positions back), which a window shorter than ``gap`` cannot see and a pairwise score
+    cannot express in one step. The vocabulary has ``1 + 2 m`` tokens."""
+    if isinstance(n, bool) or not isinstance(n, int) or isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"n and k must be ints, got {n!r} and {k!r}")
+    if k < 2 or gap < 0 or n - 1 - gap < k:
+        raise ValueError(f"need k >= 2 marks at distinct positions before n - 1 - gap: got n={n}, k={k}, gap={gap}")
+    if m < 2:
+        raise ValueError(f"m must be >= 2, got {m}")
+    span = n - 1 - gap
+    pos = torch.rand(batch, span, generator=generator).argsort(dim=1)[:, :k]  # [batch, k] distinct positions
+    vals = torch.randint(0, m, (batch, k), generator=generator)
+    q = torch.randint(0, m, (batch,), generator=generator)
+    x = torch.zeros(batch, n, dtype=torch.long)
+    x.scatter_(1, pos, 1 + vals)
+    x[:, -1] = 1 + m + q
+    return x, long_match3_labels(vals, q, m)
+
+
+def long_match3_labels(vals: torch.Tensor, q: torch.Tensor, m: int) -> torch.Tensor:
+    """1 iff two different marks ``a = vals[:, i], b = vals[:, j]`` (``i < j``) have ``q + a + b ≡ 0 (mod m)``."""
+    k = vals.shape[1]
+    hit = (q[:, None, None] + vals[:, :, None] + vals[:, None, :]) % m == 0  # [batch, k, k]
+    return (hit & torch.ones(k, k, dtype=torch.bool).triu(1)).flatten(1).any(1).long()
+
+
+def long_match3_modulus(k: int, *, target: float = 0.5, samples: int = 8192, seed: int = 0) -> Tuple[int, float]:
+    """The modulus whose measured positive rate (``samples`` rows) is closest to ``target`` for ``k`` marks, and
+    that rate (it does not depend on ``n`` or ``gap``)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rate(m: int) -> float:
+        g.manual_seed(seed)
+        vals = torch.randint(0, m, (samples, k), generator=g)
+        q = torch.randint(0, m, (samples,), generator=g)
+        return float(long_match3_labels(vals, q, m).float().mean())
+
+    best = min(range(2, 4 * k * k + 8), key=lambda m: abs(rate(m) - target))
+    return best, rate(best)
+
+
 # -------------------------------------------------------------------------------------------------- KJV
 _VERSE_REF = re.compile(r"\b\d+:\d+\s*")  # "1:2 " markers inside merged passages
 

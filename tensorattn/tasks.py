@@ -122,6 +122,50 @@ class Match3Task(Task):
         return {"val_loss": tot_loss / k, "val_acc": tot_acc / k}
 
 
+class LongMatch3Task(Task):
+    """Long-range three-way matching (:func:`tensorattn.data.long_match3_batch`): one binary label per sequence, read
+    at the last position (the query) of a causal model; a fresh batch every step, a fixed validation set.
+
+    ``info`` holds the modulus, its measured positive rate and the majority-class accuracy of the validation set."""
+
+    def __init__(self, cfg: "TrainConfig", device):
+        from .data import long_match3_batch, long_match3_modulus
+
+        self.cfg, self.device = cfg, device
+        self.n, self.k, self.gap = cfg.lmatch3_n, cfg.lmatch3_k, cfg.lmatch3_gap
+        self.m = cfg.lmatch3_m or long_match3_modulus(self.k)[0]
+        self.tokens_per_batch = cfg.batch_size * self.n
+        g = torch.Generator().manual_seed(1234)
+        self.val = [long_match3_batch(self.n, self.k, self.m, cfg.batch_size, g, gap=self.gap)
+                    for _ in range(cfg.eval_batches)]
+        rate = float(torch.cat([y for _, y in self.val]).float().mean())
+        self.info = dict(lmatch3_m=self.m, positive_rate=rate, majority=max(rate, 1.0 - rate))
+
+    def build_model(self):
+        return _seq_model(self.cfg, 1 + 2 * self.m, 2, causal=True, pos=self.cfg.pos, block=self.n)
+
+    def train_batch(self, gen):
+        from .data import long_match3_batch
+
+        return long_match3_batch(self.n, self.k, self.m, self.cfg.batch_size, gen, gap=self.gap)
+
+    def loss(self, model, batch):
+        x, y = (t.to(self.device) for t in batch)
+        return F.cross_entropy(model(x)[:, -1].float(), y)
+
+    @torch.no_grad()
+    def evaluate(self, model, autocast):
+        tot_loss = tot_acc = 0.0
+        for x, y in self.val:
+            x, y = x.to(self.device), y.to(self.device)
+            with autocast():
+                logits = model(x)[:, -1].float()
+            tot_loss += F.cross_entropy(logits, y).item()
+            tot_acc += (logits.argmax(-1) == y).float().mean().item()
+        k = len(self.val)
+        return {"val_loss": tot_loss / k, "val_acc": tot_acc / k}
+
+
 _KJV_CACHE: Dict[tuple, Any] = {}
 
 
@@ -217,7 +261,7 @@ class MfeatTask(Task):
         return {"test_loss": F.cross_entropy(logits, y).item(), "test_acc": (logits.argmax(-1) == y).float().mean().item()}
 
 
-BUILTIN_TASKS = {"match3": Match3Task, "kjv": KJVTask, "mfeat": MfeatTask}
+BUILTIN_TASKS = {"match3": Match3Task, "kjv": KJVTask, "mfeat": MfeatTask, "lmatch3": LongMatch3Task}
 _PROTOCOL = ("tokens_per_batch", "build_model", "train_batch", "loss", "evaluate")
 
 

@@ -85,7 +85,7 @@ class TrainConfig:
     """Everything a run needs. Integers documented with "0 = ..." take 0 to mean the stated default."""
 
     # --- run
-    task: str = "match3"  # "match3" | "kjv" | "mfeat" | a factory "package.module:name" or "file.py:name"
+    task: str = "match3"  # "match3" | "lmatch3" | "kjv" | "mfeat" | a factory "package.module:name" or "file.py:name"
     out_dir: str = "runs/default"  # run directory: config.json, metrics.jsonl, ckpt.pt, summary.json
     seed: int = 0  # model initialisation and training batches (evaluation data has its own fixed seed)
     device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda" | "cuda:N"
@@ -132,6 +132,10 @@ class TrainConfig:
     match3_n: int = 16  # match3: sequence length N
     match3_m: int = 0  # 0 = the modulus whose measured positive rate is closest to 50 % (summary.json: task_info)
     match3_distinct: bool = False  # count only triples of three distinct positions (no pairwise shortcut)
+    lmatch3_n: int = 256  # lmatch3 (long-range Match3): sequence length
+    lmatch3_k: int = 6  # lmatch3: marked values per sequence
+    lmatch3_m: int = 0  # lmatch3: modulus; 0 = the one whose measured positive rate is closest to 50 %
+    lmatch3_gap: int = 64  # lmatch3: every mark sits at least this many positions before the query
     kjv_val_books: List[str] = field(default_factory=lambda: ["Ruth", "Jonah", "Mark", "James"])  # kjv: held-out books
     kjv_pack: bool = False  # kjv: train on packed verses (batch_size x block_size characters in one row, one verse a document)
     mfeat_views: List[str] = field(default_factory=lambda: ["pix", "fou", "zer"])  # mfeat: UCI views
@@ -152,12 +156,12 @@ class TrainConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         positive = ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "n_layer", "dim", "n_heads",
-                    "p_degree", "mlp_ratio", "block_size", "match3_n", "mfeat_tokens", "hidden")
+                    "p_degree", "mlp_ratio", "block_size", "match3_n", "mfeat_tokens", "hidden", "lmatch3_n")
         for k in positive:
             if getattr(self, k) < 1:
                 raise ValueError(f"config key {k!r} must be >= 1, got {getattr(self, k)}")
         nonneg = ("seed", "threads", "stop_at", "ckpt_every", "warmup_steps", "head_dim", "n_kv_heads", "t_heads",
-                  "t_head_dim", "t_kv_heads", "window", "p_key_dim", "match3_m")
+                  "t_head_dim", "t_kv_heads", "window", "p_key_dim", "match3_m", "lmatch3_m", "lmatch3_gap")
         for k in nonneg:
             if getattr(self, k) < 0:
                 raise ValueError(f"config key {k!r} must be >= 0, got {getattr(self, k)}")
@@ -200,7 +204,11 @@ class TrainConfig:
                 raise ValueError(f"config key 'mfeat_views' must be a non-empty list of views from "
                                  f"{sorted(MFEAT_VIEWS)}, got {self.mfeat_views!r}"
                                  + (f" (unknown: {unknown})" if unknown else ""))
-        if self.task in ("match3", "kjv"):
+        if self.task == "lmatch3" and (self.lmatch3_k < 2 or self.lmatch3_n - 1 - self.lmatch3_gap < self.lmatch3_k):
+            raise ValueError(f"config keys 'lmatch3_n' ({self.lmatch3_n}), 'lmatch3_k' ({self.lmatch3_k}) and "
+                             f"'lmatch3_gap' ({self.lmatch3_gap}): need lmatch3_k >= 2 marks at distinct positions "
+                             "before lmatch3_n - 1 - lmatch3_gap")
+        if self.task in ("match3", "kjv", "lmatch3"):
             from .model import parse_pattern
 
             try:
@@ -249,7 +257,8 @@ class TrainConfig:
             params = feats * self.dim + 6 * self.dim * self.dim + self.hidden * (feats + seq * self.dim + self.hidden)
         else:
             hd, th, thd = self._head_dims()
-            seq, seq_key = (self.match3_n, "match3_n") if self.task == "match3" else (self.block_size, "block_size")
+            seq, seq_key = {"match3": (self.match3_n, "match3_n"), "lmatch3": (self.lmatch3_n, "lmatch3_n")}.get(
+                self.task, (self.block_size, "block_size"))
             width, width_keys = self.dim * max(1, self.mlp_ratio), "dim/mlp_ratio"
             vocab = (self.match3_m or round(0.7 * self.match3_n ** 2)) if self.task == "match3" else 256
             per_layer = 2 * self.mlp_ratio * self.dim ** 2 + max(4 * self.dim * self.n_heads * hd,

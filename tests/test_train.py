@@ -109,7 +109,7 @@ def test_config_file_and_overrides(tmp_path):
     (["steps=1.5"], TypeError, r"'steps'.*int, got float 1.5"),
     (["resume=1"], TypeError, r"'resume'.*bool, got int 1"),
     (["steps=0"], ValueError, r"config key 'steps' must be >= 1, got 0"),
-    (["task=vision"], ValueError, r"config key 'task' must be one of \['kjv', 'match3', 'mfeat'\] or a factory 'package.module:name' / 'path/to/file.py:name', got 'vision'"),
+    (["task=vision"], ValueError, r"config key 'task' must be one of \['kjv', 'lmatch3', 'match3', 'mfeat'\] or a factory 'package.module:name' / 'path/to/file.py:name', got 'vision'"),
     (["pattern=SSXT", "n_layer=4"], ValueError, r"'pattern'/'n_layer'.*unknown letter"),
     (["pattern=SSST", "n_layer=6"], ValueError, r"n_layer must be a positive multiple"),
     (["min_lr=1", "lr=0.1"], ValueError, r"'min_lr' \(1.0\) must not exceed 'lr' \(0.1\)"),
