@@ -172,3 +172,23 @@ def write_report(stem, *, title: str, rows: Sequence[Dict[str, Any]], columns: S
         lines += ["", notes.strip(), ""]
     atomic_write_text(stem + ".md", "\n".join(lines))
     return {"json": stem + ".json", "md": stem + ".md"}
+
+
+def loglog_axes(axes, xlabel: str, ylabels: Sequence[str]) -> None:
+    """Log-log axes (base 2 for the lengths on x) with a light grid, one y label each."""
+    for ax, yl in zip(axes, ylabels):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(yl)
+        ax.grid(True, which="both", alpha=0.3)
+
+
+def save_figure(fig, path, dpi: int = 110) -> None:
+    """Write a matplotlib figure as PNG atomically (no half-written plot), then close it."""
+    import matplotlib.pyplot as plt
+
+    from ._io import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), binary=True)
+    plt.close(fig)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ._bench import _sync, guarded, machine_info, peak_memory, time_fn, write_report
+from ._bench import _sync, guarded, loglog_axes, machine_info, peak_memory, save_figure, time_fn, write_report
 
 DEFAULT_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 
@@ -161,19 +160,12 @@ def _plot(rows, path, meta):
             continue
         axes[0].plot([r["context"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o", label=name)
         axes[1].plot([r["context"] for r in rs], [max(r["cache_mib"], 1e-3) for r in rs], marker="o", label=name)
-    for ax, yl in zip(axes, ("decoded tokens / s", "cache per sequence (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel(yl)
-        ax.grid(True, which="both", alpha=0.3)
+    loglog_axes(axes, "context (tokens)", ("decoded tokens / s", "cache per sequence (MiB)"))
+    for ax in axes:
         ax.legend(fontsize=8)
     fig.suptitle(f"incremental decoding, batch 1 — {meta.get('device')}")
     fig.tight_layout()
-    tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,7 +29,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._bench import fmt, guarded, machine_info, markdown_table, peak_memory, time_fn, write_report
+from ._bench import (fmt, guarded, loglog_axes, machine_info, markdown_table, peak_memory, save_figure, time_fn,
+                     write_report)
 
 DEFAULT_T = [2**p for p in range(14, 21)] + [2**22]  # 16K .. 1M, then 4M where the memory prediction fits
 POLY = "poly-triton"
@@ -522,20 +523,12 @@ def _plot(rows, path, meta):
         lab = f"{impl} {mode}" + ("" if peer else f" Dk={Dk}")
         axes[0].plot([r["T"] for r in rs], [r["ms"] for r in rs], label=lab, **style)
         axes[1].plot([r["T"] for r in rs], [max(r["peak_gib"], 1e-4) for r in rs], label=lab, **style)
-    for ax, yl in zip(axes, ("time (ms)", "peak memory beyond inputs (GiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("T")
-        ax.set_ylabel(yl)
-        ax.grid(True, which="both", alpha=0.3)
+    loglog_axes(axes, "T", ("time (ms)", "peak memory beyond inputs (GiB)"))
     if keys:
         axes[0].legend(fontsize=6)
     fig.suptitle(f"causal, bf16, B=1, H={meta['H']}, Dv={meta['Dv']}, degree 2 — {meta.get('device')}")
     fig.tight_layout()
-    tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,6 +71,21 @@ def _seq_model(cfg: "TrainConfig", vocab: int, n_out: int, causal: bool, pos: st
                        pos=pos, mlp_ratio=cfg.mlp_ratio, backend=cfg.backend, p_backend=cfg.p_backend)
 
 
+@torch.no_grad()
+def _classification_eval(model, batches, autocast, device, *, last_only: bool) -> Dict[str, float]:
+    """Mean cross-entropy and accuracy over labelled batches ``(x, y)``: one label per token, or (``last_only``) one
+    per sequence, read at its last position."""
+    tot_loss = tot_acc = 0.0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            logits = model(x).float()
+        logits = logits[:, -1] if last_only else logits.flatten(0, 1)
+        tot_loss += F.cross_entropy(logits, y.flatten()).item()
+        tot_acc += (logits.argmax(-1) == y.flatten()).float().mean().item()
+    return {"val_loss": tot_loss / len(batches), "val_acc": tot_acc / len(batches)}
+
+
 @functools.lru_cache(maxsize=None)
 def _balanced_modulus(n: int, distinct: bool):
     from .data import match3_modulus
@@ -109,17 +124,8 @@ class Match3Task(Task):
         x, y = (t.to(self.device) for t in batch)
         return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
 
-    @torch.no_grad()
     def evaluate(self, model, autocast):
-        tot_loss = tot_acc = 0.0
-        for x, y in self.val:
-            x, y = x.to(self.device), y.to(self.device)
-            with autocast():
-                logits = model(x).float()
-            tot_loss += F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
-            tot_acc += (logits.argmax(-1) == y).float().mean().item()
-        k = len(self.val)
-        return {"val_loss": tot_loss / k, "val_acc": tot_acc / k}
+        return _classification_eval(model, self.val, autocast, self.device, last_only=False)
 
 
 class LongMatch3Task(Task):
@@ -153,17 +159,8 @@ class LongMatch3Task(Task):
         x, y = (t.to(self.device) for t in batch)
         return F.cross_entropy(model(x)[:, -1].float(), y)
 
-    @torch.no_grad()
     def evaluate(self, model, autocast):
-        tot_loss = tot_acc = 0.0
-        for x, y in self.val:
-            x, y = x.to(self.device), y.to(self.device)
-            with autocast():
-                logits = model(x)[:, -1].float()
-            tot_loss += F.cross_entropy(logits, y).item()
-            tot_acc += (logits.argmax(-1) == y).float().mean().item()
-        k = len(self.val)
-        return {"val_loss": tot_loss / k, "val_acc": tot_acc / k}
+        return _classification_eval(model, self.val, autocast, self.device, last_only=True)
 
 
 _KJV_CACHE: Dict[tuple, Any] = {}
