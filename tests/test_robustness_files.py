@@ -467,16 +467,16 @@ def test_10_remove_stale_temps_removes_only_ours(tmp_path):
 
 _KILL_MID_WRITE = """
 import os, signal, sys
-import tensorattn.distributed as td
+import tensorattn.distributed.checkpoint as ckpt
 from tensorattn.train import TrainConfig, train
-real = td.atomic_write
+real = ckpt.atomic_write
 def dying(path, write, binary=False):
     def half(f):
         f.write(b"partial checkpoint")
         f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     return real(path, half, binary=binary)
-td.atomic_write = dying
+ckpt.atomic_write = dying
 train(TrainConfig(**{**eval(sys.argv[1]), "out_dir": sys.argv[2]}))
 """
 
