@@ -86,6 +86,13 @@ def _gather(x_ptr, rows, rmask, stride, ia, ib, D: tl.constexpr, scale):
 
 
 @triton.jit
+def _feature(x_ptr, rows, rmask, stride, ia, ib, D: tl.constexpr, scale):
+    """Degree-2 monomial features ``ya * yb`` of rows ``[R, BK]`` (zero outside the rows)."""
+    ya, yb = _gather(x_ptr, rows, rmask, stride, ia, ib, D, scale)
+    return tl.where(rmask[:, None], ya * yb, 0.0)
+
+
+@triton.jit
 def _rows(x_ptr, rows, rmask, stride, cols, ncols):
     """``x[rows, cols]`` as float32, zero outside the rows and columns."""
     x = tl.load(x_ptr + rows[:, None] * stride + cols[None, :], mask=rmask[:, None] & (cols[None, :] < ncols),
@@ -107,11 +114,8 @@ def _pairs(a, b, C: tl.constexpr, W: tl.constexpr):
 @triton.jit
 def _sub_feats(qb, k1b, k2b, rows, rmask, sq, sk, ia, ib, wq, D: tl.constexpr, scale):
     """One sub-chunk's features in one feature block: ``U1``, ``U2``, ``U3`` ``[C, BK]`` (zero past T)."""
-    ya, yb = _gather(qb, rows, rmask, sq, ia, ib, D, scale)
-    x1a, x1b = _gather(k1b, rows, rmask, sk, ia, ib, D, 1.0)
-    x2a, x2b = _gather(k2b, rows, rmask, sk, ia, ib, D, 1.0)
-    return (tl.where(rmask[:, None], ya * yb * wq[None, :], 0.0), tl.where(rmask[:, None], x1a * x1b, 0.0),
-            tl.where(rmask[:, None], x2a * x2b, 0.0))
+    return (_feature(qb, rows, rmask, sq, ia, ib, D, scale) * wq[None, :],
+            _feature(k1b, rows, rmask, sk, ia, ib, D, 1.0), _feature(k2b, rows, rmask, sk, ia, ib, D, 1.0))
 
 
 @triton.jit
@@ -185,8 +189,7 @@ def _state_kernel(k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, ia_ptr, ib_ptr
 @triton.jit
 def _state_one(kp, vp, st_out, sd_out, rows, rmask, sk, sv, ia, ib, cols, D: tl.constexpr, DV: tl.constexpr,
                DT: tl.constexpr, PREC: tl.constexpr):
-    xa, xb = _gather(kp, rows, rmask, sk, ia, ib, D, 1.0)
-    u = tl.where(rmask[:, None], xa * xb, 0.0)
+    u = _feature(kp, rows, rmask, sk, ia, ib, D, 1.0)
     v = _rows(vp, rows, rmask, sv, cols, DV)
     tl.store(st_out, _mm(tl.trans(u), v, DT, PREC))
     tl.store(sd_out, tl.sum(u, axis=0))
@@ -286,13 +289,10 @@ def _feat_kernel(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TS, H, KP, scale, 
     rows = rl.to(tl.int64) + t0  # int64: T * H * D may pass 2^31
     rmask = (rows < T) & (rl < TS)
     m = kb * BK + tl.arange(0, BK)
-    ya, yb = _gather(x_ptr + b * T * H * D + h * D, rows, rmask, H * D, tl.load(ia_ptr + m), tl.load(ib_ptr + m), D,
-                     scale)
-    u = ya * yb
+    u = _feature(x_ptr + b * T * H * D + h * D, rows, rmask, H * D, tl.load(ia_ptr + m), tl.load(ib_ptr + m), D, scale)
     if QW:
         u = u * tl.load(wq_ptr + m)[None, :]
-    tl.store(u_ptr + ((b * TS + rl)[:, None] * H + h) * KP + m[None, :], tl.where(rmask[:, None], u, 0.0),
-             mask=(rl < TS)[:, None])
+    tl.store(u_ptr + ((b * TS + rl)[:, None] * H + h) * KP + m[None, :], u, mask=(rl < TS)[:, None])
 
 
 @triton.jit
@@ -498,10 +498,10 @@ def _padded_rank(D: int) -> int:
 
 def _seg_chunks(B: int, HQ: int, HK: int, KP: int, DVP: int, DV: int, F: int, NF: int, backward: bool,
                 seg_bytes: int) -> int:
-    """State chunks per segment so that a segment's buffers fit ``seg_bytes`` (:data:`SEG_BYTES` by default). Forward: the states (per kv head)
-    ``[2, KP, DVP + 1]`` per chunk and the kernel's scratch (per query head, as large). Backward: the forward
-    states and the suffix states (per query head), plus the features and their gradients (``4 Hq + 2 Hkv`` rows
-    of ``KP``) and the value gradients (``2 Hq`` rows of ``Dv``) per position."""
+    """State chunks per segment so that a segment's buffers fit ``seg_bytes`` (:data:`SEG_BYTES` by default).
+    Forward: the states (per kv head) ``[2, KP, DVP + 1]`` per chunk and the kernel's scratch (per query head, as
+    large). Backward: the forward states and the suffix states (per query head), plus the features and their
+    gradients (``4 Hq + 2 Hkv`` rows of ``KP``) and the value gradients (``2 Hq`` rows of ``Dv``) per position."""
     per_chunk = 4 * B * (HK + HQ) * 2 * KP * (DVP + 1)
     if backward:
         per_chunk += 4 * B * F * ((4 * HQ + 2 * HK) * KP + 2 * HQ * DV)
