@@ -214,15 +214,9 @@ def check_attn_inputs(q, k1, k2, v1, v2, *, causal: bool = False, window=None, s
     return B, T, Hq, Hkv, D, Dv, S1, S2, win
 
 
-def check_cu_seqlens(cu_seqlens, max_seqlen, *, B: int, T: int, S1: int, S2: int, device) -> List[int]:
-    """Validate packed-document boundaries (flash-attention's ``cu_seqlens`` convention) and return them as a
-    list ``[0, e_1, ..., T]``.
-
-    ``cu_seqlens``: a 1-D int32 tensor on the inputs' device, starting at 0, strictly increasing (no empty
-    document), ending at the packed length ``T``; inputs packed as ``[1, T, H, D]`` with
-    ``k1``/``k2`` packed like ``q`` (``S1 == S2 == T``). ``max_seqlen``: ``None`` or an int at least the longest
-    document (flash-attention's hint; checked here, not needed). Reading the boundaries synchronises a GPU.
-    """
+def check_cu_seqlens_layout(cu_seqlens, *, B: int, T: int, S1: int, S2: int, device) -> None:
+    """The checks of :func:`check_cu_seqlens` that read no values (type, dtype, shape, device, the packed inputs'
+    shapes): no GPU synchronisation."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor of int32 document starts, got {_type_name(cu_seqlens)}")
     if cu_seqlens.dtype != torch.int32:
@@ -238,6 +232,18 @@ def check_cu_seqlens(cu_seqlens, max_seqlen, *, B: int, T: int, S1: int, S2: int
     if not (S1 == T and S2 == T):
         raise ValueError(f"packed documents (cu_seqlens) need k1/v1 and k2/v2 packed like q: got T={T}, "
                          f"len(k1)={S1}, len(k2)={S2}")
+
+
+def check_cu_seqlens(cu_seqlens, max_seqlen, *, B: int, T: int, S1: int, S2: int, device) -> List[int]:
+    """Validate packed-document boundaries (flash-attention's ``cu_seqlens`` convention) and return them as a
+    list ``[0, e_1, ..., T]``.
+
+    ``cu_seqlens``: a 1-D int32 tensor on the inputs' device, starting at 0, strictly increasing (no empty
+    document), ending at the packed length ``T``; inputs packed as ``[1, T, H, D]`` with
+    ``k1``/``k2`` packed like ``q`` (``S1 == S2 == T``). ``max_seqlen``: ``None`` or an int at least the longest
+    document (flash-attention's hint; checked here, not needed). Reading the boundaries synchronises a GPU.
+    """
+    check_cu_seqlens_layout(cu_seqlens, B=B, T=T, S1=S1, S2=S2, device=device)
     b = [int(x) for x in cu_seqlens.tolist()]
     if b[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {b[0]}")

@@ -24,14 +24,14 @@ are custom ops (``torch.ops.tensorattn.*``), one opaque node each; meta tensors 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import (check_bool, check_cu_seqlens, check_optional_bool, check_tensor, maybe_check_finite,
-                        normalize_window)
+from ._validate import (check_bool, check_cu_seqlens, check_cu_seqlens_layout, check_optional_bool, check_tensor,
+                        maybe_check_finite, normalize_window)
 from .exact import tensor_attn
 from .naive import naive_tensor_attn
 from .packing import positions_in_documents, run_per_document
@@ -109,16 +109,18 @@ def _cached_tensor_attn(q, k1, k2, v1, v2, q_pos0: int, window, scale: Optional[
     return torch.cat(outs, 1)
 
 
-def _packed(layer: nn.Module, cu_seqlens, x, others, cache) -> Optional[List[int]]:
-    """Document boundaries of a packed self-attention call (``None`` without ``cu_seqlens``)."""
+def _packed(layer: nn.Module, cu_seqlens, x, others, cache) -> bool:
+    """Whether this is a packed self-attention call, after the checks that read no values (the op that gets
+    ``cu_seqlens`` reads and checks the boundaries once)."""
     if cu_seqlens is None:
-        return None
+        return False
     if cache is not None:
         raise ValueError(f"{type(layer).__name__}: cu_seqlens (packed documents) and cache cannot be combined")
     if any(t is not None for t in others):
         raise ValueError(f"{type(layer).__name__}: cu_seqlens (packed documents) needs self-attention (no y/z)")
     T = x.shape[1]
-    return check_cu_seqlens(cu_seqlens, None, B=x.shape[0], T=T, S1=T, S2=T, device=x.device)
+    check_cu_seqlens_layout(cu_seqlens, B=x.shape[0], T=T, S1=T, S2=T, device=x.device)
+    return True
 
 
 def _check_dims(**dims: int) -> None:
@@ -253,9 +255,10 @@ class SoftmaxAttention(nn.Module):
         RoPE positions stay inside each packed document."""
         _check_inputs(self, [("x", x)] if y is None else [("x", x), ("y", y)], ("x" if y is None else "y",),
                       self.check_finite)
-        bounds = _packed(self, cu_seqlens, x, (y,), cache)
-        if bounds is not None and len(bounds) > 2:  # each document alone: no [total, total] mask over the row
-            return run_per_document(lambda xd: self(xd), bounds, x)
+        if _packed(self, cu_seqlens, x, (y,), cache):  # each document alone: no [total, total] mask over the row
+            T = x.shape[1]
+            return run_per_document(lambda xd: self(xd), check_cu_seqlens(cu_seqlens, None, B=1, T=T, S1=T, S2=T,
+                                                                          device=x.device), x)
         L = 0 if cache is None else _check_cache(self, cache, y)
         y = x if y is None else y
         B, T, _ = x.shape
@@ -384,10 +387,9 @@ class TensorAttention(nn.Module):
         """
         named = [("x", x)] + [(n, t) for n, t in (("y", y), ("z", z)) if t is not None]
         _check_inputs(self, named, ("x" if y is None else "y", "x" if z is None else "z"), self.check_finite)
-        bounds = _packed(self, cu_seqlens, x, (y, z), cache)
         B, T = x.shape[:2]
-        if bounds is not None:
-            o = self._attend(*self._project(x, None, None, positions=positions_in_documents(bounds, x.device)),
+        if _packed(self, cu_seqlens, x, (y, z), cache):
+            o = self._attend(*self._project(x, None, None, positions=positions_in_documents(cu_seqlens, T)),
                              cu_seqlens=cu_seqlens)
         elif cache is None:
             o = self._attend(*self._project(x, y, z))  # [B, T, Hq, Dv]

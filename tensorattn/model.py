@@ -214,8 +214,8 @@ class Transformer(nn.Module):
                                  f"[{lo}, {hi}]")
         x = self.tok(idx)  # [B, T, dim]
         if self.pos_emb is not None:
-            pos = torch.arange(L, L + T, device=idx.device) if bounds is None else positions_in_documents(bounds,
-                                                                                                          idx.device)
+            pos = (torch.arange(L, L + T, device=idx.device) if bounds is None
+                   else positions_in_documents(cu_seqlens, T))
             x = x + self.pos_emb(pos)
         for i, b in enumerate(self.blocks):
             x = b(x, cache=None if cache is None else cache.layers[i], cu_seqlens=cu_seqlens)

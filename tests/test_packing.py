@@ -90,7 +90,7 @@ def test_bad_cu_seqlens_errors():
 
 
 def test_positions_restart_per_document():
-    assert positions_in_documents([0, 3, 5, 6]).tolist() == [0, 1, 2, 0, 1, 0]
+    assert positions_in_documents(torch.tensor([0, 3, 5, 6], dtype=torch.int32), 6).tolist() == [0, 1, 2, 0, 1, 0]
 
 
 @pytest.mark.parametrize("layer", [
