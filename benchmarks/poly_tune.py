@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="poly_tune")
     ap.add_argument("--T", type=int, default=65536)
     ap.add_argument("--dk", type=int, nargs="+", default=[16])
-    ap.add_argument("--variants", nargs="+", default=["F=64,EB_FWD=64,WARPS_FWD=8,BK_BWD=32,WARPS_BWD=4"],
+    ap.add_argument("--variants", nargs="+", default=["F=64"],
                     help="TUNE settings, each 'KEY=VALUE,KEY=VALUE' (keys of tensorattn.triton.poly.TUNE)")
     ap.add_argument("--profile", choices=["first", "all"], default="first",
                     help="profile the kernels of the first variant only, or of every variant")

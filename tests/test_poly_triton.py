@@ -11,16 +11,20 @@ from utils import run_interpreter
 pytest.importorskip("triton")
 
 
-# (B, T, Hq, Hkv, Dk, Dv, state-chunk length F, segment budget in bytes or 0 for the default, backward feature block)
+# (B, T, Hq, Hkv, Dk, Dv, state-chunk length F, segment budget in bytes or 0 for the default, feature block of both
+#  backward passes, other TUNE settings)
 INTERP_CASES = [
-    (1, 1, 1, 1, 16, 16, 64, 0, 32),  # one position: o = v1 ∘ v2, zero q/k gradients
-    (1, 7, 1, 1, 16, 8, 64, 0, 32),  # shorter than a sub-chunk
-    (1, 63, 2, 1, 16, 20, 32, 0, 32),  # GQA, Dv not a power of two, several sub-chunks and chunks
-    (1, 45, 4, 2, 16, 12, 16, 0, 32),  # GQA with two kv heads: each query head must read its own
-    (2, 150, 2, 2, 16, 40, 32, 50_000, 32),  # B = 2, Dv padded to 64, one chunk per segment
-    (1, 63, 2, 1, 16, 20, 32, 300_000, 32),  # one forward segment of two chunks, two backward segments of one
-    (1, 70, 2, 1, 16, 40, 32, 0, 16),  # the backward in feature blocks of 16
-    (1, 40, 1, 1, 32, 16, 16, 0, 32),  # Dk = 32 (rank 561): more feature blocks
+    (1, 1, 1, 1, 16, 16, 64, 0, 32, {}),  # one position: o = v1 ∘ v2, zero q/k gradients
+    (1, 7, 1, 1, 16, 8, 64, 0, 32, {}),  # shorter than a sub-chunk
+    (1, 63, 2, 1, 16, 20, 32, 0, 32, {}),  # GQA, Dv not a power of two, several sub-chunks and chunks
+    (1, 45, 4, 2, 16, 12, 16, 0, 32, {}),  # GQA with two kv heads: each query head must read its own
+    (2, 150, 2, 2, 16, 40, 32, 50_000, 32, {}),  # B = 2, Dv padded to 64, one chunk per segment
+    (1, 63, 2, 1, 16, 20, 32, 300_000, 32, {}),  # one forward segment of two chunks, two backward segments of one
+    (1, 70, 2, 1, 16, 40, 32, 0, 16, {}),  # the backward in feature blocks of 16
+    (1, 40, 1, 1, 32, 16, 16, 0, 32, {}),  # Dk = 32 (rank 561): more feature blocks
+    # blocks of 8 features, one warp per program in both passes, other row counts for the feature kernels
+    (1, 50, 2, 1, 16, 20, 16, 0, 8, {"WARPS_BWD1": 1, "R_PROJ": 32, "R_FEAT": 16}),
+    (1, 50, 2, 2, 16, 64, 16, 0, 16, {"WARPS_BWD": 4, "WARPS_BWD1": 1}),
 ]
 
 _SCRIPT = textwrap.dedent("""
@@ -28,9 +32,10 @@ _SCRIPT = textwrap.dedent("""
     import torch
     import tensorattn.triton.poly as tp
     from tensorattn.poly import naive_poly_tensor_attn, poly_tensor_attn
-    B, T, Hq, Hkv, D, Dv, F, seg, bkb = json.loads(sys.argv[1])
+    B, T, Hq, Hkv, D, Dv, F, seg, bkb, tune = json.loads(sys.argv[1])
     tp.TUNE["F"] = F
-    tp.TUNE["BK_BWD"] = bkb
+    tp.TUNE["BK_BWD1"] = tp.TUNE["BK_BWD"] = bkb
+    tp.TUNE.update(tune)
     if seg:
         tp.SEG_BYTES = seg
     g = torch.Generator().manual_seed(7)
@@ -50,7 +55,8 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("case", INTERP_CASES, ids=lambda c: "B{}-T{}-H{}/{}-Dk{}-Dv{}-F{}-seg{}-bk{}".format(*c))
+@pytest.mark.parametrize("case", INTERP_CASES, ids=lambda c: "B{}-T{}-H{}/{}-Dk{}-Dv{}-F{}-seg{}-bk{}{}".format(
+    *c[:9], "".join(f"-{k}{v}" for k, v in c[9].items())))
 def test_triton_interpreter_matches_naive(case):
     res = json.loads(run_interpreter(_SCRIPT, json.dumps(case)).strip().splitlines()[-1])
     assert res["finite"]

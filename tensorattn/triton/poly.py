@@ -28,9 +28,9 @@ Parallel over the sequence, in three levels:
 * **backward**: per segment, last to first (the backward's segments are shorter than the forward's: each
   starts from a state the forward saved), the forward states are recomputed (state kernel + cumsum),
   :func:`_feat_kernel` writes the segment's features ``U1, U2, U3`` (float32 ``[B, TS, H, KP]``), and
-  :func:`_bwd_kernel` runs twice, one program per (state chunk, query head, block of ``TUNE["BK_BWD"]``
-  features) with that block's states ``[BK, Dv]`` in float32 registers, walking the chunk one position at a
-  time on the CUDA cores: first (``MODE=1``) it sums every chunk's contribution ``ΔR2[n] = Σ_{i in n} dL2_i``
+  :func:`_bwd_kernel` runs twice, one program per (state chunk, query head, block of ``BK`` features: the
+  tunables ``BK_BWD1``, ``BK_BWD``) with that block's states ``[BK, Dv]`` in float32 registers, walking the
+  chunk one position at a time on the CUDA cores: first (``MODE=1``) it sums every chunk's contribution ``ΔR2[n] = Σ_{i in n} dL2_i``
   to the gradient of the states (``dL2_i = (U1[i] ⊗ G_i) ∘ L3_i``), a reversed in-place cumsum gives the
   suffix sums, then (``MODE=2``) it computes every row's feature gradients (stored: each row's block belongs
   to one program) and value gradients (atomics over feature blocks) from the forward state (by addition) and
@@ -64,9 +64,11 @@ BK = 32  # features per block
 EPS = 1e-6
 # The states of one segment (forward states, plus suffix states in the backward) take at most this many bytes.
 SEG_BYTES = 1 << 30
-# Tunables (the benchmark sweeps them): state-chunk length F, the forward's value block, the backward's feature
-# block, warps per kernel.
-TUNE = dict(F=64, EB_FWD=64, WARPS_FWD=8, WARPS_STATE=4, BK_BWD=32, WARPS_BWD=4)
+# Tunables (the benchmark sweeps them): state-chunk length F, the forward's value block, the feature blocks of the
+# backward walk's two passes (BK_BWD1 for the first, BK_BWD for the second), warps per kernel, a register cap for
+# the walk's second pass (MAXNREG_BWD, 0: none), rows per program of the projection and feature kernels.
+TUNE = dict(F=64, EB_FWD=64, WARPS_FWD=8, WARPS_STATE=4, BK_BWD1=32, WARPS_BWD1=4, BK_BWD=16, WARPS_BWD=1,
+            MAXNREG_BWD=0, R_PROJ=64, WARPS_PROJ=4, R_FEAT=64, WARPS_FEAT=4)
 for _k in list(TUNE):  # TENSORATTN_POLY_<KEY> overrides a default (benchmark sweeps)
     if os.environ.get(f"TENSORATTN_POLY_{_k}") is not None:
         TUNE[_k] = int(os.environ[f"TENSORATTN_POLY_{_k}"])
@@ -76,19 +78,27 @@ for _k in list(TUNE):  # TENSORATTN_POLY_<KEY> overrides a default (benchmark sw
 # Device helpers
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _gather(x_ptr, rows, rmask, stride, ia, ib, D: tl.constexpr, scale):
-    """Monomial factors ``ya = scale x[row, ia]`` (1 where ``ia == D``, the constant), likewise ``yb``."""
-    xa = tl.load(x_ptr + rows[:, None] * stride + ia[None, :], mask=rmask[:, None] & (ia[None, :] < D), other=0.0)
-    xb = tl.load(x_ptr + rows[:, None] * stride + ib[None, :], mask=rmask[:, None] & (ib[None, :] < D), other=0.0)
-    ya = tl.where(ia[None, :] < D, xa.to(tl.float32) * scale, 1.0)
-    yb = tl.where(ib[None, :] < D, xb.to(tl.float32) * scale, 1.0)
-    return ya, yb
+def _tile(x_ptr, rows, rmask, stride, D: tl.constexpr):
+    """Rows ``x[rows, :D]`` ``[R, D]`` in x's dtype, zero outside the rows."""
+    return tl.load(x_ptr + rows[:, None] * stride + tl.arange(0, D)[None, :], mask=rmask[:, None], other=0.0)
 
 
 @triton.jit
-def _feature(x_ptr, rows, rmask, stride, ia, ib, D: tl.constexpr, scale):
-    """Degree-2 monomial features ``ya * yb`` of rows ``[R, BK]`` (zero outside the rows)."""
-    ya, yb = _gather(x_ptr, rows, rmask, stride, ia, ib, D, scale)
+def _gather(xt, ia, ib, D: tl.constexpr, scale):
+    """Monomial factors ``ya = scale x[:, ia]`` (1 where ``ia == D``, the constant), likewise ``yb``, of a row
+    tile ``xt [R, D]``, float32: products with one-hot matrices, which are exact (one nonzero term per entry;
+    float32 tiles in ieee float32). Element-wise gathers were bound by the L1's request rate (Nsight Compute:
+    L1 89-93 % busy, DRAM 6-16 %, in every kernel that gathered)."""
+    dk = tl.arange(0, D)
+    ya = tl.dot(xt, (dk[:, None] == ia[None, :]).to(xt.dtype), input_precision="ieee")
+    yb = tl.dot(xt, (dk[:, None] == ib[None, :]).to(xt.dtype), input_precision="ieee")
+    return tl.where(ia[None, :] < D, ya * scale, 1.0), tl.where(ib[None, :] < D, yb * scale, 1.0)
+
+
+@triton.jit
+def _feature(xt, rmask, ia, ib, D: tl.constexpr, scale):
+    """Degree-2 monomial features ``ya * yb`` ``[R, BK]`` of a row tile (zero outside the rows)."""
+    ya, yb = _gather(xt, ia, ib, D, scale)
     return tl.where(rmask[:, None], ya * yb, 0.0)
 
 
@@ -97,6 +107,16 @@ def _rows(x_ptr, rows, rmask, stride, cols, ncols):
     """``x[rows, cols]`` as float32, zero outside the rows and columns."""
     x = tl.load(x_ptr + rows[:, None] * stride + cols[None, :], mask=rmask[:, None] & (cols[None, :] < ncols),
                 other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _row(ptr, cols, DV: tl.constexpr, DVP: tl.constexpr):
+    """One row of ``DV`` values as float32 ``[DVP]``, zero past DV (no mask when DV is the padded width)."""
+    if DV == DVP:
+        x = tl.load(ptr + cols)
+    else:
+        x = tl.load(ptr + cols, mask=cols < DV, other=0.0)
     return x.to(tl.float32)
 
 
@@ -112,10 +132,10 @@ def _pairs(a, b, C: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _sub_feats(qb, k1b, k2b, rows, rmask, sq, sk, ia, ib, wq, D: tl.constexpr, scale):
+def _sub_feats(qt, k1t, k2t, rmask, ia, ib, wq, D: tl.constexpr, scale):
     """One sub-chunk's features in one feature block: ``U1``, ``U2``, ``U3`` ``[C, BK]`` (zero past T)."""
-    return (_feature(qb, rows, rmask, sq, ia, ib, D, scale) * wq[None, :],
-            _feature(k1b, rows, rmask, sk, ia, ib, D, 1.0), _feature(k2b, rows, rmask, sk, ia, ib, D, 1.0))
+    return (_feature(qt, rmask, ia, ib, D, scale) * wq[None, :], _feature(k1t, rmask, ia, ib, D, 1.0),
+            _feature(k2t, rmask, ia, ib, D, 1.0))
 
 
 @triton.jit
@@ -140,15 +160,12 @@ def _bases(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, n, bh, HQ, GRO
 
 
 @triton.jit
-def _ww_fwd(qb, k1b, k2b, v1b, v2b, rows, rmask, sq, sk, sv, dk, cols, scale, m3,
-            D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, EB: tl.constexpr, DT: tl.constexpr,
-            PREC: tl.constexpr):
+def _ww_fwd(qt, k1t, k2t, v1c, v2c, scale, m3, D: tl.constexpr, C: tl.constexpr, EB: tl.constexpr,
+            DT: tl.constexpr, PREC: tl.constexpr):
     """(inside, inside): ``Σ_{j1, j2 <= i} P(z) v1[j1] ∘ v2[j2]`` of one sub-chunk, ``[C, EB]``."""
-    qc = _rows(qb, rows, rmask, sq, dk, D) * scale
-    k1c = _rows(k1b, rows, rmask, sk, dk, D)
-    k2c = _rows(k2b, rows, rmask, sk, dk, D)
-    v1c = _rows(v1b, rows, rmask, sv, cols, DV)
-    v2c = _rows(v2b, rows, rmask, sv, cols, DV)
+    qc = qt.to(tl.float32) * scale
+    k1c = k1t.to(tl.float32)
+    k2c = k2t.to(tl.float32)
     z = _mm(_pairs(qc, k1c, C, D), tl.trans(k2c), DT, PREC)  # [(i, j1), j2]
     p = tl.where(m3, 1.0 + z + 0.5 * z * z, 0.0)
     pv2 = tl.reshape(_mm(p, v2c, DT, PREC), (C, C, EB))
@@ -189,7 +206,7 @@ def _state_kernel(k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, ia_ptr, ib_ptr
 @triton.jit
 def _state_one(kp, vp, st_out, sd_out, rows, rmask, sk, sv, ia, ib, cols, D: tl.constexpr, DV: tl.constexpr,
                DT: tl.constexpr, PREC: tl.constexpr):
-    u = _feature(kp, rows, rmask, sk, ia, ib, D, 1.0)
+    u = _feature(_tile(kp, rows, rmask, sk, D), rmask, ia, ib, D, 1.0)
     v = _rows(vp, rows, rmask, sv, cols, DV)
     tl.store(st_out, _mm(tl.trans(u), v, DT, PREC))
     tl.store(sd_out, tl.sum(u, axis=0))
@@ -215,7 +232,6 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
     scb = sc_ptr + ((n * tl.num_programs(1) + bh) * tl.num_programs(2) + pe) * (NKB * 2 * BK * EB + 2 * KP)
 
     ci = tl.arange(0, C)
-    dk = tl.arange(0, D)
     cols = pe * EB + tl.arange(0, EB)
     pi = tl.arange(0, C * C) // C
     pj = tl.arange(0, C * C) % C
@@ -228,6 +244,9 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
         rmask = rows < T
         v1c = _rows(v1b, rows, rmask, sv, cols, DV)
         v2c = _rows(v2b, rows, rmask, sv, cols, DV)
+        qt = _tile(qb, rows, rmask, sq, D)
+        k1t = _tile(k1b, rows, rmask, sk, D)
+        k2t = _tile(k2b, rows, rmask, sk, D)
         part = tl.zeros((C, EB), tl.float32)
         t2 = tl.zeros((C * C, EB), tl.float32)
         t3 = tl.zeros((C * C, EB), tl.float32)
@@ -249,7 +268,7 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
                 a3 = tl.load(sck + BK * EB + se)
                 a2d = tl.load(scb + NKB * 2 * BK * EB + m)
                 a3d = tl.load(scb + NKB * 2 * BK * EB + KP + m)
-            u1, u2, u3 = _sub_feats(qb, k1b, k2b, rows, rmask, sq, sk, ia, ib, wq, D, scale)
+            u1, u2, u3 = _sub_feats(qt, k1t, k2t, rmask, ia, ib, wq, D, scale)
             part += _mm(u1, a2 * a3, DT, PREC)  # (before, before)
             t2 = tl.dot(_pairs(u1, u3, C, BK).to(DT), a2.to(DT), t2, input_precision=PREC)
             t3 = tl.dot(_pairs(u1, u2, C, BK).to(DT), a3.to(DT), t3, input_precision=PREC)
@@ -264,7 +283,7 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
         tl.debug_barrier()  # this sub-chunk's state updates are visible to every thread of the program
         part += tl.sum(tl.reshape(t2, (C, C, EB)) * v2c[None, :, :] * m2[:, :, None], axis=1)  # (before, inside)
         part += tl.sum(tl.reshape(t3, (C, C, EB)) * v1c[None, :, :] * m2[:, :, None], axis=1)  # (inside, before)
-        part += _ww_fwd(qb, k1b, k2b, v1b, v2b, rows, rmask, sq, sk, sv, dk, cols, scale, m3, D, DV, C, EB, DT, PREC)
+        part += _ww_fwd(qt, k1t, k2t, v1c, v2c, scale, m3, D, C, EB, DT, PREC)
         den = dpart + 1e-6
         tl.store(o_ptr + oo + rows[:, None] * so + cols[None, :],
                  (part / den[:, None]).to(o_ptr.dtype.element_ty), mask=rmask[:, None] & (cols[None, :] < DV))
@@ -289,7 +308,8 @@ def _feat_kernel(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TS, H, KP, scale, 
     rows = rl.to(tl.int64) + t0  # int64: T * H * D may pass 2^31
     rmask = (rows < T) & (rl < TS)
     m = kb * BK + tl.arange(0, BK)
-    u = _feature(x_ptr + b * T * H * D + h * D, rows, rmask, H * D, tl.load(ia_ptr + m), tl.load(ib_ptr + m), D, scale)
+    u = _feature(_tile(x_ptr + b * T * H * D + h * D, rows, rmask, H * D, D), rmask, tl.load(ia_ptr + m),
+                 tl.load(ib_ptr + m), D, scale)
     if QW:
         u = u * tl.load(wq_ptr + m)[None, :]
     tl.store(u_ptr + ((b * TS + rl)[:, None] * H + h) * KP + m[None, :], u, mask=(rl < TS)[:, None])
@@ -301,7 +321,7 @@ def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TS, HX, H
     """Chain rule through the features: ``dx = Σ_m du[m] (yb[m] e_ia[m] + ya[m] e_ib[m])`` (times the query
     weights and the scale when ``QW``) for ``R`` rows of one head ``hx`` of ``x [B, T, HX, D]``, the feature
     gradients ``du [B, TS, HQ, KP]`` summed over the ``GROUPS`` query heads of ``hx`` first; written into ``dx``
-    (x's layout and dtype). One-hot products in float32 (``ieee``)."""
+    (x's layout and dtype). One-hot products in float32 (``ieee``; tf32x3 measured slower)."""
     rb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // HX
@@ -310,13 +330,13 @@ def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TS, HX, H
     rows = rl.to(tl.int64) + t0  # int64: T * H * D may pass 2^31
     rmask = (rows < T) & (rl < TS)
     dk = tl.arange(0, D)
-    xb = x_ptr + b * T * HX * D + hx * D
+    xt = _tile(x_ptr + b * T * HX * D + hx * D, rows, rmask, HX * D, D)
     acc = tl.zeros((R, D), tl.float32)
     for kb in range(NKB):
         m = kb * BK + tl.arange(0, BK)
         ia = tl.load(ia_ptr + m)
         ib = tl.load(ib_ptr + m)
-        ya, yb = _gather(xb, rows, rmask, HX * D, ia, ib, D, scale)
+        ya, yb = _gather(xt, ia, ib, D, scale)
         du = tl.zeros((R, BK), tl.float32)
         for g in range(GROUPS):
             du += tl.load(du_ptr + ((b * TS + rl)[:, None] * HQ + hx * GROUPS + g) * KP + m[None, :],
@@ -333,7 +353,7 @@ def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TS, HX, H
 
 @triton.jit
 def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_ptr, st_ptr, sd_ptr, rs_ptr, rd_ptr,
-                du1_ptr, du2_ptr, du3_ptr, dv1_ptr, dv2_ptr, T, t0, NS1, HQ, GROUPS, KP,
+                du1_ptr, du2_ptr, du3_ptr, gv_ptr, GV2, T, t0, NS1, HQ, GROUPS, KP,
                 DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr):
     """One chunk n, one query head, one feature block of ``BK`` features: the states ``[BK, DVP]`` in registers
     (float32, CUDA cores), one position per step (forward states ``L += u ⊗ v`` by addition from the chunk's
@@ -344,8 +364,12 @@ def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_p
       ``NS1 - 1 - n`` of ``rs``, ``rd`` (reversed, so a forward cumsum gives suffixes).
     * ``MODE == 2`` (input gradients): suffix states (inclusive, from the reversed cumsum) less each row's own
       part; the feature gradients ``du1..3`` of every row stored into ``[B, TS, Hq, KP]`` (each row's block
-      belongs to this program alone), the value gradients added into ``[B, TS, Hq, Dv]`` by atomics (feature
-      blocks add up; the launcher sums GQA groups)."""
+      belongs to this program alone), the value gradients added into ``gv [2, B, TS, Hq, Dv]`` (``GV2`` apart)
+      by atomics (feature blocks add up; the launcher sums GQA groups). With one warp per program (the default
+      of this pass) every reduction stays inside the warp: no exchange through shared memory per row.
+
+    Only the chunk's rows before T are walked: past T nothing is read or written (their features are zero and
+    their gradients are never read), so the loop body has no row masks."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kb = tl.program_id(2)
@@ -378,9 +402,9 @@ def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_p
         R3 = tl.zeros((BK, DVP), tl.float32)
         r2d = tl.zeros((BK,), tl.float32)
         r3d = tl.zeros((BK,), tl.float32)
-    v1b = v1_ptr + b * T * sv + hk * DV + cols
-    v2b = v2_ptr + b * T * sv + hk * DV + cols
-    dob = do_ptr + b * T * so + h * DV + cols
+    v1b = v1_ptr + b * T * sv + hk * DV
+    v2b = v2_ptr + b * T * sv + hk * DV
+    dob = do_ptr + b * T * so + h * DV
     rb = b * T * HQ + h
     tq = n * F  # this chunk's first row in the segment
     u1b = u1_ptr + ((b * TS + tq) * HQ + h) * KP + m
@@ -389,17 +413,17 @@ def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_p
     gub = ((b * TS + tq) * HQ + h) * KP + m
     gvb = ((b * TS + tq) * HQ + h) * DV + cols
     r0 = (t0 + n * F).to(tl.int64)
-    for t in range(F):
+    nt = tl.minimum(T - t0 - n * F, F)  # rows of this chunk before T
+    for t in range(nt):
         i = r0 + t
-        okc = cm & ((cols * 0 + i) < T)
         u1 = tl.load(u1b + t * HQ * KP)
         u2 = tl.load(u2b + t * HK * KP)
         u3 = tl.load(u3b + t * HK * KP)
-        v1r = tl.load(v1b + i * sv, mask=okc, other=0.0).to(tl.float32)
-        v2r = tl.load(v2b + i * sv, mask=okc, other=0.0).to(tl.float32)
-        rden = 1.0 / tl.load(den_ptr + rb + i * HQ, mask=i < T, other=1.0)  # one division per row
-        g = tl.load(dob + i * so, mask=okc, other=0.0).to(tl.float32) * rden
-        gd = -tl.load(delta_ptr + rb + i * HQ, mask=i < T, other=0.0) * rden
+        v1r = _row(v1b + i * sv, cols, DV, DVP)
+        v2r = _row(v2b + i * sv, cols, DV, DVP)
+        rden = 1.0 / tl.load(den_ptr + rb + i * HQ)  # one division per row
+        g = _row(dob + i * so, cols, DV, DVP) * rden
+        gd = -tl.load(delta_ptr + rb + i * HQ) * rden
         L2 += u2[:, None] * v1r[None, :]
         L3 += u3[:, None] * v2r[None, :]
         l2 += u2
@@ -415,8 +439,9 @@ def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_p
             tl.store(du1_ptr + gub + t * HQ * KP, tl.sum(gl3 * L2, axis=1) + gd * l2 * l3)
             tl.store(du2_ptr + gub + t * HQ * KP, tl.sum(R2 * v1r[None, :], axis=1) + r2d)
             tl.store(du3_ptr + gub + t * HQ * KP, tl.sum(R3 * v2r[None, :], axis=1) + r3d)
-            tl.atomic_add(dv1_ptr + gvb + t * so, tl.sum(R2 * u2[:, None], axis=0), mask=okc, sem="relaxed")
-            tl.atomic_add(dv2_ptr + gvb + t * so, tl.sum(R3 * u3[:, None], axis=0), mask=okc, sem="relaxed")
+            gvp = gv_ptr + gvb + t * so
+            tl.atomic_add(gvp, tl.sum(R2 * u2[:, None], axis=0), mask=cm, sem="relaxed")
+            tl.atomic_add(gvp + GV2, tl.sum(R3 * u3[:, None], axis=0), mask=cm, sem="relaxed")
             R2 -= u1[:, None] * gl3
             R3 -= u1[:, None] * gl2
             r2d -= gd * u1 * l3
@@ -480,11 +505,16 @@ class _Cfg:
         else:  # bf16 operands for bf16 and fp16 inputs: the states outgrow fp16's range
             self.DT, self.PREC = tl.bfloat16, "ieee"
         self.kw = dict(D=self.D, DV=self.DV, DVP=self.DVP, F=self.F, BK=BK, DT=self.DT, PREC=self.PREC)
-        bkb = int(TUNE["BK_BWD"])
-        if bkb not in (16, 32):
-            raise ValueError(f"TUNE['BK_BWD'] must be 16 or 32 (a divisor of the feature padding {BK}), got {bkb}")
-        self.NKBB = self.KP // bkb
-        self.kwb = dict(DV=self.DV, DVP=self.DVP, F=self.F, BK=bkb, num_warps=int(TUNE["WARPS_BWD"]))
+        self.walk = []  # (feature blocks, kernel keywords) of the walk's passes 1 and 2
+        for key, warps, extra in (("BK_BWD1", "WARPS_BWD1", {}),
+                                  ("BK_BWD", "WARPS_BWD", {"maxnreg": TUNE["MAXNREG_BWD"]})):
+            bkb = int(TUNE[key])
+            if bkb not in (8, 16, 32):
+                raise ValueError(f"TUNE[{key!r}] must be 8, 16 or 32 (a divisor of the feature padding {BK}), "
+                                 f"got {bkb}")
+            kw = dict(DV=self.DV, DVP=self.DVP, F=self.F, BK=bkb, num_warps=int(TUNE[warps]))
+            kw.update({k: int(v) for k, v in extra.items() if v})
+            self.walk.append((self.KP // bkb, kw))
 
     def seg_chunks(self, backward: bool) -> int:
         return _seg_chunks(self.B, self.HQ, self.HK, self.KP, self.DVP, self.DV, self.F, self.NF, backward,
@@ -576,7 +606,7 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg
     carry = torch.zeros(B * HQ, 2, KP, cfg.DVP, dtype=torch.float32, device=dev)
     carryd = torch.zeros(B * HQ, 2, KP, dtype=torch.float32, device=dev)
     f32 = dict(dtype=torch.float32, device=dev)
-    R = 64  # rows per program of the feature and projection kernels
+    RF, RP = int(TUNE["R_FEAT"]), int(TUNE["R_PROJ"])  # rows per program of the feature and projection kernels
     for c0, nf, prefix, prefd in reversed(saved):
         st, sd = _segment_states(cfg, k1, k2, v1, v2, c0, nf, prefix, prefd)
         TS, t0 = nf * F, c0 * F
@@ -584,31 +614,32 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg
         feats = []
         for x, h, qw, sc in ((q, HQ, 1, scale), (k1, HK, 0, 1.0), (k2, HK, 0, 1.0)):
             u = torch.empty(B, TS, h, KP, **f32)
-            _feat_kernel[(-(-TS // R), B * h, cfg.NKB)](x, u, cfg.ia, cfg.ib, cfg.wq, T, t0, TS, h, KP, sc, D=D, R=R,
-                                                        BK=BK, QW=qw, num_warps=4)
+            _feat_kernel[(-(-TS // RF), B * h, cfg.NKB)](x, u, cfg.ia, cfg.ib, cfg.wq, T, t0, TS, h, KP, sc, D=D, R=RF,
+                                                         BK=BK, QW=qw, num_warps=TUNE["WARPS_FEAT"])
             feats.append(u)
         rs = torch.empty(B * HQ, nf + 1, 2, KP, cfg.DVP, **f32)
         rd = torch.empty(B * HQ, nf + 1, 2, KP, **f32)
         rs[:, 0] = carry
         rd[:, 0] = carryd
-        grid = (nf, B * HQ, cfg.NKBB)
         args = (T, t0, nf + 1, HQ, cfg.G, KP)
-        _bwd_kernel[grid](*feats, v1, v2, do, den, delta, st, sd, rs, rd, rs, rs, rs, rs, rs, *args, MODE=1, **cfg.kwb)
+        (nb1, kw1), (nb2, kw2) = cfg.walk
+        _bwd_kernel[(nf, B * HQ, nb1)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, rs, rs, rs, rs, 0, *args, MODE=1,
+                                       **kw1)
         rs.cumsum_(1)
         rd.cumsum_(1)
         dus = [torch.empty(B, TS, HQ, KP, **f32) for _ in range(3)]
-        gv1 = torch.zeros(B, TS, HQ, DV, **f32)
-        gv2 = torch.zeros(B, TS, HQ, DV, **f32)
-        _bwd_kernel[grid](*feats, v1, v2, do, den, delta, st, sd, rs, rd, *dus, gv1, gv2, *args, MODE=2, **cfg.kwb)
+        gv = torch.zeros(2, B, TS, HQ, DV, **f32)
+        _bwd_kernel[(nf, B * HQ, nb2)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, *dus, gv, gv[0].numel(), *args,
+                                       MODE=2, **kw2)
         carry, carryd = rs[:, nf].clone(), rd[:, nf].clone()
         del st, sd, rs, rd, feats
         for x, du, dx, h, g, qw, sc in ((q, dus[0], dq, HQ, 1, 1, scale), (k1, dus[1], dk1, HK, cfg.G, 0, 1.0),
                                         (k2, dus[2], dk2, HK, cfg.G, 0, 1.0)):
-            _proj_kernel[(-(-TS // R), B * h)](x, du, dx, cfg.ia, cfg.ib, cfg.wq, T, t0, TS, h, HQ, g, KP, cfg.NKB, sc,
-                                               D=D, R=R, BK=BK, QW=qw, num_warps=4)
+            _proj_kernel[(-(-TS // RP), B * h)](x, du, dx, cfg.ia, cfg.ib, cfg.wq, T, t0, TS, h, HQ, g, KP, cfg.NKB, sc,
+                                               D=D, R=RP, BK=BK, QW=qw, num_warps=TUNE["WARPS_PROJ"])
         del dus
         n = r1 - t0
-        for dst, src in ((dv1, gv1), (dv2, gv2)):
+        for dst, src in ((dv1, gv[0]), (dv2, gv[1])):
             src = src[:, :n]
             if cfg.G > 1:
                 src = src.view(B, n, HK, cfg.G, DV).sum(3)
