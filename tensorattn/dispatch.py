@@ -128,9 +128,13 @@ def refuse_double_backward(op: str):
     return deco
 
 
+# looked up once at import: torch.compile cannot trace importlib's find_spec (it graph-breaks, and fullgraph fails)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """Triton is importable and can run: on a CUDA device, or on the CPU under TRITON_INTERPRET=1."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_interpret() -> bool:
