@@ -1,6 +1,6 @@
 """Causal poly_tensor_attn, torch backend: the scan against the chunked pair algorithm, by key dim.
 
-The torch backend takes the scan (``tensorattn.poly._ScanCausal``) on CUDA when one position's running sums
+The torch backend takes the scan (``tensorattn.poly._scan_fwd`` / ``_scan_bwd``, custom ops ``poly_scan_fwd/bwd``) on CUDA when one position's running sums
 hold at most ``_SCAN_MAX_POS_ELEMS`` entries (``B * Hkv * k * (Dv + 1)``), else the chunked pair algorithm.
 This script times forward + backward of both on the same problems, so that the limit rests on a measurement::
 

@@ -42,7 +42,7 @@ column of ones to v1 and v2 (``Dv' = Dv + 1``): the last output column is then t
   update from checkpoints saved every ``ckpt`` chunks by the forward pass (so the subtraction never
   runs for more than ``ckpt`` chunks: no drift). Feature Jacobians are applied chunk by chunk.
 * causal on CUDA with small states (``B Hkv k (Dv + 1) <= 2^17``, e.g. Dk < 16 where the fused kernel
-  does not apply): the scan :class:`_ScanCausal` instead: running sums ``P + cumsum(U2 ⊗ [v1, 1])`` of
+  does not apply): the scan (:func:`_scan_fwd`, :func:`_scan_bwd`, custom ops ``poly_scan_fwd/bwd``) instead: running sums ``P + cumsum(U2 ⊗ [v1, 1])`` of
   a chunk of ~``2^26 / (B Hkv k Dv')`` positions at once (a few large kernels instead of a Python loop over
   32-position chunks: 68x faster on an H100 at Dk = 4, T = 262K), the backward recomputing each chunk.
   The same scan, started from the ranks' prefix state, is the local part of
@@ -65,8 +65,7 @@ import torch
 
 from ._validate import (check_attn_inputs, check_cu_seqlens, check_same, check_scale, check_tensor, maybe_check_finite,
                         values_checkable)
-from .dispatch import (Backend, autocast_off, choose, no_autocast, refuse_double_backward, refuse_double_backward_op,
-                       triton_device_reasons)
+from .dispatch import Backend, autocast_off, choose, refuse_double_backward_op, triton_device_reasons
 from .features import _plan, _apply_plan, multinomial_weights, rank, taylor_coefficients
 from .packing import check_no_max_seqlen, run_per_document
 
@@ -576,7 +575,7 @@ def _chunk_grads(fn, xs, grad_outs):
     return vjp(grad_outs if isinstance(grad_outs, torch.Tensor) else tuple(grad_outs))
 
 
-class _ScanCausal(torch.autograd.Function):
+def _scan_fwd(q, k1, k2, v1, v2, prefix, feat: _Feat, groups: int, chunk: int):
     """Causal polynomial attention of a sequence (or a shard) after a packed prefix state ``[S2 | S3 | z2 | z3]``
     (zeros for a whole sequence; in context parallelism the sum over the ranks before this one).
 
@@ -586,63 +585,114 @@ class _ScanCausal(torch.autograd.Function):
         num_i = U1[i] · ((P2 + L2_i) ∘ (P3 + L3_i))      den_i = U1[i] · ((p2 + l2_i) ∘ (p3 + l3_i))
 
     It runs ``chunk`` positions at a time, each chunk's running sums starting from the state after the
-    previous chunk (:func:`_causal_chunk`). The forward keeps only the inputs and the state at each chunk
-    start (``T_r / chunk`` states of ``B · Hkv · k · (2 Dv + 2)`` numbers); the backward walks the chunks in
-    reverse, recomputes each one (features included) under autograd and carries the gradient of the
-    running state back to the prefix. The ``[B, chunk, Hkv, k, Dv]`` running sums are the largest
-    temporaries. Returns ``(num [B, T, Hkv, G, Dv], den [B, T, Hkv, G])`` in the accumulation dtype.
-    """
-
-    @staticmethod
-    @no_autocast
-    def forward(ctx, q, k1, k2, v1, v2, prefix, feat, groups, chunk):
-        B, T, Hq, _ = q.shape
-        Hkv, Dv = k1.shape[2], v1.shape[3]
-        acc = feat.w.dtype
-        num = torch.empty(B, T, Hkv, groups, Dv, dtype=acc, device=q.device)
-        den = torch.empty(B, T, Hkv, groups, dtype=acc, device=q.device)
-        st = prefix
-        starts = []
-        for t0 in range(0, T, chunk):
-            sl = slice(t0, t0 + chunk)
-            starts.append(st)
-            n, d, st = _causal_chunk(*_chunk_features(feat, groups, q[:, sl], k1[:, sl], k2[:, sl], v1[:, sl],
-                                                      v2[:, sl]), st)
-            num[:, sl] = n
-            den[:, sl] = d
-        ctx.save_for_backward(q, k1, k2, v1, v2, torch.stack(starts))
-        ctx.cfg = (feat, groups, chunk)
-        return num, den
-
-    @staticmethod
-    @refuse_double_backward("poly_tensor_attn")  # chunk gradients are taken without create_graph
-    @no_autocast
-    def backward(ctx, gnum, gden):
-        q, k1, k2, v1, v2, starts = ctx.saved_tensors
-        feat, groups, chunk = ctx.cfg
-        acc = feat.w.dtype
-        xs = (q, k1, k2, v1, v2)
-        grads = [torch.empty(x.shape, dtype=acc, device=x.device) for x in xs]
-        gst = torch.zeros_like(starts[0])  # gradient of the state after the current chunk
-
-        def run(qc, k1c, k2c, v1c, v2c, st):
-            return _causal_chunk(*_chunk_features(feat, groups, qc, k1c, k2c, v1c, v2c), st)
-
-        T = q.shape[1]
-        for c, t0 in reversed(list(enumerate(range(0, T, chunk)))):
-            sl = slice(t0, t0 + chunk)
-            gs = _chunk_grads(run, [x[:, sl].to(acc) for x in xs] + [starts[c]], (gnum[:, sl], gden[:, sl], gst))
-            for buf, gx in zip(grads, gs[:5]):
-                buf[:, sl] = gx
-            gst = gs[5]
-        return tuple(gx.to(x.dtype) for gx, x in zip(grads, xs)) + (gst, None, None, None)
-
-
-def _scan_attn(q, k1, k2, v1, v2, prefix, feat: _Feat, chunk: int):
-    """Causal output ``[B, T, Hq, Dv]`` in q's dtype by :class:`_ScanCausal` from ``prefix``."""
+    previous chunk (:func:`_causal_chunk`). Returns ``(num [B, T, Hkv, G, Dv], den [B, T, Hkv, G])`` in the
+    accumulation dtype and the state at each chunk start (``T_r / chunk`` states of ``B · Hkv · k · (2 Dv + 2)``
+    numbers: all the backward keeps besides the inputs). The ``[B, chunk, Hkv, k, Dv]`` running sums are the
+    largest temporaries."""
     B, T, Hq, _ = q.shape
     Hkv, Dv = k1.shape[2], v1.shape[3]
-    num, den = _ScanCausal.apply(q, k1, k2, v1, v2, prefix, feat, Hq // Hkv, chunk)
+    acc = feat.w.dtype
+    num = torch.empty(B, T, Hkv, groups, Dv, dtype=acc, device=q.device)
+    den = torch.empty(B, T, Hkv, groups, dtype=acc, device=q.device)
+    st = prefix
+    starts = []
+    for t0 in range(0, T, chunk):
+        sl = slice(t0, t0 + chunk)
+        starts.append(st)
+        n, d, st = _causal_chunk(*_chunk_features(feat, groups, q[:, sl], k1[:, sl], k2[:, sl], v1[:, sl], v2[:, sl]),
+                                 st)
+        num[:, sl] = n
+        den[:, sl] = d
+    return num, den, torch.stack(starts)
+
+
+def _scan_bwd(gnum, gden, q, k1, k2, v1, v2, starts, feat: _Feat, groups: int, chunk: int):
+    """Gradients of the scan's inputs and prefix: the chunks in reverse, each recomputed (features included) with
+    its own graph, the gradient of the running state carried back to the prefix."""
+    acc = feat.w.dtype
+    xs = (q, k1, k2, v1, v2)
+    grads = [torch.empty(x.shape, dtype=acc, device=x.device) for x in xs]
+    gst = torch.zeros_like(starts[0])  # gradient of the state after the current chunk
+
+    def run(qc, k1c, k2c, v1c, v2c, st):
+        return _causal_chunk(*_chunk_features(feat, groups, qc, k1c, k2c, v1c, v2c), st)
+
+    T = q.shape[1]
+    for c, t0 in reversed(list(enumerate(range(0, T, chunk)))):
+        sl = slice(t0, t0 + chunk)
+        gs = _chunk_grads(run, [x[:, sl].to(acc) for x in xs] + [starts[c]], (gnum[:, sl], gden[:, sl], gst))
+        for buf, gx in zip(grads, gs[:5]):
+            buf[:, sl] = gx
+        gst = gs[5]
+    return tuple(gx.to(x.dtype) for gx, x in zip(grads, xs)) + (gst,)
+
+
+# Custom ops of the scan (one opaque node each under torch.compile); the feature maps are rebuilt from
+# (Dk, degree, scale) inside, in the prefix's dtype (the accumulation dtype).
+@torch.library.custom_op("tensorattn::poly_scan_fwd", mutates_args=())
+def poly_scan_fwd_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor,
+                     prefix: torch.Tensor, degree: int, scale: float, groups: int, chunk: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal scan from ``prefix`` ``[B, Hkv, k, 2 Dv + 2]`` (:func:`_scan_fwd`): ``(num, den, chunk-start
+    states)``, autocast off."""
+    with autocast_off(q.device.type), torch.no_grad():
+        feat = _Feat(q.shape[3], degree, scale, prefix.dtype, q.device)
+        return _scan_fwd(q, k1, k2, v1, v2, prefix, feat, groups, chunk)
+
+
+@poly_scan_fwd_op.register_fake
+def _poly_scan_fwd_fake(q, k1, k2, v1, v2, prefix, degree, scale, groups, chunk):
+    B, T = q.shape[:2]
+    Hkv, Dv = k1.shape[2], v1.shape[3]
+    acc = prefix.dtype
+    return (q.new_empty(B, T, Hkv, groups, Dv, dtype=acc), q.new_empty(B, T, Hkv, groups, dtype=acc),
+            prefix.new_empty(-(-T // chunk), *prefix.shape))
+
+
+@torch.library.custom_op("tensorattn::poly_scan_bwd", mutates_args=())
+def poly_scan_bwd_op(gnum: torch.Tensor, gden: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor,
+                     v1: torch.Tensor, v2: torch.Tensor, starts: torch.Tensor, degree: int, scale: float, groups: int,
+                     chunk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]:
+    """Gradients of q, k1, k2, v1, v2 (their dtypes) and of the prefix (:func:`_scan_bwd`). Not differentiable:
+    differentiating its outputs raises (the chunk gradients are taken without create_graph)."""
+    with autocast_off(q.device.type), torch.no_grad():
+        feat = _Feat(q.shape[3], degree, scale, starts.dtype, q.device)
+        return tuple(g.contiguous() for g in _scan_bwd(gnum, gden, q, k1, k2, v1, v2, starts, feat, groups, chunk))
+
+
+@poly_scan_bwd_op.register_fake
+def _poly_scan_bwd_fake(gnum, gden, q, k1, k2, v1, v2, starts, degree, scale, groups, chunk):
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k1, k2, v1, v2, starts[0]))
+
+
+def _scan_setup_context(ctx, inputs, output):
+    q, k1, k2, v1, v2, _prefix, degree, scale, groups, chunk = inputs
+    ctx.save_for_backward(q, k1, k2, v1, v2, output[2])
+    ctx.mark_non_differentiable(output[2])
+    ctx.cfg = (degree, scale, groups, chunk)
+
+
+def _scan_backward(ctx, gnum, gden, _gstarts):
+    q, k1, k2, v1, v2, starts = ctx.saved_tensors
+    B, T, Hkv, Dv = q.shape[0], q.shape[1], k1.shape[2], v1.shape[3]
+    groups = ctx.cfg[2]
+    if gnum is None:  # an output the loss did not use
+        gnum = starts.new_zeros(B, T, Hkv, groups, Dv)
+    if gden is None:
+        gden = starts.new_zeros(B, T, Hkv, groups)
+    return (*poly_scan_bwd_op(gnum, gden, q, k1, k2, v1, v2, starts, *ctx.cfg), None, None, None, None)
+
+
+poly_scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+refuse_double_backward_op(poly_scan_bwd_op, "poly_tensor_attn")
+
+
+def _scan_attn(q, k1, k2, v1, v2, prefix, degree: int, scale: float, chunk: int):
+    """Causal output ``[B, T, Hq, Dv]`` in q's dtype by the scan from ``prefix`` (differentiable in the prefix)."""
+    B, T, Hq, _ = q.shape
+    Hkv, Dv = k1.shape[2], v1.shape[3]
+    num, den, _ = poly_scan_fwd_op(q, k1, k2, v1, v2, prefix, degree, float(scale), Hq // Hkv, chunk)
     return (num / (den[..., None] + EPS)).reshape(B, T, Hq, Dv).to(q.dtype)
 
 
@@ -660,9 +710,8 @@ class _TorchBackend(Backend):
         Hkv, Dv = k1.shape[2], v1.shape[3]
         k = poly_rank(D, degree)
         if causal and _use_scan(q.device, B, Hkv, k, Dv):
-            feat = _Feat(D, degree, scale, _acc(q.dtype), q.device)
-            prefix = torch.zeros(B, Hkv, k, 2 * Dv + 2, dtype=feat.w.dtype, device=q.device)
-            return _scan_attn(q, k1, k2, v1, v2, prefix, feat, _scan_chunk(T, B, Hkv, k, Dv))
+            prefix = torch.zeros(B, Hkv, k, 2 * Dv + 2, dtype=_acc(q.dtype), device=q.device)
+            return _scan_attn(q, k1, k2, v1, v2, prefix, degree, scale, _scan_chunk(T, B, Hkv, k, Dv))
         o, _, _ = poly_fwd_op(q, k1, k2, v1, v2, degree, causal, scale, _TORCH_CHUNK, _TORCH_CKPT)
         return o.transpose(1, 2).to(q.dtype)
 

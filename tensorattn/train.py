@@ -426,6 +426,11 @@ def _check_out_dir(cfg: TrainConfig) -> Path:
     return out
 
 
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether training runs under bf16 autocast: ``amp = "bf16"``, or ``"auto"`` on CUDA."""
+    return cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+
+
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     # weight decay on matrices only (nanoGPT): not on norms, biases or position tables of one row per token
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "tok_pos" not in n]
@@ -567,7 +572,7 @@ def _train(cfg: TrainConfig, info: "td.DistInfo", task: Optional[Task] = None) -
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = info.device
-    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    use_bf16 = uses_bf16(cfg, device)
 
     def autocast():
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)

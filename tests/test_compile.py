@@ -77,9 +77,49 @@ def test_poly_tensor_attn_step_compiles(dynamic):
     assert_same(two_steps, xs, xs, dynamic=dynamic)
 
 
+def _scan_inputs():
+    """Inputs of the scan with a positive prefix state that requires a gradient (B = 2, Hkv = 2, Dk = Dv = 4)."""
+    from tensorattn.features import rank
+
+    x = five(T=40)
+    g = torch.Generator().manual_seed(3)
+    prefix = (0.1 * torch.rand(2, 2, rank(4, 2), 2 * 4 + 2, generator=g, dtype=F64)).requires_grad_()
+    return x + [prefix]
+
+
+def _scan(*a):
+    from tensorattn.poly import _scan_attn
+
+    return _scan_attn(*a, 2, 0.5, 16)  # degree 2, scale 0.5, chunks of 16 (three chunks, the last partial)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_poly_scan_compiles(dynamic):
+    """The scan (the torch backend's causal path on CUDA, and context parallelism's local part) is a custom-op
+    pair too: fullgraph, the eager result, gradients of the inputs and of the prefix state."""
+    x = _scan_inputs()
+    assert_same(_scan, x, x, dynamic=dynamic)
+
+
+def test_poly_scan_matches_the_reference_and_refuses_double_backward():
+    """From a zero prefix the scan is the causal op; its backward op refuses to be differentiated."""
+    from tensorattn.poly import naive_poly_tensor_attn
+
+    x = _scan_inputs()
+    zero = torch.zeros_like(x[5]).requires_grad_()
+    out = _scan(*x[:5], zero)
+    ref = naive_poly_tensor_attn(*x[:5], causal=True, scale=0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
+    for a, b in zip(grads(out, x[:5]), grads(ref, x[:5])):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    g = torch.autograd.grad(_scan(*x).sum(), x[0], create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
 def test_the_ops_are_custom_ops_one_node_each():
-    """AOTAutograd sees one opaque node per op: the forward graph calls tensorattn::exact_fwd / poly_fwd once, the
-    backward graph exact_bwd / poly_bwd once."""
+    """AOTAutograd sees one opaque node per op: the forward graph calls tensorattn::exact_fwd / poly_fwd /
+    poly_scan_fwd once, the backward graph exact_bwd / poly_bwd / poly_scan_bwd once."""
     from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_function
 
@@ -90,10 +130,11 @@ def test_the_ops_are_custom_ops_one_node_each():
         return make_boxed_func(gm)
 
     x = five()
-    for fn, name in ((lambda *a: ta.tensor_attn(*a, causal=True, backend="torch"), "exact"),
-                     (lambda *a: ta.poly_tensor_attn(*a, causal=True), "poly")):
+    for fn, name, args in ((lambda *a: ta.tensor_attn(*a, causal=True, backend="torch"), "exact", x),
+                           (lambda *a: ta.poly_tensor_attn(*a, causal=True), "poly", x),
+                           (_scan, "poly_scan", _scan_inputs())):
         seen.clear()
-        out = torch.compile(fn, fullgraph=True, backend=lambda gm, ex: aot_function(gm, record, record))(*x)
+        out = torch.compile(fn, fullgraph=True, backend=lambda gm, ex: aot_function(gm, record, record))(*args)
         out.sum().backward()
         fwd, bwd = seen
         assert sum(f"tensorattn.{name}_fwd" in t for t in fwd) == 1, fwd

@@ -177,7 +177,7 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
         feat = _Feat(D, degree, scale, _acc(q.dtype), q.device)
         chunk = chunk_size or _scan_chunk(T, B, Hkv, feat.w.numel(), Dv)
         totals = _ShardTotals.apply(k1, k2, v1, v2, feat, chunk)  # [B, Hkv, k, 2Dv+2]
-        return _scan_attn(q, k1, k2, v1, v2, _combine_states(totals, True, group), feat, chunk)
+        return _scan_attn(q, k1, k2, v1, v2, _combine_states(totals, True, group), degree, scale, chunk)
     with torch.autocast(q.device.type, enabled=False):  # float32 sums, also under a caller's autocast
         U1, U2, U3 = _poly_features(q, k1, k2, degree, scale)  # [B, T_r, H, k] in the accumulation dtype
         x1, x2 = v1.to(U1.dtype), v2.to(U1.dtype)
