@@ -113,7 +113,8 @@ def _chunk(args, impl, causal, T):
     """The causal scan's chunk for a cp row (the automatic one unless --chunk), else empty."""
     if impl != "cp" or not causal:
         return ""
-    from tensorattn.poly import _scan_chunk, poly_rank
+    from tensorattn.poly import poly_rank
+    from tensorattn.poly.scan import _scan_chunk
 
     return args.chunk or _scan_chunk(T, args.batch, args.kv_heads, poly_rank(args.key_dim, args.degree),
                                      args.value_dim)

@@ -1,6 +1,6 @@
 """Causal poly_tensor_attn, torch backend: the scan against the chunked pair algorithm, by key dim.
 
-The torch backend takes the scan (``tensorattn.poly._scan_fwd`` / ``_scan_bwd``, custom ops ``poly_scan_fwd/bwd``) on CUDA when one position's running sums
+The torch backend takes the scan (``tensorattn.poly.scan``) on CUDA when one position's running sums
 hold at most ``_SCAN_MAX_POS_ELEMS`` entries (``B * Hkv * k * (Dv + 1)``), else the chunked pair algorithm.
 This script times forward + backward of both on the same problems, so that the limit rests on a measurement::
 
@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import tensorattn.poly as P  # noqa: E402
+import tensorattn.poly.scan as S  # noqa: E402
 from tensorattn._bench import guarded, machine_info, peak_memory, time_fn, write_report  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     B, H, T, Dv = 1, args.heads, args.T, args.value_dim
     rows = []
-    real_use_scan = P._use_scan
+    real_use_scan = S._use_scan
     for dk in [int(x) for x in args.dks.split(",")]:
         g = torch.Generator(device=dev).manual_seed(dk)
         xs = [torch.randn(B, T, H, d, device=dev, generator=g).to(dtype).requires_grad_() for d in (dk, dk, dk, Dv, Dv)]
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
         k = P.poly_rank(dk, 2)
         default = "scan" if real_use_scan(dev, B, H, k, Dv) else "pairs"
         for algo in ("scan", "pairs"):
-            P._use_scan = (lambda *a: True) if algo == "scan" else (lambda *a: False)
+            S._use_scan = (lambda *a: True) if algo == "scan" else (lambda *a: False)
 
             def step():
                 for x in xs:
@@ -63,14 +64,14 @@ def main(argv=None) -> int:
                    "peak_gib": res.get("peak_gib", float("nan")), "note": "OOM" if res.get("oom") else ""}
             rows.append(row)
             print(row, flush=True)
-        P._use_scan = real_use_scan
+        S._use_scan = real_use_scan
     meta = machine_info(dev)
-    meta.update(command=" ".join(["python"] + sys.argv), dtype=str(dtype), scan_max_pos_elems=P._SCAN_MAX_POS_ELEMS,
-                scan_chunk_elems=P._SCAN_CHUNK_ELEMS)
+    meta.update(command=" ".join(["python"] + sys.argv), dtype=str(dtype), scan_max_pos_elems=S._SCAN_MAX_POS_ELEMS,
+                scan_chunk_elems=S._SCAN_CHUNK_ELEMS)
     notes = (f"Causal poly_tensor_attn(backend='torch'), degree 2, B={B}, Hq=Hkv={H}, Dv={Dv}, {dtype} inputs (float32 "
              "sums), forward + backward. algo=scan: running sums by cumsum a chunk at a time; algo=pairs: the chunked "
              "pair algorithm (32-position chunks). default: what the backend picks on this device "
-             f"(scan when entries_per_position <= {P._SCAN_MAX_POS_ELEMS} on CUDA).")
+             f"(scan when entries_per_position <= {S._SCAN_MAX_POS_ELEMS} on CUDA).")
     paths = write_report(args.out, title="Causal torch path: scan vs chunked pairs", rows=rows, columns=list(rows[0]),
                          meta=meta, notes=notes)
     print(f"wrote {paths['json']} and {paths['md']}")

@@ -88,7 +88,7 @@ def _scan_inputs():
 
 
 def _scan(*a):
-    from tensorattn.poly import _scan_attn
+    from tensorattn.poly.scan import _scan_attn
 
     return _scan_attn(*a, 2, 0.5, 16)  # degree 2, scale 0.5, chunks of 16 (three chunks, the last partial)
 
@@ -316,9 +316,10 @@ err = max([float((o1 - o2).abs().max()), float((o1 - o3).abs().max())] +
           [float((x - y).abs().max()) for x, y in zip(g1, g2)])
 assert err < 1e-6, err
 assert len(tp._saved_ranges(1, 40, 2, 1, 16, 8, 16, tp.SEG_BYTES)) == 3
-_, _, saved = tp.poly_triton_fwd_op(*xs, 0.25, 16, tp.SEG_BYTES, True)
-_, _, none = tp.poly_triton_fwd_op(*xs, 0.25, 16, tp.SEG_BYTES, False)
-assert (len(saved), len(none)) == (6, 0), (len(saved), len(none))
+from tensorattn.poly.op import poly_fwd_op
+_, saved = poly_fwd_op(*xs, 2, True, 0.25, "triton", [16, tp.SEG_BYTES], True)
+_, none = poly_fwd_op(*xs, 2, True, 0.25, "triton", [16, tp.SEG_BYTES], False)
+assert (len(saved), len(none)) == (7, 1), (len(saved), len(none))  # the normaliser, then two states a segment
 try:
     gg = torch.autograd.grad(f(*b).sum(), b[0], create_graph=True)[0]  # eager: compiled graphs donate buffers
     torch.autograd.grad(gg.sum(), b[0])

@@ -253,7 +253,7 @@ def test_causal_chunking_keeps_results_and_gradients(monkeypatch, chunk):
     reference for any chunk, including the automatic one forced down to one position per chunk."""
     for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(v, raising=False)
-    monkeypatch.setattr(poly_mod, "_SCAN_CHUNK_ELEMS", 1)  # chunk=None: one position per chunk
+    monkeypatch.setattr(poly_mod.scan, "_SCAN_CHUNK_ELEMS", 1)  # chunk=None: one position per chunk
     xs, do = _inputs(5, 2, 11, 4, 2, 3, 4, amp=0.8)
     ref_o, ref_g = _full(lambda *a: naive_poly_tensor_attn(*a, causal=True), xs, do)
     o, g = _full(lambda *a: td.cp_poly_tensor_attn(*a, causal=True, chunk_size=chunk), xs, do)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from tensorattn.naive import naive_tensor_attn
-from tensorattn.poly import (EPS, PolyTensorAttnState, poly_fwd_op, naive_poly_tensor_attn,
-                             poly_rank, poly_tensor_attn, poly_tensor_attn_step)
+from tensorattn.poly import (EPS, PolyTensorAttnState, naive_poly_tensor_attn, poly_rank, poly_tensor_attn,
+                             poly_tensor_attn_step)
+from tensorattn.poly.op import poly_fwd_op
 
 
 def _inputs(gen, B, T, Hq, Hkv, D, Dv, S1=None, S2=None, dtype=torch.float64, kscale=1.0):
@@ -51,7 +52,7 @@ def test_noncausal_other_lengths(gen, S1, S2):
 def test_chunking_does_not_change_the_result(gen, chunk, ckpt):
     xs = [x.requires_grad_() for x in _inputs(gen, 1, 37, 2, 1, 3, 4)]
     ref = naive_poly_tensor_attn(*xs, degree=2, causal=True, scale=0.5)
-    out = poly_fwd_op(*xs, 2, True, 0.5, chunk, ckpt)[0].transpose(1, 2)  # the op poly_tensor_attn runs
+    out = poly_fwd_op(*xs, 2, True, 0.5, "torch", [0, chunk, ckpt], True)[0]  # the op poly_tensor_attn runs
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     w = torch.randn(out.shape, generator=gen, dtype=out.dtype)
     g = torch.autograd.grad((out * w).sum(), xs)
@@ -213,7 +214,7 @@ def test_noncausal_chunking_does_not_change_the_result(monkeypatch):
     x += [torch.randn(1, 37, 2, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     o1 = P.poly_tensor_attn(*x, backend="torch")
     g1 = torch.autograd.grad(o1.square().sum(), x)
-    monkeypatch.setattr(P, "_FULL_BLOCK_ELEMS", 1)  # -> blocks of _TORCH_CHUNK rows
+    monkeypatch.setattr(P.chunked, "_FULL_BLOCK_ELEMS", 1)  # -> blocks of _TORCH_CHUNK rows
     o2 = P.poly_tensor_attn(*x, backend="torch")
     g2 = torch.autograd.grad(o2.square().sum(), x)
     torch.testing.assert_close(o1, o2, rtol=1e-12, atol=1e-12)
@@ -230,8 +231,8 @@ def test_scan_path_matches_naive(monkeypatch, chunk_elems, degree):
     forced on the CPU: output and gradients equal the reference, with GQA and in bfloat16 (float32 sums)."""
     import tensorattn.poly as P
 
-    monkeypatch.setattr(P, "_use_scan", lambda *a: True)
-    monkeypatch.setattr(P, "_SCAN_CHUNK_ELEMS", chunk_elems)
+    monkeypatch.setattr(P.scan, "_use_scan", lambda *a: True)
+    monkeypatch.setattr(P.scan, "_SCAN_CHUNK_ELEMS", chunk_elems)
     g = torch.Generator().manual_seed(11)
     xs = [x.requires_grad_() for x in _inputs(g, 2, 13, 4, 2, 3, 5)]
     out = P.poly_tensor_attn(*xs, degree=degree, causal=True, backend="torch")
@@ -250,10 +251,10 @@ def test_scan_path_is_chosen_on_cuda_for_small_states():
     import tensorattn.poly as P
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert P._use_scan(cuda, 1, 4, P.poly_rank(4, 2), 32)  # the Dk < 16 case the fused kernel does not take
-    assert P._use_scan(cuda, 1, 4, P.poly_rank(32, 2), 32)  # 74K entries: 15x faster than the pairs on an H100
-    assert not P._use_scan(cpu, 1, 4, P.poly_rank(4, 2), 32)
-    assert not P._use_scan(cuda, 4, 4, P.poly_rank(32, 2), 64)  # large states: the chunked pair algorithm
+    assert P.scan._use_scan(cuda, 1, 4, P.poly_rank(4, 2), 32)  # the Dk < 16 case the fused kernel does not take
+    assert P.scan._use_scan(cuda, 1, 4, P.poly_rank(32, 2), 32)  # 74K entries: 15x faster than the pairs on an H100
+    assert not P.scan._use_scan(cpu, 1, 4, P.poly_rank(4, 2), 32)
+    assert not P.scan._use_scan(cuda, 4, 4, P.poly_rank(32, 2), 64)  # large states: the chunked pair algorithm
 
 
 def test_scan_path_ignores_a_callers_autocast_and_refuses_double_backward(monkeypatch):
@@ -261,7 +262,7 @@ def test_scan_path_ignores_a_callers_autocast_and_refuses_double_backward(monkey
     double backward raises instead of returning detached gradients."""
     import tensorattn.poly as P
 
-    monkeypatch.setattr(P, "_use_scan", lambda *a: True)
+    monkeypatch.setattr(P.scan, "_use_scan", lambda *a: True)
     g = torch.Generator().manual_seed(3)
     xs = [x.float().requires_grad_() for x in _inputs(g, 1, 29, 2, 1, 4, 6)]
     plain = P.poly_tensor_attn(*xs, causal=True, backend="torch")

@@ -14,12 +14,12 @@ from .process_group import _active, get_rank, get_world_size
 
 
 def _poly_features(q, k1, k2, degree: int, scale: float):
-    """``(U1, U2, U3)``: the feature maps of :mod:`tensorattn.poly` (its ``_Feat``), in its accumulation dtype.
+    """``(U1, U2, U3)``: the feature maps of :mod:`tensorattn.poly` (``tensorattn.poly.common._Feat``), in its accumulation dtype.
 
     ``U1[i] · (U2[j1] ∘ U3[j2]) = P(scale · <q_i, k1_j1 ∘ k2_j2>)`` with ``P`` the degree-``g`` Taylor
     polynomial of exp (docs/math.md#polynomial): ``U1[i, β] = (scale q_i)^β / β!``, ``U2[j, β] = k1_j^β``, ``U3[j, β] = k2_j^β``.
     """
-    from ..poly import _acc, _Feat
+    from ..poly.common import _acc, _Feat
 
     acc = _acc(q.dtype)
     feat = _Feat(q.shape[-1], degree, scale, acc, q.device)
@@ -68,7 +68,7 @@ class _ShardTotals(torch.autograd.Function):
     @refuse_double_backward("cp_poly_tensor_attn")
     @no_autocast
     def backward(ctx, g):
-        from ..poly import _chunk_grads
+        from ..poly.scan import _chunk_grads
 
         k1, k2, v1, v2 = ctx.saved_tensors
         feat, chunk = ctx.cfg
@@ -162,17 +162,19 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
         raise ValueError(f"context parallelism needs q, k1 and k2 shards of one length (the same positions), got "
                          f"T={T}, len(k1)={S1}, len(k2)={S2}")
     causal = check_bool("causal", causal)
-    from ..poly import _check_degree
+    from ..poly.common import _check_degree
 
     degree = _check_degree(degree)
     scale = check_scale(scale, D)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    from ..poly import EPS, _unpack
+    from ..poly.common import EPS
+    from ..poly.scan import _unpack
 
     groups = Hq // Hkv
     if causal:
-        from ..poly import _acc, _Feat, _scan_attn, _scan_chunk
+        from ..poly.common import _acc, _Feat
+        from ..poly.scan import _scan_attn, _scan_chunk
 
         feat = _Feat(D, degree, scale, _acc(q.dtype), q.device)
         chunk = chunk_size or _scan_chunk(T, B, Hkv, feat.w.numel(), Dv)

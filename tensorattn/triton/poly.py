@@ -50,13 +50,11 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import autocast_off, refuse_double_backward_op
 from ..features import multi_indices
 
 C = 16  # queries per sub-chunk (the pair products have C² = 256 rows)
@@ -645,81 +643,3 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg
                 src = src.view(B, n, HK, cfg.G, DV).sum(3)
             dst[:, t0:r1] = src
     return dq, dk1, dk2, dv1, dv2
-
-
-# --------------------------------------------------------------------------------------------------
-# Custom ops (torch.library): what poly_tensor_attn's Triton backend calls, one opaque node each under
-# torch.compile, with fake implementations that size every output from the shapes alone
-# --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("tensorattn::poly_triton_fwd", mutates_args=())
-def poly_triton_fwd_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor,
-                       scale: float, F: int, seg_bytes: int, save: bool
-                       ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
-    """Causal degree-2 forward on the fused kernels: ``(o [B, T, Hq, Dv]`` in q's dtype, ``den [B, T, Hq]``
-    float32, and with ``save`` the forward state at the start of each backward segment, two tensors a segment
-    in the order of :func:`_saved_ranges`)``; autocast off. The number of saved tensors depends on the shapes,
-    so a compiled graph specialises on them (one recompilation per new length under dynamic shapes)."""
-    with autocast_off(q.device.type), torch.no_grad():
-        o, den, saved = poly_fwd(*(x.contiguous() for x in (q, k1, k2, v1, v2)), scale, F, seg_bytes, save=save)
-        return o, den, [t for _, _, p, pd in saved for t in (p, pd)]
-
-
-@poly_triton_fwd_op.register_fake
-def _poly_triton_fwd_fake(q, k1, k2, v1, v2, scale, F, seg_bytes, save):
-    B, T, HQ, D = q.shape
-    HK, DV = k1.shape[2], v1.shape[3]
-    KP, DVP = _padded_rank(int(D)), max(16, _next_pow2(int(DV)))
-    n = len(_saved_ranges(int(B), int(T), int(HQ), int(HK), int(D), int(DV), F, seg_bytes)) if save else 0
-    f32 = dict(dtype=torch.float32)
-    states = [t for _ in range(n) for t in (q.new_empty(B * HK, 2, KP, DVP, **f32), q.new_empty(B * HK, 2, KP, **f32))]
-    return q.new_empty(B, T, HQ, DV), q.new_empty(B, T, HQ, **f32), states
-
-
-@torch.library.custom_op("tensorattn::poly_triton_bwd", mutates_args=())
-def poly_triton_bwd_op(do: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor,
-                       v2: torch.Tensor, o: torch.Tensor, den: torch.Tensor, states: List[torch.Tensor], scale: float,
-                       F: int, seg_bytes: int
-                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The five input gradients (their dtypes) given ``do`` and the forward's outputs. Not differentiable:
-    differentiating its outputs raises."""
-    with autocast_off(q.device.type), torch.no_grad():
-        q, k1, k2, v1, v2, do = (x.contiguous() for x in (q, k1, k2, v1, v2, do))
-        B, T, HQ, D = q.shape
-        ranges = _saved_ranges(B, T, HQ, k1.shape[2], D, v1.shape[3], F, seg_bytes)
-        if len(states) != 2 * len(ranges):
-            raise ValueError(f"poly_triton_bwd: {len(states)} saved states for {len(ranges)} backward segments "
-                             f"(expected {2 * len(ranges)}): F or seg_bytes differ from the forward's")
-        saved = [(c0, nf, states[2 * i], states[2 * i + 1]) for i, (c0, nf) in enumerate(ranges)]
-        delta = (do.float() * o.float()).sum(-1).contiguous()  # <dO, o> per row: [B, T, Hq]
-        return tuple(poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale, F, seg_bytes))
-
-
-@poly_triton_bwd_op.register_fake
-def _poly_triton_bwd_fake(do, q, k1, k2, v1, v2, o, den, states, scale, F, seg_bytes):
-    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k1, k2, v1, v2))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k1, k2, v1, v2, scale, F, seg_bytes, save = inputs
-    o, den, states = output
-    ctx.save_for_backward(q, k1, k2, v1, v2, o, den, *states)
-    ctx.mark_non_differentiable(den, *states)
-    ctx.cfg, ctx.save = (scale, F, seg_bytes), save  # the backward uses the forward's plan, whatever TUNE says then
-
-
-def _backward(ctx, do, _dden, _dstates):
-    if not ctx.save:
-        raise RuntimeError("poly_tensor_attn: this forward saved no states (no input required a gradient then)")
-    q, k1, k2, v1, v2, o, den, *states = ctx.saved_tensors
-    return (*poly_triton_bwd_op(do, q, k1, k2, v1, v2, o, den, states, *ctx.cfg), None, None, None, None)
-
-
-poly_triton_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-refuse_double_backward_op(poly_triton_bwd_op, "poly_tensor_attn")
-
-
-def poly_triton(q, k1, k2, v1, v2, scale: float) -> torch.Tensor:
-    """Causal degree-2 polynomial tensor attention on the fused kernels, differentiable once (the states for the
-    backward are saved only when an input needs a gradient)."""
-    save = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k1, k2, v1, v2))
-    return poly_triton_fwd_op(q, k1, k2, v1, v2, scale, int(TUNE["F"]), int(SEG_BYTES), save)[0]
