@@ -17,7 +17,18 @@ import torch
 
 
 class Backend:
-    """Base class: subclasses set ``name`` and override ``not_supported_reasons``."""
+    """The protocol of every op's backends (the exact op's in :mod:`tensorattn.exact`, the polynomial op's in
+    :mod:`tensorattn.poly.op`), each registered by ``name`` in the op's ``BACKENDS`` dict:
+
+    * ``not_supported_reasons(**problem) -> list of str``: why this backend cannot run a call (empty: it can);
+      :func:`choose` picks with it.
+    * ``fwd(q, k1, k2, v1, v2, **cfg) -> (o, *saved)``: the forward, not differentiable itself, returning the
+      output and what the backward needs (exact: the log-sum-exp; poly: a list of tensors).
+    * ``bwd(do, q, k1, k2, v1, v2, o, *saved, **cfg) -> (dq, dk1, dk2, dv1, dv2)``: the backward.
+
+    The op's one custom-op pair (``tensorattn::exact_fwd/bwd``, ``tensorattn::poly_fwd/bwd``) calls ``fwd`` and
+    ``bwd`` of the backend it names and carries the autograd; the polynomial backends add ``plan`` (block sizes
+    fixed at the forward) and ``fake_fwd`` (output shapes for ``torch.compile``)."""
 
     name: str = "?"
 

@@ -3,7 +3,7 @@
 A **task** is what differs between experiments: the data, the model built for it, the loss and the evaluation.
 :func:`tensorattn.train.train` takes one (``train(config, task=my_task)``), and the CLI and TOML name one by
 ``task = "match3" | "kjv" | "mfeat"`` or by a factory, ``task = "package.module:make_task"`` or
-``task = "path/to/file.py:make_task"``: a callable that takes the :class:`~tensorattn.train.TrainConfig` and returns
+``task = "path/to/file.py:make_task"``: a callable that takes the :class:`~tensorattn.config.TrainConfig` and returns
 a task. ``examples/digits_three_bands.py`` is a complete one.
 
 The protocol (:class:`Task`): what the training loop calls.
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .train import TrainConfig
+    from .config import TrainConfig
 
 __all__ = ["Task", "BUILTIN_TASKS", "build_task", "load_task_factory", "Match3Task", "KJVTask", "MfeatTask"]
 

@@ -103,7 +103,7 @@ def test_decoding_step_refuses_non_finite_tokens():
 def test_triton_backend_refuses_low_precision_under_the_interpreter(monkeypatch, dtype):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    triton_be = next(b for b in BACKENDS if b.name == "triton")
+    triton_be = BACKENDS["triton"]
     problem = dict(device=torch.device("cpu"), degree=2, causal=True, head_dim=16, value_dim=16)
     reasons = triton_be.not_supported_reasons(dtype=dtype, **problem)
     assert any("TRITON_INTERPRET" in r and str(dtype) in r for r in reasons), reasons

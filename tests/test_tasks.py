@@ -118,7 +118,7 @@ def test_finished_and_stopped_runs_say_so_and_a_finished_run_continues(tmp_path,
 
 
 def test_config_table_covers_every_key_and_docs_match_it(capsys):
-    from tensorattn.train import _FIELDS, config_table
+    from tensorattn.config import _FIELDS, config_table
 
     table = config_table()
     rows = [r for r in table.splitlines()[2:]]

@@ -1,8 +1,8 @@
 """The op :func:`poly_tensor_attn`: its backends and its custom-op pair.
 
-Every backend follows the protocol of the exact op's (:mod:`tensorattn.exact`): ``not_supported_reasons(**problem)``
-(empty when it can run the call), ``fwd`` and ``bwd`` (the two halves of the op, not differentiable themselves),
-plus here ``plan`` (the backend's block sizes, fixed at the forward so that the backward replays the same
+Every backend follows the protocol of :class:`tensorattn.dispatch.Backend`, the exact op's too:
+``not_supported_reasons(**problem)`` (empty when it can run the call), ``fwd`` and ``bwd`` (the two halves of the op,
+not differentiable themselves), plus here ``plan`` (the backend's block sizes, fixed at the forward so that the backward replays the same
 plan) and ``fake_fwd`` (the shapes of ``fwd``'s outputs, for ``torch.compile``). One custom-op pair,
 ``tensorattn::poly_fwd`` / ``poly_bwd``, dispatches to the chosen backend by name; its registered autograd is the
 op's only autograd function. ``fwd`` returns the output ``[B, T, Hq, Dv]`` in q's dtype and a list of saved tensors
@@ -154,8 +154,8 @@ class _TritonBackend(Backend):
         return tp.poly_bwd(q, k1, k2, v1, v2, do, den, delta, segs, scale, plan[0], plan[1])
 
 
-BACKENDS = [_TritonBackend(), _TorchBackend()]
-_BY_NAME: Dict[str, Backend] = {b.name: b for b in BACKENDS}
+#: The backends by name, in the order ``backend="auto"`` tries them (as :data:`tensorattn.exact.BACKENDS`).
+BACKENDS: Dict[str, Backend] = {b.name: b for b in (_TritonBackend(), _TorchBackend())}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,14 +170,14 @@ def poly_fwd_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
     """Forward of :func:`poly_tensor_attn` on the named backend (inputs validated, ``B, T >= 1``): ``(o [B, T, Hq,
     Dv]`` in q's dtype, the backend's saved tensors``)``, autocast off."""
     with autocast_off(q.device.type), torch.no_grad():
-        o, saved = _BY_NAME[backend].fwd(q, k1, k2, v1, v2, degree=degree, causal=causal, scale=scale, plan=plan,
+        o, saved = BACKENDS[backend].fwd(q, k1, k2, v1, v2, degree=degree, causal=causal, scale=scale, plan=plan,
                                          save=save)
         return o.contiguous(), [t.contiguous() for t in saved]
 
 
 @poly_fwd_op.register_fake
 def _poly_fwd_fake(q, k1, k2, v1, v2, degree, causal, scale, backend, plan, save):
-    return _BY_NAME[backend].fake_fwd(q, k1, k2, v1, v2, degree=degree, causal=causal, plan=plan, save=save)
+    return BACKENDS[backend].fake_fwd(q, k1, k2, v1, v2, degree=degree, causal=causal, plan=plan, save=save)
 
 
 @torch.library.custom_op("tensorattn::poly_bwd", mutates_args=())
@@ -188,7 +188,7 @@ def poly_bwd_op(do: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, k2: torch.T
     """The five input gradients (their dtypes, contiguous) given ``do`` ``[B, T, Hq, Dv]``. Not differentiable:
     differentiating its outputs raises."""
     with autocast_off(q.device.type), torch.no_grad():
-        grads = _BY_NAME[backend].bwd(do, q, k1, k2, v1, v2, o, saved, degree=degree, causal=causal, scale=scale,
+        grads = BACKENDS[backend].bwd(do, q, k1, k2, v1, v2, o, saved, degree=degree, causal=causal, scale=scale,
                                       plan=plan)
         return tuple(g.contiguous() for g in grads)
 
@@ -269,7 +269,7 @@ def poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False
                                                               backend=backend, check_finite=False), bounds,
                                  q, k1, k2, v1, v2)
             return _check_output(o, check_finite, degree, scale)
-    be = choose(BACKENDS, backend, dict(device=q.device, dtype=q.dtype, degree=degree, causal=causal,
+    be = choose(list(BACKENDS.values()), backend, dict(device=q.device, dtype=q.dtype, degree=degree, causal=causal,
                                          head_dim=D, value_dim=Dv), op="poly_tensor_attn")
     if B == 0 or T == 0:  # nothing to attend from: an empty output, still connected to the inputs' graph
         return q.new_zeros(B, T, Hq, Dv) + 0 * q.sum() + 0 * (k1.sum() + k2.sum() + v1.sum() + v2.sum())
