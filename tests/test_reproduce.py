@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from tensorattn.reproduce import SECTIONS, _taylor_bound_degree, run, slope
+from tensorattn.reproduce import SECTIONS, run
+from tensorattn.reproduce.common import _taylor_bound_degree, slope
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +87,17 @@ def test_bad_arguments(tmp_path):
         run("huge", str(tmp_path))
     with pytest.raises(ValueError, match="sections must be among"):
         run("tiny", str(tmp_path), sections=["nope"])
+
+
+def test_cost_section_measures_each_method_in_a_child_process(tmp_path):
+    """On the CPU (the quick preset) the cost section measures each method in a fresh process,
+    ``python -m tensorattn.reproduce.cost_child``: its points come back for every n asked."""
+    import dataclasses
+
+    from tensorattn.reproduce.common import PRESETS, Report
+    from tensorattn.reproduce.cost import _cost_points
+
+    rep = Report(tmp_path, "cpu", dataclasses.replace(PRESETS["tiny"], cost_subprocess=True))
+    pts = _cost_points(rep, "fast", "forward", [8, 16])
+    assert [q["n"] for q in pts] == [8, 16]
+    assert all(q["s"] > 0 and q["peak_mib"] >= 0 for q in pts), pts
