@@ -1,6 +1,6 @@
 """The one benchmark harness: timing (warm-up, median and spread), peak memory, machine info and reports.
 
-Rules (STYLE.md): warm up before timing; report the median and the spread; an out-of-memory error
+Rules: warm up before timing; report the median and the spread; an out-of-memory error
 becomes NaN in the table, never a crash; every report carries the device and the versions; timings
 are only compared within one run on one device. Reports are JSON plus a markdown table, written
 atomically.

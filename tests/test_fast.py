@@ -1,6 +1,6 @@
 """The polynomial method (docs/math.md#fast-gradient), float64.
 
-Two separate claims (STYLE.md): *implementation* (the fast CP algorithm equals the same polynomial
+Two separate claims: *implementation* (the fast CP algorithm equals the same polynomial
 attention computed explicitly, to rounding) and *approximation* (the polynomial attention approaches
 exact attention as the degree grows, within the documented eps guarantee).
 """

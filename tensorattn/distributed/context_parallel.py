@@ -19,9 +19,10 @@ def _poly_features(q, k1, k2, degree: int, scale: float):
     ``U1[i] · (U2[j1] ∘ U3[j2]) = P(scale · <q_i, k1_j1 ∘ k2_j2>)`` with ``P`` the degree-``g`` Taylor
     polynomial of exp (docs/math.md#polynomial): ``U1[i, β] = (scale q_i)^β / β!``, ``U2[j, β] = k1_j^β``, ``U3[j, β] = k2_j^β``.
     """
-    from ..poly.common import _acc, _Feat
+    from ..naive import acc_dtype
+    from ..poly.common import _Feat
 
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     feat = _Feat(q.shape[-1], degree, scale, acc, q.device)
     return feat.q(q.to(acc)), feat.k(k1.to(acc)), feat.k(k2.to(acc))
 
@@ -173,10 +174,11 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
 
     groups = Hq // Hkv
     if causal:
-        from ..poly.common import _acc, _Feat
+        from ..naive import acc_dtype
+        from ..poly.common import _Feat
         from ..poly.scan import _scan_attn, _scan_chunk
 
-        feat = _Feat(D, degree, scale, _acc(q.dtype), q.device)
+        feat = _Feat(D, degree, scale, acc_dtype(q.dtype), q.device)
         chunk = chunk_size or _scan_chunk(T, B, Hkv, feat.w.numel(), Dv)
         totals = _ShardTotals.apply(k1, k2, v1, v2, feat, chunk)  # [B, Hkv, k, 2Dv+2]
         return _scan_attn(q, k1, k2, v1, v2, _combine_states(totals, True, group), degree, scale, chunk)

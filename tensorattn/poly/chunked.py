@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import EPS, _Feat, _acc, _heads_first, _poly, _with_ones, poly_rank
+from ..naive import acc_dtype
+from .common import EPS, _Feat, _heads_first, _poly, _with_ones, poly_rank
 
 _TORCH_CHUNK = 32
 # Non-causal rows per chunk: as many as keep one [B, H, rows, k] feature block under this many entries.
@@ -171,7 +172,7 @@ def _reduce_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
 def _torch_heads(q, k1, k2, v1, v2):
     """The five inputs ``[B, S, H, D]`` as ``[B, Hq, S, D]`` in the accumulation dtype, ones appended to v1, v2."""
     g = q.shape[2] // k1.shape[2]
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     qh = q.transpose(1, 2).to(acc)
     k1h, k2h = _heads_first(k1, g, acc), _heads_first(k2, g, acc)
     v1h, v2h = _with_ones(_heads_first(v1, g, acc)), _with_ones(_heads_first(v2, g, acc))

@@ -67,10 +67,6 @@ def poly_rank(head_dim: int, degree: int) -> int:
     return rank(head_dim, degree)
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _heads_first(x: torch.Tensor, groups: int, acc: torch.dtype) -> torch.Tensor:
     # [B, S, Hkv, D] -> [B, Hq, S, D] in the accumulation dtype; query head h reads kv head h // groups
     x = x.transpose(1, 2).to(acc)

@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from .._validate import check_same, check_scale, check_tensor, maybe_check_finite
-from .common import EPS, _Feat, _acc, _check_degree, _check_rank, _with_ones, poly_rank
+from ..naive import acc_dtype
+from .common import EPS, _Feat, _check_degree, _check_rank, _with_ones, poly_rank
 
 
 @dataclass
@@ -55,7 +56,7 @@ class PolyTensorAttnState:
         if tuple(k2.shape) != (B, T, Hkv, D) or tuple(v2.shape) != (B, T, Hkv, Dv) or v1.shape[:3] != k1.shape[:3]:
             raise ValueError(f"k1, k2 must be [B, T, Hkv, Dk] and v1, v2 [B, T, Hkv, Dv] with one B, T, Hkv; got "
                              f"{[tuple(x.shape) for x in xs]}")
-        acc = _acc(k1.dtype)
+        acc = acc_dtype(k1.dtype)
         st = cls.empty(B, Hkv, D, Dv, degree=degree, scale=scale, dtype=acc, device=k1.device)
         feat = _Feat(D, st.degree, st.scale, acc, k1.device)
         a2, a3 = st.a2, st.a3

@@ -16,9 +16,10 @@ import torch
 
 from .._validate import check_attn_inputs, check_cu_seqlens, check_scale
 from ..dispatch import Backend, autocast_off, choose, refuse_double_backward_op, triton_device_reasons
+from ..naive import acc_dtype
 from ..packing import check_no_max_seqlen, run_per_document
 from . import chunked, scan
-from .common import EPS, _acc, _check_degree, _check_output, _check_rank, _Feat, poly_rank
+from .common import EPS, _check_degree, _check_output, _check_rank, _Feat, poly_rank
 
 
 class _TorchBackend(Backend):
@@ -41,7 +42,7 @@ class _TorchBackend(Backend):
     def fwd(self, q, k1, k2, v1, v2, *, degree, causal, scale, plan, save):
         B, T, Hq, D = q.shape
         Hkv, Dv = k1.shape[2], v1.shape[3]
-        acc = _acc(q.dtype)
+        acc = acc_dtype(q.dtype)
         # saved: the output in the accumulation dtype (only when q's dtype is narrower: else it is the output), the
         # normaliser, and the chunk-start states (scan) or the stacked (A2, A3) states (chunked)
         if plan[0]:
@@ -62,7 +63,7 @@ class _TorchBackend(Backend):
     def fake_fwd(self, q, k1, k2, v1, v2, *, degree, causal, plan, save):
         B, T, Hq, D = q.shape
         Hkv, Dv = k1.shape[2], v1.shape[3]
-        acc, k = _acc(q.dtype), poly_rank(int(D), degree)
+        acc, k = acc_dtype(q.dtype), poly_rank(int(D), degree)
         out = q.new_empty(B, T, Hq, Dv)
         if not save:
             return out, []

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from .._validate import check_attn_inputs, check_scale
-from .common import EPS, _acc, _check_degree, _heads_first, _poly
+from ..naive import acc_dtype
+from .common import EPS, _check_degree, _heads_first, _poly
 
 
 def naive_poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False, scale=None, eps: float = EPS,
@@ -29,7 +30,7 @@ def naive_poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool =
     B, T, Hq, Hkv, D, Dv, S1, S2, _ = check_attn_inputs(q, k1, k2, v1, v2, causal=causal, check_finite=check_finite)
     degree = _check_degree(degree)
     scale = check_scale(scale, D)
-    acc, g = _acc(q.dtype), Hq // Hkv
+    acc, g = acc_dtype(q.dtype), Hq // Hkv
     qh = q.transpose(1, 2).to(acc)
     k1h, k2h, v1h, v2h = (_heads_first(x, g, acc) for x in (k1, k2, v1, v2))
     z = scale * torch.einsum("bhid,bhjd,bhkd->bhijk", qh, k1h, k2h)  # [B, H, T, S1, S2]
