@@ -127,36 +127,21 @@ def torch_fwd(q, k1, k2, v1, v2, *, scale: float, causal: bool, window, block_q:
     return o, lse.reshape(B, Hq, T)
 
 
-def torch_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, window, block_q: int = 64,
-              block_elems: int = _BLOCK_ELEMS):
-    """Streaming backward: recompute ``P = exp(s - lse)`` chunk by chunk (``lse`` natural log, ``[B, Hq, T]``).
-
-    Returns ``(dq, dk1, dk2, dv1, dv2)`` in the input dtype.
-    """
-    B, T, Hq, D = q.shape
-    S1, S2, Hkv, Dv = k1.shape[1], k2.shape[1], k1.shape[2], v1.shape[3]
-    G = Hq // Hkv
-    causal = causal or window is not None
+def _pair_blocks(qh, k1h, k2h, v1h, v2h, doh, lse, *, scale, causal, window, block_q, block_elems):
+    """The backward's blocks of (queries, k1 keys, k2 keys) with visible pairs, each with the recomputed
+    ``P = exp(s - lse)`` (at most 1: ``lse >= max s``, so rounding cannot push it past) and ``dP`` ``[B, Hkv, G,
+    bq, n1, n2]``, and the block's operands ``(q, dO, q ∘ k1, dO ∘ v1, k1, k2, v2)``."""
+    B, Hkv, G, T, D = qh.shape
+    S1, S2 = k1h.shape[3], k2h.shape[3]
     w1, w2 = window if window is not None else (None, None)
-    qh, k1h, k2h, v1h, v2h = _heads(q, k1, k2, v1, v2)
-    acc = qh.dtype
-    doh = do.to(acc).view(B, T, Hkv, G, Dv).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dv]
-    oh = o.to(acc).view(B, T, Hkv, G, Dv).permute(0, 2, 3, 1, 4)
-    delta = (doh * oh).sum(-1)  # [B, Hkv, G, T]
-    lse = lse.to(acc).view(B, Hkv, G, T)
-    dq = torch.zeros(B, Hkv, G, T, D, dtype=acc, device=q.device)
-    dk1 = torch.zeros(B, Hkv, 1, S1, D, dtype=acc, device=q.device)
-    dk2 = torch.zeros(B, Hkv, 1, S2, D, dtype=acc, device=q.device)
-    dv1 = torch.zeros(B, Hkv, 1, S1, Dv, dtype=acc, device=q.device)
-    dv2 = torch.zeros(B, Hkv, 1, S2, Dv, dtype=acc, device=q.device)
     for t0 in range(0, T, block_q):
         t1 = min(T, t0 + block_q)
         bq = t1 - t0
         lo1, hi1 = key_range(t0, t1, S1, causal=causal, w=w1)
         lo2, hi2 = key_range(t0, t1, S2, causal=causal, w=w2)
-        c1, c2 = _chunks(B, Hq, bq, hi1 - lo1, hi2 - lo2, block_elems)
+        c1, c2 = _chunks(B, Hkv * G, bq, hi1 - lo1, hi2 - lo2, block_elems)
         qb, dob = qh[:, :, :, t0:t1], doh[:, :, :, t0:t1]  # [B, Hkv, G, bq, D|Dv]
-        lb, db = lse[:, :, :, t0:t1, None, None], delta[:, :, :, t0:t1, None, None]
+        lb = lse[:, :, :, t0:t1, None, None]
         for a0 in range(lo1, hi1, c1):
             a1 = min(hi1, a0 + c1)
             k1c, v1c = k1h[:, :, :, None, a0:a1], v1h[:, :, :, None, a0:a1]  # [B, Hkv, 1, 1, n1, D]
@@ -164,26 +149,60 @@ def torch_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
             dov1 = dob[:, :, :, :, None, :] * v1c  # [B, Hkv, G, bq, n1, Dv]
             for b0 in range(lo2, hi2, c2):
                 b1 = min(hi2, b0 + c2)
-                vis = _mask(t0, t1, a0, a1, b0, b1, causal=causal, window=window, device=q.device)
+                vis = _mask(t0, t1, a0, a1, b0, b1, causal=causal, window=window, device=qh.device)
                 if vis is not None and not bool(vis.any()):
                     continue
                 k2c, v2c = k2h[:, :, :, None, b0:b1], v2h[:, :, :, None, b0:b1]  # [B, Hkv, 1, 1, n2, D]
                 s = torch.matmul(qk1, k2c.transpose(-1, -2)) * scale  # [B, Hkv, G, bq, n1, n2]
                 if vis is not None:
                     s = s.masked_fill(~vis, float("-inf"))
-                p = torch.exp(s - lb)
+                p = torch.exp((s - lb).clamp(max=0.0))
                 dp = torch.matmul(dov1, v2c.transpose(-1, -2))
-                ds = p * (dp - db) * scale
-                t = torch.matmul(ds, k2c)  # [B, Hkv, G, bq, n1, D]: sum_j2 dS k2
-                u = torch.matmul(p, v2c)  # [B, Hkv, G, bq, n1, Dv]: sum_j2 P v2
-                dq[:, :, :, t0:t1] += (t * k1c).sum(-2)
-                dk1[:, :, :, a0:a1] += (t * qb[:, :, :, :, None, :]).sum(dim=(2, 3)).unsqueeze(2)
-                dv1[:, :, :, a0:a1] += (u * dob[:, :, :, :, None, :]).sum(dim=(2, 3)).unsqueeze(2)
-                n1, n2 = a1 - a0, b1 - b0
-                ds_f = ds.reshape(B, Hkv, G * bq * n1, n2)
-                p_f = p.reshape(B, Hkv, G * bq * n1, n2)
-                dk2[:, :, 0, b0:b1] += torch.matmul(ds_f.transpose(-1, -2), qk1.reshape(B, Hkv, G * bq * n1, D))
-                dv2[:, :, 0, b0:b1] += torch.matmul(p_f.transpose(-1, -2), dov1.reshape(B, Hkv, G * bq * n1, Dv))
+                yield t0, t1, a0, a1, b0, b1, p, dp, (qb, dob, qk1, dov1, k1c, k2c, v2c)
+
+
+def torch_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, window, block_q: int = 64,
+              block_elems: int = _BLOCK_ELEMS):
+    """Streaming backward: recompute ``P = exp(s - lse)`` chunk by chunk (``lse`` natural log, ``[B, Hq, T]``),
+    in two passes over the pairs (the row sums ``Σ P dP``, then the gradients; ``o`` is not needed).
+
+    Returns ``(dq, dk1, dk2, dv1, dv2)`` in the input dtype.
+    """
+    B, T, Hq, D = q.shape
+    S1, S2, Hkv, Dv = k1.shape[1], k2.shape[1], k1.shape[2], v1.shape[3]
+    G = Hq // Hkv
+    causal = causal or window is not None
+    qh, k1h, k2h, v1h, v2h = _heads(q, k1, k2, v1, v2)
+    acc = qh.dtype
+    doh = do.to(acc).view(B, T, Hkv, G, Dv).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dv]
+    lse = lse.to(acc).view(B, Hkv, G, T)
+    # delta = Σ P dP over the recomputed P and dP (a first pass over the pairs), not <dO, O>: the two are equal
+    # in exact arithmetic, but where one pair takes all the weight (logits in the thousands) only the former
+    # makes dP - delta cancel exactly, as autograd's softmax backward does; <dO, O> leaves a rounding error
+    # that the size of the keys then multiplies into the gradients
+    delta = torch.zeros(B, Hkv, G, T, dtype=acc, device=q.device)
+    blocks = lambda: _pair_blocks(qh, k1h, k2h, v1h, v2h, doh, lse, scale=scale, causal=causal,  # noqa: E731
+                                  window=window, block_q=block_q, block_elems=block_elems)
+    for t0, t1, _a0, _a1, _b0, _b1, p, dp, _k in blocks():
+        delta[:, :, :, t0:t1] += (p * dp).sum((-1, -2))
+    dq = torch.zeros(B, Hkv, G, T, D, dtype=acc, device=q.device)
+    dk1 = torch.zeros(B, Hkv, 1, S1, D, dtype=acc, device=q.device)
+    dk2 = torch.zeros(B, Hkv, 1, S2, D, dtype=acc, device=q.device)
+    dv1 = torch.zeros(B, Hkv, 1, S1, Dv, dtype=acc, device=q.device)
+    dv2 = torch.zeros(B, Hkv, 1, S2, Dv, dtype=acc, device=q.device)
+    for t0, t1, a0, a1, b0, b1, p, dp, (qb, dob, qk1, dov1, k1c, k2c, v2c) in blocks():
+        bq = t1 - t0
+        ds = p * (dp - delta[:, :, :, t0:t1, None, None]) * scale
+        t = torch.matmul(ds, k2c)  # [B, Hkv, G, bq, n1, D]: sum_j2 dS k2
+        u = torch.matmul(p, v2c)  # [B, Hkv, G, bq, n1, Dv]: sum_j2 P v2
+        dq[:, :, :, t0:t1] += (t * k1c).sum(-2)
+        dk1[:, :, :, a0:a1] += (t * qb[:, :, :, :, None, :]).sum(dim=(2, 3)).unsqueeze(2)
+        dv1[:, :, :, a0:a1] += (u * dob[:, :, :, :, None, :]).sum(dim=(2, 3)).unsqueeze(2)
+        n1, n2 = a1 - a0, b1 - b0
+        ds_f = ds.reshape(B, Hkv, G * bq * n1, n2)
+        p_f = p.reshape(B, Hkv, G * bq * n1, n2)
+        dk2[:, :, 0, b0:b1] += torch.matmul(ds_f.transpose(-1, -2), qk1.reshape(B, Hkv, G * bq * n1, D))
+        dv2[:, :, 0, b0:b1] += torch.matmul(p_f.transpose(-1, -2), dov1.reshape(B, Hkv, G * bq * n1, Dv))
     dq = dq.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D).to(q.dtype)
     back = lambda x, ref: x[:, :, 0].transpose(1, 2).to(ref.dtype)  # noqa: E731  [B, S, Hkv, D]
     return dq, back(dk1, k1), back(dk2, k2), back(dv1, v1), back(dv2, v2)
@@ -197,7 +216,10 @@ def naive_fwd(q, k1, k2, v1, v2, *, scale: float, causal: bool, window):
 def naive_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, window, block_elems: int = _BLOCK_ELEMS):
     """Closed-form backward over the full ``[S1, S2]`` score matrix of each block of queries (einsum).
 
-    ``dS = P * (dP - rowsum(dO * O))`` with ``P`` recomputed from the natural-log ``lse`` ``[B, Hq, T]``.
+    ``dS = P * (dP - Σ P dP)`` with ``P`` recomputed from the natural-log ``lse`` ``[B, Hq, T]``: the row sum
+    taken over the same recomputed ``P`` and ``dP`` (as autograd's softmax backward does), not as ``<dO, O>``,
+    so that where one pair takes all the weight (logits in the thousands) ``dP - Σ P dP`` cancels exactly
+    instead of leaving a rounding error that the keys' size then multiplies.
     Returns ``(dq, dk1, dk2, dv1, dv2)`` in the input dtype; accumulates in float32 (float64 for float64).
     """
     B, T, Hq, D = q.shape
@@ -205,10 +227,9 @@ def naive_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
     G = Hq // Hkv
     acc = acc_dtype(q.dtype)
     expand = lambda x: x.to(acc).transpose(1, 2).repeat_interleave(G, dim=1)  # noqa: E731  [B, Hq, S, D]
-    qh, doh, oh = q.to(acc).transpose(1, 2), do.to(acc).transpose(1, 2), o.to(acc).transpose(1, 2)
+    qh, doh = q.to(acc).transpose(1, 2), do.to(acc).transpose(1, 2)
     k1h, k2h, v1h, v2h = expand(k1), expand(k2), expand(v1), expand(v2)
     lse = lse.to(acc)
-    delta = (doh * oh).sum(-1)  # [B, Hq, T]
     masked = causal or window is not None
     dq = torch.zeros_like(qh)
     dk1, dk2 = torch.zeros_like(k1h), torch.zeros_like(k2h)
@@ -221,9 +242,9 @@ def naive_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
         if masked:
             vis = visibility_mask(torch.arange(t0, t1, device=q.device), S1, S2, causal=causal, window=window)
             s = s.masked_fill(~vis, float("-inf"))
-        p = torch.exp(s - lse[:, :, t0:t1, None, None])  # [B, Hq, bq, S1, S2]
+        p = torch.exp((s - lse[:, :, t0:t1, None, None]).clamp(max=0.0))  # [B, Hq, bq, S1, S2]; P <= 1
         dp = torch.einsum("bhie,bhje,bhke->bhijk", dob, v1h, v2h)
-        ds = p * (dp - delta[:, :, t0:t1, None, None])
+        ds = p * (dp - (p * dp).sum((-1, -2), keepdim=True))
         dq[:, :, t0:t1] = scale * torch.einsum("bhijk,bhjd,bhkd->bhid", ds, k1h, k2h)
         dk1 += scale * torch.einsum("bhijk,bhid,bhkd->bhjd", ds, qb, k2h)
         dk2 += scale * torch.einsum("bhijk,bhid,bhjd->bhkd", ds, qb, k1h)

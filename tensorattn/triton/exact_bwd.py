@@ -121,7 +121,7 @@ def _bwd_q_kernel(
                 vis = vis & (j2[None, :] <= tok[:, None]) & (j2[None, :] > tok[:, None] - W2)
             elif MODE == 1:
                 vis = vis & (j2[None, :] <= tok[:, None])
-            p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
+            p = tl.where(vis, tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0)), 0.0)  # P <= 1: lse >= max s
             dp = tl.dot(dov1, tl.trans(v2), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             t = tl.dot(ds.to(DOT_DTYPE), k2, acc=t, input_precision=PRECISION)
@@ -242,7 +242,7 @@ def _bwd_k2_kernel(
             dov1 = (do.to(tl.float32) * v1).to(DOT_DTYPE)  # [M, BDV]
             s = tl.dot(qk1, tl.trans(k2), input_precision=PRECISION)  # [M, BN]
             vis = vis2 & ok1[:, None]
-            p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
+            p = tl.where(vis, tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0)), 0.0)  # P <= 1: lse >= max s
             dp = tl.dot(dov1, tl.trans(v2), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dk2 = tl.dot(tl.trans(ds.to(DOT_DTYPE)), qk1, acc=dk2, input_precision=PRECISION)
