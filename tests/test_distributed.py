@@ -262,6 +262,23 @@ def test_causal_chunking_keeps_results_and_gradients(monkeypatch, chunk):
         assert _rel(a, b) < 1e-10, name
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 2, 5, 64])
+def test_noncausal_chunking_keeps_results_and_gradients(monkeypatch, chunk):
+    """The non-causal pass forms features a chunk of positions at a time (totals, then the readout; the backward
+    recomputes each chunk): the reference for any chunk, the automatic one forced down to one position too."""
+    from tensorattn.distributed import context_parallel as cp
+
+    for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(cp, "_READOUT_ELEMS", 1)  # chunk=None: one position per chunk
+    xs, do = _inputs(6, 2, 11, 4, 2, 3, 4, amp=0.8)
+    ref_o, ref_g = _full(lambda *a: naive_poly_tensor_attn(*a), xs, do)
+    o, g = _full(lambda *a: td.cp_poly_tensor_attn(*a, chunk_size=chunk), xs, do)
+    assert _rel(o, ref_o) < 1e-12
+    for name, a, b in zip(("q", "k1", "k2", "v1", "v2"), g, ref_g):
+        assert _rel(a, b) < 1e-10, name
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_context_parallel_ignores_a_callers_autocast(monkeypatch, causal):
     for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):

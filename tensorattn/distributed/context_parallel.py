@@ -13,18 +13,8 @@ from .collectives import _all_lengths, all_gather_stack, all_reduce_sum
 from .process_group import _active, get_rank, get_world_size
 
 
-def _poly_features(q, k1, k2, degree: int, scale: float):
-    """``(U1, U2, U3)``: the feature maps of :mod:`tensorattn.poly` (``tensorattn.poly.common._Feat``), in its accumulation dtype.
-
-    ``U1[i] · (U2[j1] ∘ U3[j2]) = P(scale · <q_i, k1_j1 ∘ k2_j2>)`` with ``P`` the degree-``g`` Taylor
-    polynomial of exp (docs/math.md#polynomial): ``U1[i, β] = (scale q_i)^β / β!``, ``U2[j, β] = k1_j^β``, ``U3[j, β] = k2_j^β``.
-    """
-    from ..naive import acc_dtype
-    from ..poly.common import _Feat
-
-    acc = acc_dtype(q.dtype)
-    feat = _Feat(q.shape[-1], degree, scale, acc, q.device)
-    return feat.q(q.to(acc)), feat.k(k1.to(acc)), feat.k(k2.to(acc))
+# Non-causal chunks: as many positions as keep one [B, chunk, H, k] feature block under this many entries
+_READOUT_ELEMS = 1 << 24
 
 
 def _pack_states(U2, U3, v1, v2):
@@ -87,6 +77,59 @@ class _ShardTotals(torch.autograd.Function):
         return tuple(gx.to(x.dtype) for gx, x in zip(grads, (k1, k2, v1, v2))) + (None, None)
 
 
+def _readout(feat, qc, states, groups: int):
+    """Non-causal rows of a chunk of queries ``[B, c, Hq, D]`` (accumulation dtype) against the combined packed
+    states ``[B, Hkv, k, 2 Dv + 2]``: ``U1 (S2 ∘ S3) / (EPS + U1 (z2 ∘ z3))`` -> ``[B, c, Hq, Dv]``."""
+    from ..poly.common import EPS
+    from ..poly.scan import _unpack
+
+    B, c, Hq, _ = qc.shape
+    Hkv, k, Dv = states.shape[1], states.shape[2], (states.shape[3] - 2) // 2
+    S2, S3, z2, z3 = _unpack(states, Dv)
+    U1 = feat.q(qc).view(B, c, Hkv, groups, k)
+    num = torch.einsum("bihgl,bhle->bihge", U1, S2 * S3)  # [B, c, Hkv, G, Dv]
+    den = torch.einsum("bihgl,bhl->bihg", U1, z2 * z3)  # [B, c, Hkv, G]
+    return (num / (den[..., None] + EPS)).reshape(B, c, Hq, Dv)
+
+
+class _ShardReadout(torch.autograd.Function):
+    """A shard's non-causal output from the combined states, ``chunk`` query positions at a time, in the
+    accumulation dtype. Nothing of size ``T_r x k`` is kept: the backward recomputes each chunk's features and
+    returns the gradients of the queries and of the states."""
+
+    @staticmethod
+    @no_autocast
+    def forward(ctx, q, states, feat, groups, chunk):
+        acc = feat.w.dtype
+        B, T, Hq, _ = q.shape
+        out = torch.empty(B, T, Hq, (states.shape[3] - 2) // 2, dtype=acc, device=q.device)
+        for t0 in range(0, T, chunk):
+            sl = slice(t0, t0 + chunk)
+            out[:, sl] = _readout(feat, q[:, sl].to(acc), states, groups)
+        ctx.save_for_backward(q, states)
+        ctx.cfg = (feat, groups, chunk)
+        return out
+
+    @staticmethod
+    @refuse_double_backward("cp_poly_tensor_attn")
+    @no_autocast
+    def backward(ctx, g):
+        from ..poly.scan import _chunk_grads
+
+        q, states = ctx.saved_tensors
+        feat, groups, chunk = ctx.cfg
+        acc = feat.w.dtype
+        gq = torch.empty(q.shape, dtype=acc, device=q.device)
+        gst = torch.zeros_like(states)
+        for t0 in range(0, q.shape[1], chunk):
+            sl = slice(t0, t0 + chunk)
+            gqc, gsc = _chunk_grads(lambda qc, st: _readout(feat, qc, st, groups), [q[:, sl].to(acc), states],
+                                    g[:, sl].to(acc))
+            gq[:, sl] = gqc
+            gst += gsc
+        return gq.to(q.dtype), gst, None, None, None
+
+
 def _cp_check_finite(flag, xs: Sequence[torch.Tensor], group) -> None:
     """The non-finite rule of the single-process ops (``check_finite``: ``True`` always, ``False`` never,
     ``None`` only for CPU tensors), decided together by the ranks of ``group``: a NaN/Inf on one rank makes
@@ -141,9 +184,10 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
         causal: causal mask in global positions.
         scale: score scale, default ``1 / sqrt(D)``.
         group: the process group the sequence is split over (default: the world).
-        chunk_size: causal only: running sums are formed ``chunk_size`` positions at a time, and the
-            backward recomputes each chunk (a memory knob; the result does not depend on it). ``None``:
-            as many positions as keep one ``[B, chunk, Hkv, k, Dv]`` running sum under 2^26 entries.
+        chunk_size: features and running sums are formed ``chunk_size`` positions at a time, and the backward
+            recomputes each chunk (a memory knob; the result does not depend on it). ``None``: causal, as many
+            positions as keep one ``[B, chunk, Hkv, k, Dv]`` running sum under 2^26 entries; non-causal, one
+            ``[B, chunk, Hq, k]`` feature block under 2^24.
         check_finite: refuse NaN/Inf inputs with a ``ValueError``, as :func:`tensorattn.poly.poly_tensor_attn`
             does: ``None`` (default) checks CPU inputs only (on a GPU the check costs a synchronisation),
             ``True`` always, ``False`` never. Under a process group the ranks decide together (one small
@@ -153,9 +197,9 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
         ``[B, T_r, Hq, Dv]`` in the input dtype. Differentiable with respect to all five local inputs;
         gradients equal the corresponding rows of the single-process gradients of the summed per-rank loss.
 
-    Memory beyond the inputs, per head: ``O(T_r · k)`` non-causal; causal ``O(chunk · k · Dv)`` for the
-    running sums plus ``O(T_r / chunk · k · Dv)`` for the saved chunk-start states (nothing ``T_r x k``
-    is kept). Accumulates in float32 (float64 for float64).
+    Memory beyond the inputs, per head: non-causal ``O(chunk · k + k · Dv)``; causal ``O(chunk · k · Dv)`` for
+    the running sums plus ``O(T_r / chunk · k · Dv)`` for the saved chunk-start states (nothing ``T_r x k`` is
+    kept in either). Accumulates in float32 (float64 for float64).
     """
     B, T, Hq, Hkv, D, Dv, S1, S2, _ = check_attn_inputs(q, k1, k2, v1, v2)
     _cp_check_finite(check_finite, (q, k1, k2, v1, v2), group)
@@ -169,38 +213,21 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
     scale = check_scale(scale, D)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    from ..poly.common import EPS
-    from ..poly.scan import _unpack
+    from ..naive import acc_dtype
+    from ..poly.common import _Feat
+    from ..poly.scan import _scan_attn, _scan_chunk
 
     groups = Hq // Hkv
+    feat = _Feat(D, degree, scale, acc_dtype(q.dtype), q.device)
+    k = feat.w.numel()
     if causal:
-        from ..naive import acc_dtype
-        from ..poly.common import _Feat
-        from ..poly.scan import _scan_attn, _scan_chunk
-
-        feat = _Feat(D, degree, scale, acc_dtype(q.dtype), q.device)
-        chunk = chunk_size or _scan_chunk(T, B, Hkv, feat.w.numel(), Dv)
+        chunk = chunk_size or _scan_chunk(T, B, Hkv, k, Dv)
         totals = _ShardTotals.apply(k1, k2, v1, v2, feat, chunk)  # [B, Hkv, k, 2Dv+2]
         return _scan_attn(q, k1, k2, v1, v2, _combine_states(totals, True, group), degree, scale, chunk)
-    with torch.autocast(q.device.type, enabled=False):  # float32 sums, also under a caller's autocast
-        U1, U2, U3 = _poly_features(q, k1, k2, degree, scale)  # [B, T_r, H, k] in the accumulation dtype
-        x1, x2 = v1.to(U1.dtype), v2.to(U1.dtype)
-        states = _combine_states(_pack_states(U2, U3, x1, x2), False, group)  # [B, Hkv, k, 2Dv+2]
-        S2_, S3_, z2, z3 = _unpack(states, Dv)
-        U1g = U1.view(B, T, Hkv, groups, U1.shape[-1])
-        num = torch.einsum("bihgl,bhle->bihge", U1g, S2_ * S3_)  # [B, T_r, Hkv, G, Dv]
-        den = torch.einsum("bihgl,bhl->bihg", U1g, z2 * z3)  # [B, T_r, Hkv, G]
-        return (num / (den[..., None] + EPS)).reshape(B, T, Hq, Dv).to(q.dtype)
-
-
-def _exact_op():
-    try:
-        from ..exact import tensor_attn
-    except ModuleNotFoundError as e:  # pragma: no cover - exact.py is part of the package
-        if e.name != "tensorattn.exact":
-            raise
-        tensor_attn = None
-    return tensor_attn
+    # non-causal: the shard's totals and the readout chunk by chunk (one [B, chunk, H, k] feature block at a time)
+    chunk = chunk_size or max(1, min(T, _READOUT_ELEMS // max(1, B * Hq * k)))
+    totals = _ShardTotals.apply(k1, k2, v1, v2, feat, chunk)
+    return _ShardReadout.apply(q, _combine_states(totals, False, group), feat, groups, chunk).to(q.dtype)
 
 
 def cp_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, *,
@@ -238,7 +265,7 @@ def cp_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torc
                          "window so that each rank only needs a halo of max(w1, w2) - 1 earlier keys")
     B, T, Hq, Hkv, D, Dv, S1, S2, win = check_attn_inputs(q, k1, k2, v1, v2, window=window)
     _cp_check_finite(check_finite, (q, k1, k2, v1, v2), group)
-    op = _exact_op()
+    from ..exact import tensor_attn as op
     h = max(win) - 1
     W = get_world_size(group)
     if h == 0 or W == 1:
