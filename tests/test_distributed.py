@@ -330,6 +330,12 @@ def test_bad_arguments_are_named():
         td.cp_poly_tensor_attn(*xs, causal=True, chunk_size=0)
     with pytest.raises(ValueError, match="one length"):
         td.cp_poly_tensor_attn(xs[0], xs[1][:, :3], *xs[2:])
+    with pytest.raises(ValueError, match="non-causal"):
+        td.cp_poly_tensor_attn(*xs, backend="triton")
+    with pytest.raises(TypeError, match="backend"):
+        td.cp_poly_tensor_attn(*xs, causal=True, backend=None)
+    with pytest.raises(ValueError, match="backend 'triton' cannot run"):  # float64 on the CPU: no fused kernels
+        td.cp_poly_tensor_attn(*xs, causal=True, backend="triton")
     with pytest.raises(ValueError, match="window"):
         td.cp_tensor_attn(*xs, window=None)
     with pytest.raises(ValueError, match="strategy"):

@@ -142,3 +142,42 @@ def test_triton_gpu_float32_tf32_only_when_allowed():
         assert rel(poly_tensor_attn(*xs, causal=True, backend="triton")) < 1e-2
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+_PREFIX_SCRIPT = textwrap.dedent("""
+    import json
+    import torch
+    import tensorattn.triton.poly as tp
+    from tensorattn import distributed as td
+    from tensorattn.features import rank
+    from tensorattn.poly import naive_poly_tensor_attn
+    from tensorattn.poly.fused import fused_attn_from_prefix
+    from tensorattn.poly.scan import _scan_attn
+    tp.TUNE["F"] = 16
+    tp.SEG_BYTES = 200_000  # several forward and backward segments at T = 40
+    g = torch.Generator().manual_seed(0)
+    B, T, Hq, Hkv, D, Dv = 2, 40, 2, 1, 16, 8
+    xs = [0.5 * torch.randn(B, T, Hq if i == 0 else Hkv, D if i < 3 else Dv, generator=g) for i in range(5)]
+    prefix = 0.3 * torch.rand(B, Hkv, rank(D, 2), 2 * Dv + 2, generator=g)
+    w = torch.randn(B, T, Hq, Dv, generator=g)
+    def run(fn, leaves):
+        a = [x.clone().requires_grad_() for x in leaves]
+        o = fn(*a)
+        return o, torch.autograd.grad((o * w).sum(), a)
+    rel = lambda x, y: float((x.detach() - y.detach()).norm() / y.detach().norm())
+    o1, g1 = run(lambda *a: fused_attn_from_prefix(*a, 0.25), xs + [prefix])
+    o2, g2 = run(lambda *a: _scan_attn(*a, 2, 0.25, 7), xs + [prefix])
+    o3, g3 = run(lambda *a: td.cp_poly_tensor_attn(*a, causal=True, scale=0.25, backend="triton"), xs)
+    o4, g4 = run(lambda *a: naive_poly_tensor_attn(*a, causal=True, scale=0.25), xs)
+    print(json.dumps({"prefix": [rel(o1, o2)] + [rel(a, b) for a, b in zip(g1, g2)],
+                      "cp": [rel(o3, o4)] + [rel(a, b) for a, b in zip(g3, g4)]}))
+""")
+
+
+def test_fused_kernels_start_from_a_prefix_state_under_the_interpreter():
+    """Context parallelism's local part on the fused kernels: started from a packed prefix state (the torch
+    scan's layout and feature order), output and gradients (the five inputs and the prefix) equal the scan's;
+    cp_poly_tensor_attn(backend="triton") without a process group equals the reference."""
+    res = json.loads(run_interpreter(_PREFIX_SCRIPT).strip().splitlines()[-1])
+    assert len(res["prefix"]) == 7 and max(res["prefix"]) < 1e-5, res
+    assert len(res["cp"]) == 6 and max(res["cp"]) < 1e-5, res

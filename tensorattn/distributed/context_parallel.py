@@ -158,7 +158,8 @@ def _cp_check_finite(flag, xs: Sequence[torch.Tensor], group) -> None:
 
 def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, *,
                         degree: int = 2, causal: bool = False, scale: Optional[float] = None, group=None,
-                        chunk_size: Optional[int] = None, check_finite: Optional[bool] = None) -> torch.Tensor:
+                        chunk_size: Optional[int] = None, check_finite: Optional[bool] = None,
+                        backend: str = "auto") -> torch.Tensor:
     """Context-parallel polynomial tensor attention: this rank's rows of ``poly_tensor_attn`` on the whole sequence.
 
     The sequence axis is split across the ranks of ``group`` in rank order; this rank passes its
@@ -188,6 +189,9 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
             recomputes each chunk (a memory knob; the result does not depend on it). ``None``: causal, as many
             positions as keep one ``[B, chunk, Hkv, k, Dv]`` running sum under 2^26 entries; non-causal, one
             ``[B, chunk, Hq, k]`` feature block under 2^24.
+        backend: causal only, the local computation: ``"triton"`` (the fused kernels started from the earlier
+            ranks' state: degree 2, Dk a power of two in [16, 64], Dv <= 128, float32/bf16/fp16, CUDA or the
+            interpreter), ``"torch"`` (the scan, any shape and dtype) or ``"auto"`` (the first that can run it).
         check_finite: refuse NaN/Inf inputs with a ``ValueError``, as :func:`tensorattn.poly.poly_tensor_attn`
             does: ``None`` (default) checks CPU inputs only (on a GPU the check costs a synchronisation),
             ``True`` always, ``False`` never. Under a process group the ranks decide together (one small
@@ -220,10 +224,26 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
     groups = Hq // Hkv
     feat = _Feat(D, degree, scale, acc_dtype(q.dtype), q.device)
     k = feat.w.numel()
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ('auto', 'triton' or 'torch'), got {type(backend).__name__}")
+    if not causal and backend not in ("auto", "torch"):
+        raise ValueError(f"backend must be 'auto' or 'torch' for non-causal calls (two products of the states, no "
+                         f"fused kernel), got {backend!r}")
     if causal:
+        from ..dispatch import choose
+        from ..poly import BACKENDS
+
+        be = choose(list(BACKENDS.values()), backend, dict(device=q.device, dtype=q.dtype, degree=degree,
+                                                            causal=True, head_dim=D, value_dim=Dv),
+                    op="cp_poly_tensor_attn")
         chunk = chunk_size or _scan_chunk(T, B, Hkv, k, Dv)
         totals = _ShardTotals.apply(k1, k2, v1, v2, feat, chunk)  # [B, Hkv, k, 2Dv+2]
-        return _scan_attn(q, k1, k2, v1, v2, _combine_states(totals, True, group), degree, scale, chunk)
+        prefix = _combine_states(totals, True, group)
+        if be.name == "triton":
+            from ..poly.fused import fused_attn_from_prefix
+
+            return fused_attn_from_prefix(q, k1, k2, v1, v2, prefix, scale)
+        return _scan_attn(q, k1, k2, v1, v2, prefix, degree, scale, chunk)
     # non-causal: the shard's totals and the readout chunk by chunk (one [B, chunk, H, k] feature block at a time)
     chunk = chunk_size or max(1, min(T, _READOUT_ELEMS // max(1, B * Hq * k)))
     totals = _ShardTotals.apply(k1, k2, v1, v2, feat, chunk)

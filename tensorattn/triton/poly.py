@@ -561,16 +561,21 @@ def _segment_states(cfg: _Cfg, k1, k2, v1, v2, c0: int, nf: int, prefix, prefd):
     return st, sd
 
 
-def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: bool = True):
+def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: bool = True, prefix=None):
     """Forward: ``o`` ``[B, T, Hq, Dv]`` in q's dtype, the normaliser ``den`` float32 ``[B, T, Hq]``, and (when
     ``save``) the state at each segment's start with the segment's chunk range, for the backward. ``F``: the state
-    chunk length (:data:`TUNE`), ``seg_bytes``: the segments' budget (:data:`SEG_BYTES`)."""
+    chunk length (:data:`TUNE`), ``seg_bytes``: the segments' budget (:data:`SEG_BYTES`). ``prefix``: ``(states
+    [B * Hkv, 2, KP, DVP], vector sums [B * Hkv, 2, KP])`` float32 before the first position (default zero; context
+    parallelism passes the earlier ranks' sums), in this module's feature order."""
     cfg = _Cfg(q, k1, v1, F, seg_bytes)
     dev = q.device
     o = torch.empty(cfg.B, cfg.T, cfg.HQ, cfg.DV, dtype=q.dtype, device=dev)
     den = torch.empty(cfg.B, cfg.T, cfg.HQ, dtype=torch.float32, device=dev)
-    prefix = torch.zeros(cfg.B * cfg.HK, 2, cfg.KP, cfg.DVP, dtype=torch.float32, device=dev)
-    prefd = torch.zeros(cfg.B * cfg.HK, 2, cfg.KP, dtype=torch.float32, device=dev)
+    if prefix is None:  # the states before the first position: zero, or (context parallelism) the earlier ranks'
+        prefix = torch.zeros(cfg.B * cfg.HK, 2, cfg.KP, cfg.DVP, dtype=torch.float32, device=dev)
+        prefd = torch.zeros(cfg.B * cfg.HK, 2, cfg.KP, dtype=torch.float32, device=dev)
+    else:
+        prefix, prefd = prefix
     seg = cfg.seg_chunks(backward=False)
     segb = cfg.seg_chunks(backward=True)  # the backward's segments are shorter: each starts from a saved state
     saved = []
@@ -593,8 +598,12 @@ def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: b
     return o, den, saved
 
 
-def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg_bytes: int):
-    """Backward: gradients of q, k1, k2, v1, v2 in their dtypes (k/v gradients summed over GQA groups)."""
+def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg_bytes: int, *,
+             prefix_grad: bool = False):
+    """Backward: gradients of q, k1, k2, v1, v2 in their dtypes (k/v gradients summed over GQA groups); with
+    ``prefix_grad`` also the gradient of the states before the first position (``prefix`` of :func:`poly_fwd`),
+    ``([B * Hkv, 2, KP, DVP], [B * Hkv, 2, KP])`` float32: the suffix sums of the state gradients over the
+    whole sequence, summed over each kv head's query heads."""
     cfg = _Cfg(q, k1, v1, F, seg_bytes)
     dev = q.device
     B, T, HQ, HK, D, DV, F, KP = cfg.B, cfg.T, cfg.HQ, cfg.HK, cfg.D, cfg.DV, cfg.F, cfg.KP
@@ -642,4 +651,8 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg
             if cfg.G > 1:
                 src = src.view(B, n, HK, cfg.G, DV).sum(3)
             dst[:, t0:r1] = src
+    if prefix_grad:
+        G = cfg.G
+        return (dq, dk1, dk2, dv1, dv2, carry.view(B * HK, G, 2, KP, cfg.DVP).sum(1),
+                carryd.view(B * HK, G, 2, KP).sum(1))
     return dq, dk1, dk2, dv1, dv2
