@@ -44,7 +44,7 @@ column of ones to v1 and v2 (``Dv' = Dv + 1``): the last output column is then t
 * causal on CUDA with small states (``B Hkv k (Dv + 1) <= 2^17``, e.g. Dk < 16 where the fused kernel
   does not apply): the scan (:mod:`.scan`) instead: running sums ``P + cumsum(U2 ⊗ [v1, 1])`` of
   a chunk of ~``2^26 / (B Hkv k Dv')`` positions at once (a few large kernels instead of a Python loop over
-  32-position chunks: 68x faster on an H100 at Dk = 4, T = 262K), the backward recomputing each chunk.
+  32-position chunks; measured in ``benchmarks/NOTES_dist.md``), the backward recomputing each chunk.
   The same scan, started from the ranks' prefix state, is the local part of
   :func:`tensorattn.distributed.cp_poly_tensor_attn`.
 

@@ -12,13 +12,13 @@ from ..dispatch import autocast_off, refuse_double_backward_op
 from .common import EPS, _Feat
 
 # The scan runs this many (batch x position x kv head x feature x value) entries per chunk at most when no
-# chunk is given: each [B, chunk, Hkv, k, Dv] running sum is then 256 MiB in float32 (on the H100 at Dk = 16,
-# 4x larger chunks than with 2^24 took 35 % less time for 2.2 GiB instead of 0.9: benchmarks/results/scan_chunk_sweep.json).
+# chunk is given: each [B, chunk, Hkv, k, Dv] running sum is then 256 MiB in float32 (the time/memory trade of
+# the chunk size: benchmarks/results/scan_chunk_sweep.json).
 _SCAN_CHUNK_ELEMS = 1 << 26
 # The torch backend takes the scan on CUDA when one position holds at most this many B x Hkv x k x (Dv + 1)
 # entries (chunks of >= 512 positions; the saved chunk-start states stay under 512 numbers per position);
-# else the chunked pair algorithm, whose memory stays bounded at any rank. On the H100 the scan was 15-61x
-# faster for every Dk from 4 to 32 (up to 74K entries): benchmarks/results/scan_vs_pairs.md.
+# else the chunked pair algorithm, whose memory stays bounded at any rank (the measurement behind the limit:
+# benchmarks/results/scan_vs_pairs.md).
 _SCAN_MAX_POS_ELEMS = 1 << 17
 
 
