@@ -4,7 +4,7 @@
     python benchmarks/compile_step.py --config configs/kjv_ssst_exact.toml --out benchmarks/results
 
 The model, task, optimizer and autocast are the training loop's (``tensorattn.train``); one batch is reused so
-both modes do the same work. Device time by CUDA events on a GPU (``tensorattn._bench.time_fn``).
+both modes do the same work. Device time by CUDA events on a GPU (``tensorattn.bench.harness.time_fn``).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tensorattn import train as tt
-from tensorattn._bench import machine_info, time_fn, write_report
+from tensorattn.bench.harness import machine_info, time_fn, write_report
 
 
 def _rows(path: str, overrides, warmup: int, rep: int):

@@ -5,7 +5,7 @@ Run under torchrun (one process per GPU; world size 1 on one GPU, gloo on the CP
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
         torchrun --nproc_per_node=8 benchmarks/dist_bench.py --out benchmarks/results/dist_bench_ws8
 
-What it measures (rank 0 writes ``OUT.json`` and ``OUT.md`` with :func:`tensorattn._bench.write_report`):
+What it measures (rank 0 writes ``OUT.json`` and ``OUT.md`` with :func:`tensorattn.bench.harness.write_report`):
 
 * ``weak``: every rank holds ``--weak-lens`` tokens (so the global sequence is ``W`` times longer);
   ideal weak scaling keeps the time flat as ``W`` grows.
@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from tensorattn import distributed as td
-from tensorattn._bench import guarded, machine_info, peak_memory, time_fn, write_report
+from tensorattn.bench.harness import guarded, machine_info, peak_memory, time_fn, write_report
 
 
 def _ints(s: str):

@@ -2,9 +2,9 @@
 
 For n = 16, 32, ..., n_max (powers of two), d in --ds and degree g in --gs it times
 ``tensorattn.paper.loss_grad(method="closed_form")`` (independent of g; run until a call would pass
---cap-s) and ``tensorattn.fast.fast_loss_grad(degree=g)`` through ``tensorattn._bench.time_fn``
+--cap-s) and ``tensorattn.fast.fast_loss_grad(degree=g)`` through ``tensorattn.bench.harness.time_fn``
 (warm-up, median and p20/p80 spread), fits log-log slopes of time against n (expect about 3 and 1),
-and writes ``<out>.json``, ``<out>.md`` (via ``tensorattn._bench.write_report``) and ``<out>.png``.
+and writes ``<out>.json``, ``<out>.md`` (via ``tensorattn.bench.harness.write_report``) and ``<out>.png``.
 
 Memory per point, two figures:
 * ``rss_mib``: measured growth of the peak resident set during one call, in a fresh subprocess
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tensorattn import paper  # noqa: E402
-from tensorattn._bench import guarded, machine_info, time_fn, write_report  # noqa: E402
+from tensorattn.bench.harness import guarded, machine_info, time_fn, write_report  # noqa: E402
 from tensorattn.fast import fast_loss_grad  # noqa: E402
 from tensorattn.features import rank  # noqa: E402
 

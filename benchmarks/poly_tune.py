@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tensorattn._bench import guarded, machine_info, time_fn, write_report
+from tensorattn.bench.harness import guarded, machine_info, time_fn, write_report
 
 
 KERNELS = ("_state_kernel", "_fwd_kernel", "_bwd_kernel")

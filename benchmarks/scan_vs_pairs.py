@@ -6,7 +6,7 @@ This script times forward + backward of both on the same problems, so that the l
 
     python benchmarks/scan_vs_pairs.py --out benchmarks/results/scan_vs_pairs
 
-Writes ``OUT.json`` and ``OUT.md`` (device, versions, command) through :func:`tensorattn._bench.write_report`.
+Writes ``OUT.json`` and ``OUT.md`` (device, versions, command) through :func:`tensorattn.bench.harness.write_report`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import tensorattn.poly as P  # noqa: E402
 import tensorattn.poly.scan as S  # noqa: E402
-from tensorattn._bench import guarded, machine_info, peak_memory, time_fn, write_report  # noqa: E402
+from tensorattn.bench.harness import guarded, machine_info, peak_memory, time_fn, write_report  # noqa: E402
 
 
 def main(argv=None) -> int:

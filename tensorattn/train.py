@@ -239,7 +239,7 @@ def train(cfg: TrainConfig, task: Optional[Task] = None) -> Dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, info: "td.DistInfo", task: Optional[Task] = None) -> Dict[str, Any]:
-    from ._bench import machine_info
+    from .bench.harness import machine_info
 
     W, main_rank = info.world_size, info.is_main
     if W > 1 and cfg.strategy == "none":

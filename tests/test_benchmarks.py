@@ -94,7 +94,7 @@ def _row(impl, mode, Dk, T, ms, peer=False, **kw):
 
 
 def test_bench_poly_summary_ratios_and_targets():
-    from tensorattn import bench_poly as bp
+    from tensorattn.bench import poly as bp
 
     P, S, W, F = bp.POLY, bp.sdpa_name(64), bp.WINDOW, bp.FLA
     rows = []
@@ -139,7 +139,7 @@ def test_bench_poly_main_writes_report_with_peer_notes(tmp_path, monkeypatch):
     runs out of memory are notes in their rows; the length and memory predictions stop jobs; files are written."""
     import torch
 
-    from tensorattn import bench_poly as bp
+    from tensorattn.bench import poly as bp
 
     calls = []
 
@@ -196,7 +196,7 @@ def test_bench_poly_main_writes_report_with_peer_notes(tmp_path, monkeypatch):
 
 
 def test_bench_decode_writes_rows_and_the_fast_cache_stays_flat(tmp_path):
-    from tensorattn.bench_decode import main as bench_decode
+    from tensorattn.bench.decode import main as bench_decode
 
     assert bench_decode(["--out", str(tmp_path), "--device", "cpu", "--contexts", "16", "48", "--new", "2",
                          "--dim", "32", "--layers", "1", "--heads", "2", "--window", "8", "--key-dim", "4"]) == 0

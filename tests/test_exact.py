@@ -198,7 +198,7 @@ def test_backend_choice_and_reasons(gen, monkeypatch):
                                       (100, (32, 64))])
 def test_count_triples_closed_form(T, window):
     """The benchmark's FLOP count: closed form equals the number of visible triples of the reference mask."""
-    from tensorattn.bench_exact import count_triples
+    from tensorattn.bench.exact import count_triples
     from tensorattn.naive import visibility_mask
 
     vis = visibility_mask(torch.arange(T), T, T, causal=True, window=None if window is None else

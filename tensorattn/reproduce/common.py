@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from .._bench import machine_info, time_fn
+from ..bench.harness import machine_info, time_fn
 from .._io import atomic_write
 
 
@@ -128,7 +128,7 @@ def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
 def timed(fn: Callable[[], Any], device, repeats: int = 1) -> Tuple[float, Any]:
     """Median time of ``fn()`` in seconds over ``repeats`` calls after one warm-up call, and its result.
 
-    The timing is :func:`tensorattn._bench.time_fn` (device events on CUDA), held to exactly ``repeats`` calls.
+    The timing is :func:`tensorattn.bench.harness.time_fn` (device events on CUDA), held to exactly ``repeats`` calls.
     """
     out = fn()  # the warm-up call also gives the result
     t = time_fn(fn, device=device, warmup=0, rep=repeats, max_time_s=math.inf)

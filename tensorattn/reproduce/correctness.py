@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 from .. import paper
-from .._bench import fmt, markdown_table
+from ..bench.harness import fmt, markdown_table
 from ..check import max_errors as err
 from .common import Report, Section, bounded_problem, naive_order_2d, qkv_bounded
 

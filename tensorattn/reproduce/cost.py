@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .. import paper
-from .._bench import markdown_table
+from ..bench.harness import markdown_table
 from .common import Report, Section, _plt, bounded_problem, slope, timed
 
 

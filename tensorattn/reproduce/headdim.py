@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 from .. import paper
-from .._bench import markdown_table
+from ..bench.harness import markdown_table
 from ..check import max_errors as err
 from .common import Report, Section, _needed, _plt, bounded_problem, timed
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 
-from .._bench import markdown_table
+from ..bench.harness import markdown_table
 from ..check import max_errors as err
 from .common import Report, Section, _needed, _plt, naive_order_2d, qkv_bounded
 

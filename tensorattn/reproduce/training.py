@@ -7,7 +7,7 @@ import time
 import torch
 
 from .. import paper
-from .._bench import _sync, fmt, markdown_table
+from ..bench.harness import _sync, fmt, markdown_table
 from .common import Report, Section, _plt, bounded_problem
 
 

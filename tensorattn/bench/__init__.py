@@ -1,5 +1,5 @@
 """``tensorattn bench <suite> [options]``: benchmarks of the attention ops through the one harness
-(:mod:`tensorattn._bench`). Suites: ``exact`` (tensor_attn kernels), ``poly`` (poly_tensor_attn), ``decode`` (generation).
+(:mod:`tensorattn.bench.harness`). Suites: ``exact`` (tensor_attn kernels), ``poly`` (poly_tensor_attn), ``decode`` (generation).
 """
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 from typing import List, Optional
 
 SUITES = {
-    "exact": ("tensorattn.bench_exact", "exact tensor attention: forward/backward time, TFLOP/s, memory"),
-    "poly": ("tensorattn.bench_poly", "polynomial (fast) tensor attention against exact and matrix baselines"),
-    "decode": ("tensorattn.bench_decode", "incremental decoding: tokens/s and cache memory against the context"),
+    "exact": ("tensorattn.bench.exact", "exact tensor attention: forward/backward time, TFLOP/s, memory"),
+    "poly": ("tensorattn.bench.poly", "polynomial (fast) tensor attention against exact and matrix baselines"),
+    "decode": ("tensorattn.bench.decode", "incremental decoding: tokens/s and cache memory against the context"),
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ._io import atomic_write_json, atomic_write_text
+from .._io import atomic_write_json, atomic_write_text
 
 
 def machine_info(device: Optional[torch.device] = None) -> Dict[str, Any]:
@@ -188,7 +188,7 @@ def save_figure(fig, path, dpi: int = 110) -> None:
     """Write a matplotlib figure as PNG atomically (no half-written plot), then close it."""
     import matplotlib.pyplot as plt
 
-    from ._io import atomic_write
+    from .._io import atomic_write
 
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), binary=True)
     plt.close(fig)

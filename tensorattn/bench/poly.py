@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._bench import (fmt, guarded, loglog_axes, machine_info, markdown_table, peak_memory, save_figure, time_fn,
+from .harness import (fmt, guarded, loglog_axes, machine_info, markdown_table, peak_memory, save_figure, time_fn,
                      write_report)
 
 DEFAULT_T = [2**p for p in range(14, 21)] + [2**22]  # 16K .. 1M, then 4M where the memory prediction fits
@@ -312,8 +312,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not torch.cuda.is_available():
         print("tensorattn bench poly needs a CUDA device", file=sys.stderr)
         return 2
-    from .naive import naive_tensor_attn
-    from .poly import poly_tensor_attn
+    from ..naive import naive_tensor_attn
+    from ..poly import poly_tensor_attn
 
     dtype, H, Dv = torch.bfloat16, args.heads, args.dv
     t_start = time.perf_counter()
@@ -327,7 +327,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     exact, exact_err = None, ""
     if not args.no_exact:
         try:
-            from .exact import tensor_attn as exact
+            from ..exact import tensor_attn as exact
         except Exception as e:  # pragma: no cover - optional
             exact_err = f"unavailable: {type(e).__name__}: {e}"
             print(f"exact kernels {exact_err}")

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ._bench import guarded, machine_info, peak_memory, time_fn, write_report
+from .harness import guarded, machine_info, peak_memory, time_fn, write_report
 
 CONFIGS = {
     # name: (B, T, Hq, Hkv, D, window or None (full causal))
@@ -70,8 +70,8 @@ def _measure(fwd, bwd, fwdbwd, device, warmup, rep):
 
 
 def bench_config(name, cfg, *, dtype, device, warmup, rep, sdpa=True, peer=True, block=None) -> List[Dict[str, Any]]:
-    from .triton.exact_bwd import exact_bwd
-    from .triton.exact_fwd import exact_fwd, resources
+    from ..triton.exact_bwd import exact_bwd
+    from ..triton.exact_fwd import exact_fwd, resources
 
     B, T, Hq, Hkv, D, window = cfg
     gen = torch.Generator(device=device).manual_seed(0)
@@ -86,7 +86,7 @@ def bench_config(name, cfg, *, dtype, device, warmup, rep, sdpa=True, peer=True,
     leaves = [x.detach().requires_grad_(True) for x in (q, k1, k2, v1, v2)]
 
     def fwdbwd():
-        from .exact import tensor_attn
+        from ..exact import tensor_attn
         out = tensor_attn(*leaves, window=window, causal=True, backend="triton")
         torch.autograd.grad(out, leaves, do)
 

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ._bench import _sync, guarded, loglog_axes, machine_info, peak_memory, save_figure, time_fn, write_report
+from .harness import _sync, guarded, loglog_axes, machine_info, peak_memory, save_figure, time_fn, write_report
 
 DEFAULT_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 
@@ -28,7 +28,7 @@ DEFAULT_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 def build_models(dim: int, layers: int, heads: int, window: int, key_dim: int, vocab: int) -> Dict[str, torch.nn.Module]:
     """The three models; tensor layers get 2/3 of the softmax head dim, so that their five input projections and
     output projection (``6 dim H D``) match softmax attention's four (``4 dim H D``)."""
-    from .model import Transformer
+    from ..model import Transformer
 
     hd = dim // heads
     thd = max(2, (2 * hd) // 3 // 2 * 2)
