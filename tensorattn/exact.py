@@ -29,7 +29,7 @@ from ._validate import check_attn_inputs, check_bool, check_cu_seqlens, check_sc
 from .dispatch import (Backend, autocast_off, choose, no_autocast, refuse_double_backward, refuse_double_backward_op,
                        triton_device_reasons)
 from .naive import acc_dtype
-from .packing import check_no_max_seqlen, run_per_document
+from .packing import check_no_max_seqlen, document_bounds, run_per_document
 
 __all__ = ["tensor_attn", "TensorAttnFunction", "BACKENDS", "AUTO_BACKENDS", "choose_backend", "exact_fwd_op",
            "exact_bwd_op"]
@@ -87,11 +87,12 @@ class TritonBackend(Backend):
         return (importlib.import_module("tensorattn.triton.exact_fwd"),
                 importlib.import_module("tensorattn.triton.exact_bwd"))
 
-    def fwd(self, q, k1, k2, v1, v2, *, scale, causal, window):
-        return self._mods()[0].exact_fwd(q, k1, k2, v1, v2, scale=scale, causal=causal, window=window)
+    def fwd(self, q, k1, k2, v1, v2, *, scale, causal, window, docs=None):
+        return self._mods()[0].exact_fwd(q, k1, k2, v1, v2, scale=scale, causal=causal, window=window, docs=docs)
 
-    def bwd(self, do, q, k1, k2, v1, v2, o, lse, *, scale, causal, window):
-        return self._mods()[1].exact_bwd(do, q, k1, k2, v1, v2, o, lse, scale=scale, causal=causal, window=window)
+    def bwd(self, do, q, k1, k2, v1, v2, o, lse, *, scale, causal, window, docs=None):
+        return self._mods()[1].exact_bwd(do, q, k1, k2, v1, v2, o, lse, scale=scale, causal=causal, window=window,
+                                         docs=docs)
 
 
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (TritonBackend(), TorchBackend(), NaiveBackend())}
@@ -145,17 +146,26 @@ def _window(window: Optional[List[int]]):
 
 @torch.library.custom_op("tensorattn::exact_fwd", mutates_args=())
 def exact_fwd_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, scale: float,
-                 causal: bool, window: Optional[List[int]], backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                 causal: bool, window: Optional[List[int]], backend: str, doc_lo: Optional[torch.Tensor] = None,
+                 doc_hi: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward of :func:`tensor_attn` on the named backend (inputs validated by the caller): ``(o [B, T, Hq, Dv]``
     in the input dtype, ``lse [B, Hq, T]`` natural log in the accumulation dtype), both contiguous. Runs with
-    autocast off (see :func:`tensorattn.dispatch.no_autocast`)."""
+    autocast off (see :func:`tensorattn.dispatch.no_autocast`). ``doc_lo``, ``doc_hi``: packed documents on the
+    fused kernels (int32 ``[T]``: each position's document start and end; :func:`tensorattn.packing.document_bounds`)."""
     with autocast_off(q.device.type):
-        o, lse = BACKENDS[backend].fwd(q, k1, k2, v1, v2, scale=scale, causal=causal, window=_window(window))
+        o, lse = BACKENDS[backend].fwd(q, k1, k2, v1, v2, scale=scale, causal=causal, window=_window(window),
+                                       **_docs(doc_lo, doc_hi))
     return o.contiguous(), lse.contiguous()
 
 
+def _docs(doc_lo, doc_hi):
+    """The ``docs`` keyword of the Triton backend when documents are given (the other backends never get it: the
+    op runs them once per document)."""
+    return {} if doc_lo is None else {"docs": (doc_lo, doc_hi)}
+
+
 @exact_fwd_op.register_fake
-def _exact_fwd_fake(q, k1, k2, v1, v2, scale, causal, window, backend):
+def _exact_fwd_fake(q, k1, k2, v1, v2, scale, causal, window, backend, doc_lo=None, doc_hi=None):
     B, T, Hq, _ = q.shape
     return (q.new_empty(B, T, Hq, v1.shape[3]), q.new_empty(B, Hq, T, dtype=acc_dtype(q.dtype)))
 
@@ -163,34 +173,36 @@ def _exact_fwd_fake(q, k1, k2, v1, v2, scale, causal, window, backend):
 @torch.library.custom_op("tensorattn::exact_bwd", mutates_args=())
 def exact_bwd_op(do: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor,
                  v2: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
-                 window: Optional[List[int]], backend: str
+                 window: Optional[List[int]], backend: str, doc_lo: Optional[torch.Tensor] = None,
+                 doc_hi: Optional[torch.Tensor] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`tensor_attn`: ``(dq, dk1, dk2, dv1, dv2)`` in the inputs' dtypes, contiguous. Not
     differentiable: differentiating its outputs raises (a double backward of ``tensor_attn``)."""
     with autocast_off(q.device.type), torch.no_grad():
         grads = BACKENDS[backend].bwd(do.contiguous(), q, k1, k2, v1, v2, o, lse, scale=scale, causal=causal,
-                                      window=_window(window))
+                                      window=_window(window), **_docs(doc_lo, doc_hi))
     return tuple(g.contiguous() for g in grads)
 
 
 @exact_bwd_op.register_fake
-def _exact_bwd_fake(do, q, k1, k2, v1, v2, o, lse, scale, causal, window, backend):
+def _exact_bwd_fake(do, q, k1, k2, v1, v2, o, lse, scale, causal, window, backend, doc_lo=None, doc_hi=None):
     return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k1, k2, v1, v2))
 
 
 def _exact_setup_context(ctx, inputs, output):
-    q, k1, k2, v1, v2, scale, causal, window, backend = inputs
+    q, k1, k2, v1, v2, scale, causal, window, backend, doc_lo, doc_hi = inputs
     o, lse = output
     ctx.save_for_backward(q, k1, k2, v1, v2, o, lse)
     ctx.mark_non_differentiable(lse)
     ctx.cfg = (scale, causal, window, backend)
+    ctx.docs = (doc_lo, doc_hi)  # int32 index tensors, not differentiable
 
 
 def _exact_backward(ctx, do, _dlse):
     q, k1, k2, v1, v2, o, lse = ctx.saved_tensors
     scale, causal, window, backend = ctx.cfg
-    grads = exact_bwd_op(do, q, k1, k2, v1, v2, o, lse, scale, causal, window, backend)
-    return (*grads, None, None, None, None)
+    grads = exact_bwd_op(do, q, k1, k2, v1, v2, o, lse, scale, causal, window, backend, *ctx.docs)
+    return (*grads, None, None, None, None, None, None)
 
 
 exact_fwd_op.register_autograd(_exact_backward, setup_context=_exact_setup_context)
@@ -228,7 +240,8 @@ def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
             reaches, and on the torch/naive backends also rows that cannot see it (0 · NaN in the masked sums).
         cu_seqlens: packed documents (:mod:`tensorattn.packing`): inputs ``[1, total, H, D]`` and an int32
             tensor of document starts with a leading 0 and ``total`` at the end; each query then sees only key
-            pairs of its own document (masks and windows inside it). Runs the op once per document for now.
+            pairs of its own document (masks and windows inside it). The fused kernels take the whole row in one
+            launch (each position's document bounds in their masks); the other backends run once per document.
         max_seqlen: with ``cu_seqlens``, optionally the longest document's length (checked).
 
     Differentiable once: double backward raises a ``RuntimeError`` on every backend.
@@ -256,12 +269,9 @@ def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
                                                           check_finite=check_finite)
     scale = check_scale(scale, D, dtype=q.dtype)
     check_no_max_seqlen(cu_seqlens, max_seqlen)
-    if cu_seqlens is not None:
-        bounds = check_cu_seqlens(cu_seqlens, max_seqlen, B=B, T=T, S1=S1, S2=S2, device=q.device)
-        if len(bounds) > 2:
-            return run_per_document(lambda *xs: tensor_attn(*xs, scale=scale, causal=causal, window=window,
-                                                            backend=backend, check_finite=False), bounds,
-                                    q, k1, k2, v1, v2)
+    bounds = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, max_seqlen, B=B, T=T, S1=S1, S2=S2,
+                                                                   device=q.device)
+    packed_causal = causal
     if win is not None:
         # a window at least as long as the sequence is the causal mask; the fused kernels take the causal path
         win = None if (win[0] >= T and win[1] >= T) else win
@@ -269,7 +279,15 @@ def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
     problem = dict(device=q.device, dtype=q.dtype, head_dim=D, head_dim_v=Dv, seq_len=T, seq_len_k1=S1,
                    seq_len_k2=S2, heads_q=Hq, heads_kv=Hkv, causal=causal, window=win)
     be = choose_backend(backend, problem)
+    docs = None
+    if bounds is not None and len(bounds) > 2:
+        if BACKENDS.get("triton") is not be:  # the other backends run once per document
+            return run_per_document(lambda *xs: tensor_attn(*xs, scale=scale, causal=packed_causal, window=window,
+                                                            backend=backend, check_finite=False), bounds,
+                                    q, k1, k2, v1, v2)
+        docs = document_bounds(cu_seqlens, T)  # the fused kernels: one launch, the boundaries in their masks
     if be.name not in BACKENDS or BACKENDS[be.name] is not be:  # a backend object not registered by name
         return TensorAttnFunction.apply(q, k1, k2, v1, v2, scale, causal, win, be)
-    o, _ = exact_fwd_op(q, k1, k2, v1, v2, scale, causal, None if win is None else list(win), be.name)
+    o, _ = exact_fwd_op(q, k1, k2, v1, v2, scale, causal, None if win is None else list(win), be.name,
+                        *(docs if docs is not None else (None, None)))
     return o

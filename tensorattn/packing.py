@@ -38,6 +38,16 @@ def positions_in_documents(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor
     return idx - cu_seqlens.long()[doc]
 
 
+def document_bounds(cu_seqlens: torch.Tensor, total: int):
+    """``(lo, hi)``: int32 ``[total]``, the first and one-past-the-last position of each packed token's document
+    (on cu_seqlens' device; no host synchronisation): ``[0, 3, 10] -> lo 0 0 0 3 .. 3, hi 3 3 3 10 .. 10``. The fused
+    exact kernels mask pairs to ``lo_i <= j < hi_i``."""
+    idx = torch.arange(total, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:], idx.to(cu_seqlens.dtype), right=True)
+    cu = cu_seqlens.to(torch.int32)
+    return cu[doc].contiguous(), cu[doc + 1].contiguous()
+
+
 def run_per_document(fn: Callable[..., torch.Tensor], bounds: List[int], *tensors: torch.Tensor,
                      dim: int = 1) -> torch.Tensor:
     """``fn`` on each document's slice ``[b_i, b_{i+1})`` of every tensor along ``dim``, concatenated along ``dim``."""

@@ -23,12 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .exact_fwd import COMPILED, block_sizes, dot_dtype, plan
+from .exact_fwd import COMPILED, _doc_bounds, _doc_loops, block_sizes, dot_dtype, plan
 
 
 @triton.jit
 def _bwd_q_kernel(
-    Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, DK1, DV1,
+    Q, K1, K2, V1, V2, DO, LSE, DELTA, DQ, DK1, DV1, DOC_LO, DOC_HI,
     sq_b, sq_t, sq_h, sq_d,
     sk1_b, sk1_t, sk1_h, sk1_d,
     sk2_b, sk2_t, sk2_h, sk2_d,
@@ -42,6 +42,7 @@ def _bwd_q_kernel(
     T, S1, S2, Hkv, G, D, Dv, W1, W2, scale,
     MODE: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     M: tl.constexpr = BT * GP
     LOG2E_: tl.constexpr = 1.4426950408889634
@@ -90,8 +91,12 @@ def _bwd_q_kernel(
         n_outer = S1
         lo2 = 0
         hi2 = S2
+    r0 = 0
+    if VARLEN:  # packed documents: row i sees keys of its own document only, [lo_i, hi_i)
+        doc_lo, doc_hi = _doc_bounds(DOC_LO, DOC_HI, tok, row_ok)
+        lo2, hi2, r0, n_outer = _doc_loops(DOC_LO, DOC_HI, i0, i_last, lo2, hi2, n_outer, MODE)
 
-    for r in range(0, n_outer):
+    for r in range(r0, n_outer):
         if MODE == 2:
             j1 = tok - r
             ok1 = row_ok & (j1 >= 0)
@@ -101,6 +106,8 @@ def _bwd_q_kernel(
         else:
             j1 = tl.zeros([M], tl.int32) + r
             ok1 = row_ok
+        if VARLEN:
+            ok1 = ok1 & (j1 >= doc_lo) & (j1 < doc_hi)
         k1p = K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d
         k1m = ok1[:, None] & d_ok[None, :]
         v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :], other=0.0)
@@ -121,6 +128,8 @@ def _bwd_q_kernel(
                 vis = vis & (j2[None, :] <= tok[:, None]) & (j2[None, :] > tok[:, None] - W2)
             elif MODE == 1:
                 vis = vis & (j2[None, :] <= tok[:, None])
+            if VARLEN:
+                vis = vis & (j2[None, :] >= doc_lo[:, None]) & (j2[None, :] < doc_hi[:, None])
             p = tl.where(vis, tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0)), 0.0)  # P <= 1: lse >= max s
             dp = tl.dot(dov1, tl.trans(v2), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -152,7 +161,7 @@ def _bwd_q_kernel(
 
 @triton.jit
 def _bwd_k2_kernel(
-    Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2,
+    Q, K1, K2, V1, V2, DO, LSE, DELTA, DK2, DV2, DOC_LO, DOC_HI,
     sq_b, sq_t, sq_h, sq_d,
     sk1_b, sk1_t, sk1_h, sk1_d,
     sk2_b, sk2_t, sk2_h, sk2_d,
@@ -165,6 +174,7 @@ def _bwd_k2_kernel(
     T, S1, S2, Hkv, G, D, Dv, W1, W2, scale,
     MODE: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     M: tl.constexpr = BT * GP
     LOG2E_: tl.constexpr = 1.4426950408889634
@@ -202,6 +212,10 @@ def _bwd_k2_kernel(
     else:
         q_lo = 0
         q_hi = T
+    if VARLEN:  # the queries that can see this key block: those of its documents
+        c_last = tl.minimum(S2, c0 + BN) - 1
+        q_lo = tl.maximum(q_lo, tl.load(DOC_LO + c0))
+        q_hi = tl.minimum(q_hi, tl.load(DOC_HI + c_last))
     q_lo = (q_lo // BT) * BT  # align query blocks so tokens stay in [0, T)
     rows = tl.arange(0, M)
     g = rows % GP
@@ -224,7 +238,12 @@ def _bwd_k2_kernel(
             n_outer = tl.minimum(T, i0 + BT)
         else:
             n_outer = S1
-        for r in range(0, n_outer):
+        r0 = 0
+        if VARLEN:
+            doc_lo, doc_hi = _doc_bounds(DOC_LO, DOC_HI, tok, row_ok)
+            vis2 = vis2 & (j2[None, :] >= doc_lo[:, None]) & (j2[None, :] < doc_hi[:, None])
+            _l2, _h2, r0, n_outer = _doc_loops(DOC_LO, DOC_HI, i0, tl.minimum(T, i0 + BT), 0, S2, n_outer, MODE)
+        for r in range(r0, n_outer):
             if MODE == 2:
                 j1 = tok - r
                 ok1 = row_ok & (j1 >= 0)
@@ -234,6 +253,8 @@ def _bwd_k2_kernel(
             else:
                 j1 = tl.zeros([M], tl.int32) + r
                 ok1 = row_ok
+            if VARLEN:
+                ok1 = ok1 & (j1 >= doc_lo) & (j1 < doc_hi)
             k1 = tl.load(K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d, mask=ok1[:, None] & d_ok[None, :],
                          other=0.0).to(tl.float32)
             v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :],
@@ -255,13 +276,14 @@ def _bwd_k2_kernel(
              dv2.to(DV2.dtype.element_ty), mask=ok2[:, None] & e_ok[None, :])
 
 
-def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, window, block=None):
+def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, window, block=None, docs=None):
     """Launch the fused backward.
 
     Args:
         do: ``[B, T, Hq, Dv]`` gradient of the output; q, k1, k2, v1, v2 as in :func:`exact_fwd`;
         o: the forward's output; lse: its ``[B, Hq, T]`` float32 natural-log log-sum-exp.
         block: optional ``(BT, GP, BN, BD, BDV, num_warps)`` override.
+        docs: packed documents, as in :func:`tensorattn.triton.exact_fwd.exact_fwd`.
 
     Returns:
         ``(dq, dk1, dk2, dv1, dv2)`` in the input dtype.
@@ -289,14 +311,15 @@ def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
     dv2 = torch.empty(B, S2, Hkv, Dv, dtype=q.dtype, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     common = dict(MODE=mode, BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, DOT_DTYPE=dot_dtype(q.dtype), PRECISION=prec,
-                  num_warps=warps, **stages)
+                  VARLEN=docs is not None, num_warps=warps, **stages)
+    lo, hi = docs if docs is not None else (lse, lse)  # unused without documents
     strides = (*q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *do.stride(), *lse.stride())
     sizes = (T, S1, S2, Hkv, G, D, Dv, w1, w2, scale)
     COMPILED['_bwd_q_kernel'] = _bwd_q_kernel[(triton.cdiv(T, BT), B * Hkv)](
-        q, k1, k2, v1, v2, do, lse, delta, dq, dk1, dv1, *strides, *dq.stride(), *dk1.stride(), *dv1.stride(),
+        q, k1, k2, v1, v2, do, lse, delta, dq, dk1, dv1, lo, hi, *strides, *dq.stride(), *dk1.stride(), *dv1.stride(),
         *sizes, **common)
     COMPILED['_bwd_k2_kernel'] = _bwd_k2_kernel[(triton.cdiv(S2, BN), B * Hkv)](
-        q, k1, k2, v1, v2, do, lse, delta, dk2, dv2, *strides, *dk2.stride(), *dv2.stride(), *sizes, **common)
+        q, k1, k2, v1, v2, do, lse, delta, dk2, dv2, lo, hi, *strides, *dk2.stride(), *dv2.stride(), *sizes, **common)
     dk1, dv1 = dk1.to(q.dtype), dv1.to(q.dtype)
     if swap:
         dk1, dk2, dv1, dv2 = dk2, dk1, dv2, dv1

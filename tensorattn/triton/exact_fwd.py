@@ -17,6 +17,11 @@ Three visibility modes (constexpr ``MODE``):
 * ``CAUSAL``: absolute ``j1 < i0 + BT`` masked by ``j1 <= i``; inner ``j2 < i0 + BT`` masked by ``j2 <= i``.
 * ``FULL`` (no mask): ``j1 < S1``, ``j2 < S2``.
 
+Packed documents (constexpr ``VARLEN``; ``B = 1``): each row also keeps only keys of its own document,
+``lo_i <= j < hi_i`` (per-position arrays from :func:`tensorattn.packing.document_bounds`), and the loops start
+and end at the documents of the block's first and last rows (positions are sorted), so a packed row costs what
+its documents cost, in one launch.
+
 Numerics: scores are formed in base 2 (``qk1`` carries ``scale * log2(e)``) and exponentiated with ``exp2``;
 ``s``/``p``/``acc`` accumulate in float32, the two products take the input dtype (float32 inputs use
 full-precision "ieee" products, not tf32). The saved log-sum-exp is converted to the NATURAL log before it
@@ -71,8 +76,30 @@ def block_sizes(G: int, D: int, Dv: int, *, interpret: bool):
 
 
 @triton.jit
+def _doc_bounds(DOC_LO, DOC_HI, tok, row_ok):
+    """Packed documents: the first and one-past-the-last position of each row's document (empty off the rows)."""
+    return (tl.load(DOC_LO + tok, mask=row_ok, other=0), tl.load(DOC_HI + tok, mask=row_ok, other=0))
+
+
+@triton.jit
+def _doc_loops(DOC_LO, DOC_HI, i0, i_last, lo2, hi2, n_outer, MODE: tl.constexpr):
+    """The loop bounds of a query block ``[i0, i_last)`` narrowed to its documents (positions are sorted, so the
+    block's first row has the smallest document start and its last row the largest end): the inner range, the
+    first outer step and the outer end (for absolute outer indices: causal and full)."""
+    first = tl.load(DOC_LO + i0)
+    last = tl.load(DOC_HI + i_last - 1)
+    lo2 = tl.maximum(lo2, first)
+    hi2 = tl.minimum(hi2, last)
+    r0 = 0
+    if MODE != 2:
+        r0 = first
+        n_outer = tl.minimum(n_outer, last)
+    return lo2, hi2, r0, n_outer
+
+
+@triton.jit
 def _exact_fwd_kernel(
-    Q, K1, K2, V1, V2, O, LSE,
+    Q, K1, K2, V1, V2, O, LSE, DOC_LO, DOC_HI,
     sq_b, sq_t, sq_h, sq_d,
     sk1_b, sk1_t, sk1_h, sk1_d,
     sk2_b, sk2_t, sk2_h, sk2_d,
@@ -83,6 +110,7 @@ def _exact_fwd_kernel(
     T, S1, S2, Hkv, G, D, Dv, W1, W2, qk_scale,
     MODE: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     M: tl.constexpr = BT * GP
     pid_t = tl.program_id(0)
@@ -129,8 +157,12 @@ def _exact_fwd_kernel(
         n_outer = S1
         lo2 = 0
         hi2 = S2
+    r0 = 0
+    if VARLEN:  # packed documents: row i sees keys of its own document only, [lo_i, hi_i)
+        doc_lo, doc_hi = _doc_bounds(DOC_LO, DOC_HI, tok, row_ok)
+        lo2, hi2, r0, n_outer = _doc_loops(DOC_LO, DOC_HI, i0, i_last, lo2, hi2, n_outer, MODE)
 
-    for r in range(0, n_outer):
+    for r in range(r0, n_outer):
         if MODE == 2:
             j1 = tok - r  # [M] relative: row i visits j1 = i - r
             ok1 = row_ok & (j1 >= 0)
@@ -140,6 +172,8 @@ def _exact_fwd_kernel(
         else:
             j1 = tl.zeros([M], tl.int32) + r
             ok1 = row_ok
+        if VARLEN:
+            ok1 = ok1 & (j1 >= doc_lo) & (j1 < doc_hi)
         k1 = tl.load(K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d, mask=ok1[:, None] & d_ok[None, :], other=0.0)
         v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :], other=0.0)
         qk1 = (q.to(tl.float32) * k1.to(tl.float32) * qk_scale).to(DOT_DTYPE)  # [M, BD], base-2 logits
@@ -156,6 +190,8 @@ def _exact_fwd_kernel(
                 vis = vis & (j2[None, :] <= tok[:, None]) & (j2[None, :] > tok[:, None] - W2)
             elif MODE == 1:
                 vis = vis & (j2[None, :] <= tok[:, None])
+            if VARLEN:
+                vis = vis & (j2[None, :] >= doc_lo[:, None]) & (j2[None, :] < doc_hi[:, None])
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -180,13 +216,15 @@ def dot_dtype(dtype: torch.dtype):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
 
-def exact_fwd(q, k1, k2, v1, v2, *, scale: float, causal: bool, window, block=None):
+def exact_fwd(q, k1, k2, v1, v2, *, scale: float, causal: bool, window, block=None, docs=None):
     """Launch the fused forward. Inputs ``[B, T, H, D]`` (any strides), validated by the caller.
 
     Args:
         q: ``[B, T, Hq, D]``; k1, k2: ``[B, S, Hkv, D]``; v1, v2: ``[B, S, Hkv, Dv]``.
         scale: score scale; causal / window: visibility (window ``None`` or ``(w1, w2)``, implies causal).
         block: optional ``(BT, GP, BN, BD, BDV, num_warps)`` override (benchmarks, tests).
+        docs: packed documents (``B = 1``, ``S1 = S2 = T``): ``(lo, hi)`` int32 ``[T]``, each position's document
+            start and end; the masks above apply inside each document.
 
     Returns:
         ``o`` ``[B, T, Hq, Dv]`` in the input dtype and ``lse`` ``[B, Hq, T]`` float32, natural log.
@@ -203,12 +241,13 @@ def exact_fwd(q, k1, k2, v1, v2, *, scale: float, causal: bool, window, block=No
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(T, BT), B * Hkv)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    lo, hi = docs if docs is not None else (lse, lse)  # unused without documents
     COMPILED['_exact_fwd_kernel'] = _exact_fwd_kernel[grid](
-        q, k1, k2, v1, v2, o, lse,
+        q, k1, k2, v1, v2, o, lse, lo, hi,
         *q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *o.stride(), *lse.stride(),
         T, k1.shape[1], k2.shape[1], Hkv, G, D, Dv, w1, w2, scale * LOG2E,
         MODE=mode, BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, DOT_DTYPE=dot_dtype(q.dtype), PRECISION=prec,
-        num_warps=warps,
+        VARLEN=docs is not None, num_warps=warps,
     )
     return o, lse
 
