@@ -76,6 +76,11 @@ class TritonBackend(Backend):
     def not_supported_reasons(self, *, device: torch.device, dtype: torch.dtype, head_dim: int, head_dim_v: int,
                               **problem: Any) -> List[str]:
         reasons = triton_device_reasons(device, dtype)
+        lens = [problem.get(k) or 0 for k in ("seq_len", "seq_len_k1", "seq_len_k2")]
+        heads = max(problem.get("heads_q") or 1, problem.get("heads_kv") or 1)
+        if max(lens) * heads * max(head_dim, head_dim_v) >= 1 << 31:
+            reasons.append(f"one batch entry holds {max(lens) * heads * max(head_dim, head_dim_v):,} elements "
+                           "(length x heads x head dim), at least 2^31: the kernels' per-position offsets are int32")
         if dtype not in self.DTYPES:
             reasons.append(f"dtype {dtype} is not supported (float32, bfloat16, float16)")
         if max(head_dim, head_dim_v) > self.MAX_HEAD_DIM:
@@ -152,10 +157,27 @@ def exact_fwd_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.
     in the input dtype, ``lse [B, Hq, T]`` natural log in the accumulation dtype), both contiguous. Runs with
     autocast off (see :func:`tensorattn.dispatch.no_autocast`). ``doc_lo``, ``doc_hi``: packed documents on the
     fused kernels (int32 ``[T]``: each position's document start and end; :func:`tensorattn.packing.document_bounds`)."""
+    _check_docs(doc_lo, doc_hi, q)
     with autocast_off(q.device.type):
         o, lse = BACKENDS[backend].fwd(q, k1, k2, v1, v2, scale=scale, causal=causal, window=_window(window),
                                        **_docs(doc_lo, doc_hi))
     return o.contiguous(), lse.contiguous()
+
+
+def _check_docs(doc_lo, doc_hi, q) -> None:
+    """The document bounds' layout (no values read): both or neither, int32 ``[T]`` contiguous on q's device,
+    the fused backend and one batch entry only."""
+    if doc_lo is None and doc_hi is None:
+        return
+    T = q.shape[1]
+    for name, x in (("doc_lo", doc_lo), ("doc_hi", doc_hi)):
+        if x is None or x.dtype != torch.int32 or x.dim() != 1 or x.numel() != T or not x.is_contiguous() \
+                or x.device != q.device:
+            got = None if x is None else f"{x.dtype} {tuple(x.shape)} on {x.device}"
+            raise ValueError(f"{name} must be a contiguous int32 tensor [T = {T}] on {q.device} (document bounds "
+                             f"from tensorattn.packing.document_bounds), got {got}")
+    if q.shape[0] != 1:
+        raise ValueError(f"document bounds need one packed batch entry, got q with batch {q.shape[0]}")
 
 
 def _docs(doc_lo, doc_hi):
@@ -192,16 +214,15 @@ def _exact_bwd_fake(do, q, k1, k2, v1, v2, o, lse, scale, causal, window, backen
 def _exact_setup_context(ctx, inputs, output):
     q, k1, k2, v1, v2, scale, causal, window, backend, doc_lo, doc_hi = inputs
     o, lse = output
-    ctx.save_for_backward(q, k1, k2, v1, v2, o, lse)
+    ctx.save_for_backward(q, k1, k2, v1, v2, o, lse, doc_lo, doc_hi)  # the bounds: int32, or None
     ctx.mark_non_differentiable(lse)
     ctx.cfg = (scale, causal, window, backend)
-    ctx.docs = (doc_lo, doc_hi)  # int32 index tensors, not differentiable
 
 
 def _exact_backward(ctx, do, _dlse):
-    q, k1, k2, v1, v2, o, lse = ctx.saved_tensors
+    q, k1, k2, v1, v2, o, lse, doc_lo, doc_hi = ctx.saved_tensors
     scale, causal, window, backend = ctx.cfg
-    grads = exact_bwd_op(do, q, k1, k2, v1, v2, o, lse, scale, causal, window, backend, *ctx.docs)
+    grads = exact_bwd_op(do, q, k1, k2, v1, v2, o, lse, scale, causal, window, backend, doc_lo, doc_hi)
     return (*grads, None, None, None, None, None, None)
 
 

@@ -241,3 +241,21 @@ def test_document_bounds():
     assert lo.tolist() == [0, 0, 0, 3, 4, 4, 4, 4, 4, 4]
     assert hi.tolist() == [3, 3, 3, 4, 10, 10, 10, 10, 10, 10]
     assert lo.dtype == hi.dtype == torch.int32
+
+
+def test_fused_kernel_limits_and_document_bound_errors():
+    """The fused exact backend declares the int32 offset limit (one batch entry of >= 2^31 elements falls back to
+    the torch backend under 'auto'), and the exact op refuses malformed document bounds by name."""
+    from tensorattn.exact import BACKENDS, exact_fwd_op
+
+    reasons = BACKENDS["triton"].not_supported_reasons(device=torch.device("cpu"), dtype=torch.float32, head_dim=128,
+                                                        head_dim_v=128, seq_len=1 << 20, heads_q=32, heads_kv=1)
+    assert any("2^31" in r for r in reasons), reasons
+    x = [torch.randn(1, 6, 2, 4) for _ in range(5)]
+    good = torch.zeros(6, dtype=torch.int32)
+    with pytest.raises(ValueError, match="doc_lo must be a contiguous int32"):
+        exact_fwd_op(*x, 0.5, True, None, "torch", good.long(), good)
+    with pytest.raises(ValueError, match="doc_hi must be a contiguous int32"):
+        exact_fwd_op(*x, 0.5, True, None, "torch", good, None)
+    with pytest.raises(ValueError, match="one packed batch entry"):
+        exact_fwd_op(*[t.expand(2, -1, -1, -1) for t in x], 0.5, True, None, "torch", good, good)

@@ -94,6 +94,8 @@ def _doc_loops(DOC_LO, DOC_HI, i0, i_last, lo2, hi2, n_outer, MODE: tl.constexpr
     if MODE != 2:
         r0 = first
         n_outer = tl.minimum(n_outer, last)
+    else:  # relative outer index j1 = i - r >= first: r < i_last - first (short documents, long windows)
+        n_outer = tl.minimum(n_outer, i_last - first)
     return lo2, hi2, r0, n_outer
 
 
