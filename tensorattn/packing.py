@@ -33,17 +33,21 @@ def cu_seqlens_from_lengths(lengths, device=None) -> torch.Tensor:
 def positions_in_documents(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Position of each of the ``total`` packed tokens inside its own document (``[total]`` int64, on cu_seqlens'
     device; no host synchronisation): ``[0, 3, 10] -> 0 1 2 0 1 .. 6``."""
-    idx = torch.arange(total, device=cu_seqlens.device)
-    doc = torch.searchsorted(cu_seqlens[1:], idx.to(cu_seqlens.dtype), right=True)
+    idx, doc = _documents(cu_seqlens, total)
     return idx - cu_seqlens.long()[doc]
+
+
+def _documents(cu_seqlens: torch.Tensor, total: int):
+    """The positions ``0 .. total - 1`` and the document index of each (on cu_seqlens' device)."""
+    idx = torch.arange(total, device=cu_seqlens.device)
+    return idx, torch.searchsorted(cu_seqlens[1:], idx.to(cu_seqlens.dtype), right=True)
 
 
 def document_bounds(cu_seqlens: torch.Tensor, total: int):
     """``(lo, hi)``: int32 ``[total]``, the first and one-past-the-last position of each packed token's document
     (on cu_seqlens' device; no host synchronisation): ``[0, 3, 10] -> lo 0 0 0 3 .. 3, hi 3 3 3 10 .. 10``. The fused
     exact kernels mask pairs to ``lo_i <= j < hi_i``."""
-    idx = torch.arange(total, device=cu_seqlens.device)
-    doc = torch.searchsorted(cu_seqlens[1:], idx.to(cu_seqlens.dtype), right=True)
+    _, doc = _documents(cu_seqlens, total)
     cu = cu_seqlens.to(torch.int32)
     return cu[doc].contiguous(), cu[doc + 1].contiguous()
 

@@ -65,13 +65,12 @@ class _FusedFromPrefix(torch.autograd.Function):
     def forward(ctx, q, k1, k2, v1, v2, prefix, scale):
         from ..triton import poly as tp
 
-        q, k1, k2, v1, v2 = (x.contiguous() for x in (q, k1, k2, v1, v2))
         F, seg = int(tp.TUNE["F"]), int(tp.SEG_BYTES)
         D, Dv = q.shape[3], v1.shape[3]
         st = _to_fused(prefix, D, tp._padded_rank(D), max(16, tp._next_pow2(Dv)))
-        o, den, saved = tp.poly_fwd(q, k1, k2, v1, v2, scale, F, seg, save=True, prefix=st)
-        ctx.save_for_backward(q, k1, k2, v1, v2, o, den, *[t for _, _, a, b in saved for t in (a, b)])
-        ctx.cfg = (scale, F, seg, [(c0, nf) for c0, nf, _, _ in saved], prefix.dtype)
+        o, saved = tp.poly_fwd_saved(q, k1, k2, v1, v2, scale, F, seg, prefix=st)
+        ctx.save_for_backward(q, k1, k2, v1, v2, o, *saved)
+        ctx.cfg = (scale, F, seg, prefix.dtype)
         return o
 
     @staticmethod
@@ -80,12 +79,9 @@ class _FusedFromPrefix(torch.autograd.Function):
     def backward(ctx, do):
         from ..triton import poly as tp
 
-        q, k1, k2, v1, v2, o, den, *states = ctx.saved_tensors
-        scale, F, seg, ranges, pdtype = ctx.cfg
-        segs = [(c0, nf, states[2 * i], states[2 * i + 1]) for i, (c0, nf) in enumerate(ranges)]
-        do = do.contiguous()
-        delta = (do.float() * o.float()).sum(-1).contiguous()
-        *grads, gst, gsd = tp.poly_bwd(q, k1, k2, v1, v2, do, den, delta, segs, scale, F, seg, prefix_grad=True)
+        q, k1, k2, v1, v2, o, *saved = ctx.saved_tensors
+        scale, F, seg, pdtype = ctx.cfg
+        *grads, gst, gsd = tp.poly_bwd_saved(do, q, k1, k2, v1, v2, o, saved, scale, F, seg, prefix_grad=True)
         B, Hkv = k1.shape[0], k1.shape[2]
         return (*grads, _from_fused(gst, gsd, B, Hkv, q.shape[3], v1.shape[3], pdtype), None)
 

@@ -127,9 +127,7 @@ class _TritonBackend(Backend):
 
     def fwd(self, q, k1, k2, v1, v2, *, degree, causal, scale, plan, save):
         """saved = (the normaliser, then two states per backward segment when ``save``)."""
-        o, den, states = self._mod().poly_fwd(*(x.contiguous() for x in (q, k1, k2, v1, v2)), scale, plan[0], plan[1],
-                                              save=save)
-        return o, [den] + [t for _, _, p, pd in states for t in (p, pd)]
+        return self._mod().poly_fwd_saved(q, k1, k2, v1, v2, scale, plan[0], plan[1], save=save)
 
     def fake_fwd(self, q, k1, k2, v1, v2, *, degree, causal, plan, save):
         tp = self._mod()
@@ -142,17 +140,7 @@ class _TritonBackend(Backend):
         return q.new_empty(B, T, HQ, DV), [q.new_empty(B, T, HQ, **f32)] + states
 
     def bwd(self, do, q, k1, k2, v1, v2, o, saved, *, degree, causal, scale, plan):
-        tp = self._mod()
-        q, k1, k2, v1, v2, do = (x.contiguous() for x in (q, k1, k2, v1, v2, do))
-        den, states = saved[0], saved[1:]
-        B, T, HQ, D = q.shape
-        ranges = tp._saved_ranges(B, T, HQ, k1.shape[2], D, v1.shape[3], plan[0], plan[1])
-        if len(states) != 2 * len(ranges):
-            raise ValueError(f"poly_tensor_attn (triton): {len(states)} saved states for {len(ranges)} backward "
-                             f"segments (expected {2 * len(ranges)})")
-        segs = [(c0, nf, states[2 * i], states[2 * i + 1]) for i, (c0, nf) in enumerate(ranges)]
-        delta = (do.float() * o.float()).sum(-1).contiguous()  # <dO, o> per row: [B, T, Hq]
-        return tp.poly_bwd(q, k1, k2, v1, v2, do, den, delta, segs, scale, plan[0], plan[1])
+        return self._mod().poly_bwd_saved(do, q, k1, k2, v1, v2, o, saved, scale, plan[0], plan[1])
 
 
 #: The backends by name, in the order ``backend="auto"`` tries them (as :data:`tensorattn.exact.BACKENDS`).

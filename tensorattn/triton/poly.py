@@ -137,22 +137,30 @@ def _sub_feats(qt, k1t, k2t, rmask, ia, ib, wq, D: tl.constexpr, scale):
 
 
 @triton.jit
-def _bases(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, n, bh, HQ, GROUPS, T, NS1, KP,
-           D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
-    """Batch ``b``, query head ``h``, the row strides, this head's input pointers, the offset of its output rows
-    and the states before chunk ``n`` of its kv head."""
+def _head_states(st_ptr, sd_ptr, n, bh, HQ, GROUPS, NS1, KP, DVP: tl.constexpr):
+    """Batch ``b``, query head ``h``, its kv head ``hk`` and their count ``HK``, and the states before chunk ``n``
+    of the kv head (``st [B * HK, NS1, 2, KP, DVP]``, ``sd [B * HK, NS1, 2, KP]``)."""
     b = bh // HQ
     h = bh % HQ
     hk = h // GROUPS
     HK = HQ // GROUPS
+    stb = st_ptr + ((b * HK + hk) * NS1 + n) * 2 * KP * DVP
+    sdb = sd_ptr + ((b * HK + hk) * NS1 + n) * 2 * KP
+    return b, h, hk, HK, stb, sdb
+
+
+@triton.jit
+def _bases(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, n, bh, HQ, GROUPS, T, NS1, KP,
+           D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+    """Batch ``b``, query head ``h``, the row strides, this head's input pointers, the offset of its output rows
+    and the states before chunk ``n`` of its kv head."""
+    b, h, hk, HK, stb, sdb = _head_states(st_ptr, sd_ptr, n, bh, HQ, GROUPS, NS1, KP, DVP)
     sq = HQ * D
     sk = HK * D
     sv = HK * DV
     so = HQ * DV
     ko = b * T * sk + hk * D
     vo = b * T * sv + hk * DV
-    stb = st_ptr + ((b * HK + hk) * NS1 + n) * 2 * KP * DVP
-    sdb = sd_ptr + ((b * HK + hk) * NS1 + n) * 2 * KP
     return (b, h, sq, sk, sv, so, q_ptr + b * T * sq + h * D, k1_ptr + ko, k2_ptr + ko, v1_ptr + vo, v2_ptr + vo,
             b * T * so + h * DV, stb, sdb)
 
@@ -371,10 +379,7 @@ def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_p
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kb = tl.program_id(2)
-    b = bh // HQ
-    h = bh % HQ
-    hk = h // GROUPS
-    HK = HQ // GROUPS
+    b, h, hk, HK, stb, sdb = _head_states(st_ptr, sd_ptr, n, bh, HQ, GROUPS, NS1, KP, DVP)
     sv = HK * DV
     so = HQ * DV
     TS = (NS1 - 1) * F
@@ -382,8 +387,6 @@ def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_p
     cols = tl.arange(0, DVP)
     cm = cols < DV
     soff = m[:, None] * DVP + cols[None, :]
-    stb = st_ptr + ((b * HK + hk) * NS1 + n) * 2 * KP * DVP
-    sdb = sd_ptr + ((b * HK + hk) * NS1 + n) * 2 * KP
     L2 = tl.load(stb + soff)
     L3 = tl.load(stb + KP * DVP + soff)
     l2 = tl.load(sdb + m)
@@ -596,6 +599,30 @@ def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: b
         prefix, prefd = st[:, nf].clone(), sd[:, nf].clone()
         del st, sd
     return o, den, saved
+
+
+def poly_fwd_saved(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: bool = True, prefix=None):
+    """:func:`poly_fwd` on contiguous inputs with what the backward needs as one flat list: ``(o, [den, then the
+    two states of each backward segment (when save)])``, the form :func:`poly_bwd_saved` takes back."""
+    o, den, states = poly_fwd(*(x.contiguous() for x in (q, k1, k2, v1, v2)), scale, F, seg_bytes, save=save,
+                              prefix=prefix)
+    return o, [den] + [t for _, _, p, pd in states for t in (p, pd)]
+
+
+def poly_bwd_saved(do, q, k1, k2, v1, v2, o, saved, scale: float, F: int, seg_bytes: int, *,
+                   prefix_grad: bool = False):
+    """:func:`poly_bwd` from :func:`poly_fwd_saved`'s list and output ``o`` (the segment ranges follow from the
+    shapes and the forward's ``F``, ``seg_bytes``; ``<dO, o>`` is computed here)."""
+    q, k1, k2, v1, v2, do = (x.contiguous() for x in (q, k1, k2, v1, v2, do))
+    den, states = saved[0], saved[1:]
+    B, T, HQ, D = q.shape
+    ranges = _saved_ranges(B, T, HQ, k1.shape[2], D, v1.shape[3], F, seg_bytes)
+    if len(states) != 2 * len(ranges):
+        raise ValueError(f"poly_tensor_attn (triton): {len(states)} saved states for {len(ranges)} backward "
+                         f"segments (expected {2 * len(ranges)})")
+    segs = [(c0, nf, states[2 * i], states[2 * i + 1]) for i, (c0, nf) in enumerate(ranges)]
+    delta = (do.float() * o.float()).sum(-1).contiguous()  # <dO, o> per row: [B, T, Hq]
+    return poly_bwd(q, k1, k2, v1, v2, do, den, delta, segs, scale, F, seg_bytes, prefix_grad=prefix_grad)
 
 
 def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg_bytes: int, *,
