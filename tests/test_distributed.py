@@ -14,6 +14,7 @@ its test instead of leaving the other ranks waiting); each part is one test.
 import copy
 import json
 import os
+import sys
 import tempfile
 
 import pytest
@@ -44,6 +45,12 @@ def _entry(rank, world, store, tmpdir, fn, args):
         fn(rank, world, tmpdir, *args)
     finally:
         td.cleanup()
+    # the rank's report is written and the group destroyed: leave without the interpreter's teardown, where a
+    # gloo transport thread still being destroyed has aborted a rank now and then under load ("terminate called
+    # without an active exception", about one full CI run in six) although every rank had finished its work
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _inputs(seed, B, T, Hq, Hkv, D, Dv, amp=1.0):
