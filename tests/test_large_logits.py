@@ -2,7 +2,7 @@
 gradients stay within 2x the error of plain PyTorch autograd in float32 (both against float64) at input scales
 x1, x3 and x10, and are never NaN/Inf while the forward is finite (x1e4: logits ~1e12, one pair takes all the
 weight). The torch and naive backends take the row sums of the backward over the recomputed probabilities, as
-autograd does, so they match it at x1e4 too; the Triton kernels (under the interpreter, float32) clamp the
+autograd does, so they match it at x1e4 too; the Triton kernels (under the interpreter and on a GPU, float32) clamp the
 recomputed probabilities at 1 and stay finite there."""
 import json
 import textwrap
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from utils import run_interpreter
+from utils import WHERE, run_script
 
 import tensorattn as ta
 from tensorattn.naive import naive_tensor_attn
@@ -54,16 +54,18 @@ def test_gradients_at_large_logits_match_plain_autograd(backend, mask, scale):
 
 
 _TRITON_SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     sys.path.insert(0, sys.argv[1])  # this tests folder, for the helpers above
     import torch
     import tensorattn as ta
     from tensorattn.naive import naive_tensor_attn
     from test_large_logits import MASKS, SCALES, _err, _grads, _inputs
+    dev = os.environ.get("TA_TEST_DEVICE", "cpu")
     out = []
     for mask in ("causal", "window"):
         for scale in SCALES:
             xs, w = _inputs(scale)
+            xs, w = [x.to(dev) for x in xs], w.to(dev)
             kw = MASKS[mask]
             _, ref = _grads(lambda *a: naive_tensor_attn(*a, **kw), xs, w, torch.float64)
             _, plain = _grads(lambda *a: naive_tensor_attn(*a, **kw), xs, w, torch.float32)
@@ -75,11 +77,15 @@ _TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_triton_gradients_at_large_logits_under_the_interpreter():
+@pytest.mark.parametrize("where", WHERE)
+def test_triton_gradients_at_large_logits(where):
     pytest.importorskip("triton")
-    rows = json.loads(run_interpreter(_TRITON_SCRIPT, str(Path(__file__).parent)).strip().splitlines()[-1])
+    rows = json.loads(run_script(where, _TRITON_SCRIPT, str(Path(__file__).parent)).strip().splitlines()[-1])
     assert len(rows) == 2 * len(SCALES)
+    # the kernels add their tile products in another order than autograd (and with atomics on a GPU): a float32
+    # error floor that grows like sqrt(S1 * S2) ulps, as in test_exact_triton; a wrong large-logit path is 1e3x off
+    floor = 2.0 * 40 * torch.finfo(torch.float32).eps
     for r in rows:
         assert r["out_finite"] and r["grads_finite"], r
         if r["scale"] <= 10:
-            assert r["err"] <= 2 * r["plain"] + 1e-7, r
+            assert r["err"] <= 2 * r["plain"] + floor, (r, floor)

@@ -9,7 +9,7 @@ from tensorattn import poly_tensor_attn, tensor_attn
 from tensorattn.layers import PolyTensorAttention, SoftmaxAttention, TensorAttention
 from tensorattn.model import Transformer
 from tensorattn.packing import cu_seqlens_from_lengths, positions_in_documents
-from utils import TRITON_INTERPRETER, run_interpreter
+from utils import TRITON_INTERPRETER, WHERE, run_script
 
 OPS = [
     ("exact causal", lambda *x, **k: tensor_attn(*x, causal=True, **k)),
@@ -136,13 +136,16 @@ def test_transformer_packed_equals_each_document(pos):
 
 
 _INTERP_SCRIPT = """
+import os
 import torch
 from tensorattn import poly_tensor_attn, tensor_attn
 from tensorattn.packing import cu_seqlens_from_lengths
+dev = os.environ.get("TA_TEST_DEVICE", "cpu")
 g = torch.Generator().manual_seed(0)
-cu = cu_seqlens_from_lengths([1, 4, 7])
+cu = cu_seqlens_from_lengths([1, 4, 7]).to(dev)
 xs = [0.5 * torch.randn(1, 12, 2, 16, generator=g) for _ in range(3)] + [torch.randn(1, 12, 2, 8, generator=g)
                                                                          for _ in range(2)]
+xs = [x.to(dev) for x in xs]
 for op in (lambda *x, **k: tensor_attn(*x, causal=True, **k), lambda *x, **k: poly_tensor_attn(*x, causal=True, **k)):
     a = [x.clone().requires_grad_() for x in xs]
     o = op(*a, cu_seqlens=cu, backend="triton")
@@ -158,8 +161,9 @@ print("ok")
 
 
 @pytest.mark.skipif(not TRITON_INTERPRETER, reason="needs triton")
-def test_packed_triton_backends_under_the_interpreter():
-    assert run_interpreter(_INTERP_SCRIPT).strip().endswith("ok")
+@pytest.mark.parametrize("where", WHERE)
+def test_packed_triton_backends(where):
+    assert run_script(where, _INTERP_SCRIPT).strip().endswith("ok")
 
 
 def test_char_data_packed_batch_cuts_at_newlines_and_block():
@@ -199,15 +203,16 @@ def test_train_kjv_packed(tmp_path):
 
 
 _TRITON_PACKED_SCRIPT = """
-import json, torch, tensorattn as ta
+import json, os, torch, tensorattn as ta
 from tensorattn.packing import cu_seqlens_from_lengths, run_per_document
+dev = os.environ.get("TA_TEST_DEVICE", "cpu")
 g = torch.Generator().manual_seed(0)
 out = {}
 for lengths in ([5, 1, 23, 9], [1] * 7 + [12], [17, 16]):
     T = sum(lengths)
-    cu = cu_seqlens_from_lengths(lengths)
-    xs = [torch.randn(1, T, 4 if i == 0 else 2, 16 if i < 3 else 8, generator=g) for i in range(5)]
-    w = torch.randn(1, T, 4, 8, generator=g)
+    cu = cu_seqlens_from_lengths(lengths).to(dev)
+    xs = [torch.randn(1, T, 4 if i == 0 else 2, 16 if i < 3 else 8, generator=g).to(dev) for i in range(5)]
+    w = torch.randn(1, T, 4, 8, generator=g).to(dev)
     for name, kw in (("causal", dict(causal=True)), ("window", dict(window=(6, 3))), ("full", dict())):
         def run(fn):
             a = [x.clone().requires_grad_() for x in xs]
@@ -223,12 +228,13 @@ print(json.dumps(out))
 
 
 @pytest.mark.skipif(not TRITON_INTERPRETER, reason="needs triton")
-def test_fused_exact_kernels_take_document_boundaries_in_one_launch():
-    """Packed documents on the fused exact kernels (under the interpreter, float32): the boundaries live in the
+@pytest.mark.parametrize("where", WHERE)
+def test_fused_exact_kernels_take_document_boundaries_in_one_launch(where):
+    """Packed documents on the fused exact kernels (under the interpreter and on a GPU, float32): the boundaries live in the
     kernels' masks (each position's document start and end), one launch for the whole row; output and the five
     gradients equal running each document on its own, for causal, window and full attention, documents of
     length 1, many short ones, lengths that are no multiple of a block, GQA and Dv != Dk."""
-    res = json.loads(run_interpreter(_TRITON_PACKED_SCRIPT).strip().splitlines()[-1])
+    res = json.loads(run_script(where, _TRITON_PACKED_SCRIPT).strip().splitlines()[-1])
     assert len(res) == 9
     for case, errs in res.items():
         assert len(errs) == 6 and max(errs) < 1e-5, (case, errs)

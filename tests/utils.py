@@ -26,6 +26,29 @@ def interpreter_env() -> dict:
                 PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
+def run_cuda(script: str, *args: str, timeout: int = 600) -> str:
+    """Run ``python -c script args...`` compiled for the GPU (``TA_TEST_DEVICE=cuda``, no interpreter), skipping
+    without CUDA: the interpreter scripts' twin on the real kernels. Asserts a zero exit status, returns stdout."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    env = dict(os.environ, TA_TEST_DEVICE="cuda", TRITON_INTERPRET="0",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def run_script(where: str, script: str, *args: str, timeout: int = 600) -> str:
+    """``run_interpreter`` (where="interpreter") or ``run_cuda`` (where="cuda")."""
+    return {"interpreter": run_interpreter, "cuda": run_cuda}[where](script, *args, timeout=timeout)
+
+
+WHERE = ("interpreter", "cuda")
+
+
 def run_interpreter(script: str, *args: str, timeout: int = 600) -> str:
     """Run ``python -c script args...`` under the interpreter (skipping if this Triton's interpreter is broken);
     asserts a zero exit status (with the end of stderr in the message) and returns stdout."""
