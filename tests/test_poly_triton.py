@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 import torch
-from utils import run_interpreter
+from utils import WHERE, run_interpreter, run_script
 
 pytest.importorskip("triton")
 
@@ -25,6 +25,9 @@ INTERP_CASES = [
     # blocks of 8 features, one warp per program in both passes, other row counts for the feature kernels
     (1, 50, 2, 1, 16, 20, 16, 0, 8, {"WARPS_BWD1": 1, "R_PROJ": 32, "R_FEAT": 16}),
     (1, 50, 2, 2, 16, 64, 16, 0, 16, {"WARPS_BWD": 4, "WARPS_BWD1": 1}),
+    # the chunk scan in tiles of 2 chunks x 16 columns (4 chunks: two tiles, a carry between them), and torch's
+    (1, 60, 2, 1, 16, 20, 16, 0, 32, {"SCAN_U": 2, "SCAN_BW": 16}),
+    (1, 60, 2, 1, 16, 20, 16, 0, 32, {"SCAN_U": 0}),
 ]
 
 _SCRIPT = textwrap.dedent("""
@@ -145,7 +148,7 @@ def test_triton_gpu_float32_tf32_only_when_allowed():
 
 
 _PREFIX_SCRIPT = textwrap.dedent("""
-    import json
+    import json, os
     import torch
     import tensorattn.triton.poly as tp
     from tensorattn import distributed as td
@@ -160,6 +163,8 @@ _PREFIX_SCRIPT = textwrap.dedent("""
     xs = [0.5 * torch.randn(B, T, Hq if i == 0 else Hkv, D if i < 3 else Dv, generator=g) for i in range(5)]
     prefix = 0.3 * torch.rand(B, Hkv, rank(D, 2), 2 * Dv + 2, generator=g)
     w = torch.randn(B, T, Hq, Dv, generator=g)
+    dev = os.environ.get("TA_TEST_DEVICE", "cpu")
+    xs, prefix, w = [x.to(dev) for x in xs], prefix.to(dev), w.to(dev)
     def run(fn, leaves):
         a = [x.clone().requires_grad_() for x in leaves]
         o = fn(*a)
@@ -174,10 +179,11 @@ _PREFIX_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_fused_kernels_start_from_a_prefix_state_under_the_interpreter():
+@pytest.mark.parametrize("where", WHERE)
+def test_fused_kernels_start_from_a_prefix_state(where):
     """Context parallelism's local part on the fused kernels: started from a packed prefix state (the torch
     scan's layout and feature order), output and gradients (the five inputs and the prefix) equal the scan's;
     cp_poly_tensor_attn(backend="triton") without a process group equals the reference."""
-    res = json.loads(run_interpreter(_PREFIX_SCRIPT).strip().splitlines()[-1])
+    res = json.loads(run_script(where, _PREFIX_SCRIPT).strip().splitlines()[-1])
     assert len(res["prefix"]) == 7 and max(res["prefix"]) < 1e-5, res
     assert len(res["cp"]) == 6 and max(res["cp"]) < 1e-5, res

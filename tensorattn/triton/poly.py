@@ -64,9 +64,10 @@ EPS = 1e-6
 SEG_BYTES = 1 << 30
 # Tunables (the benchmark sweeps them): state-chunk length F, the forward's value block, the feature blocks of the
 # backward walk's two passes (BK_BWD1 for the first, BK_BWD for the second), warps per kernel, a register cap for
-# the walk's second pass (MAXNREG_BWD, 0: none), rows per program of the projection and feature kernels.
+# the walk's second pass (MAXNREG_BWD, 0: none), rows per program of the projection and feature kernels, the
+# chunk scan's tile (SCAN_U chunks x SCAN_BW columns; 0 for SCAN_U: torch's cumsum_ instead).
 TUNE = dict(F=64, EB_FWD=64, WARPS_FWD=8, WARPS_STATE=4, BK_BWD1=32, WARPS_BWD1=4, BK_BWD=16, WARPS_BWD=1,
-            MAXNREG_BWD=0, R_PROJ=64, WARPS_PROJ=4, R_FEAT=64, WARPS_FEAT=4)
+            MAXNREG_BWD=0, R_PROJ=64, WARPS_PROJ=4, R_FEAT=64, WARPS_FEAT=4, SCAN_U=8, SCAN_BW=512)
 for _k in list(TUNE):  # TENSORATTN_POLY_<KEY> overrides a default (benchmark sweeps)
     if os.environ.get(f"TENSORATTN_POLY_{_k}") is not None:
         TUNE[_k] = int(os.environ[f"TENSORATTN_POLY_{_k}"])
@@ -454,10 +455,47 @@ def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_p
         tl.store(rdb + KP + m, r3d)
 
 
+@triton.jit
+def _scan_kernel(x_ptr, N, W, U: tl.constexpr, BW: tl.constexpr):
+    """In place, the inclusive prefix sum over the chunk axis of ``x [BH, N, W]`` (float32) for ``BW`` columns of
+    one ``bh``: ``U`` chunks per step as one ``[U, BW]`` tile (``U * BW`` loads in flight, a scan inside the
+    tile), the running sum carried in registers from one step to the next."""
+    bh = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BW + tl.arange(0, BW)
+    cm = cols < W
+    r = tl.arange(0, U)
+    base = x_ptr + bh * N * W + cols[None, :]
+    acc = tl.zeros((BW,), tl.float32)
+    for n0 in range(0, N, U):
+        rows = n0 + r
+        msk = (rows < N)[:, None] & cm[None, :]
+        ptr = base + rows.to(tl.int64)[:, None] * W
+        cs = tl.cumsum(tl.load(ptr, mask=msk, other=0.0), axis=0) + acc[None, :]
+        tl.store(ptr, cs, mask=msk)
+        acc = tl.sum(tl.where(r[:, None] == U - 1, cs, 0.0), axis=0)  # the tile's last row (zero rows past N)
+
+
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
 _TABLES = {}
+
+
+def _chunk_cumsum_(x: torch.Tensor) -> torch.Tensor:
+    """``x.cumsum_(1)`` for a contiguous float32 ``[BH, N, ...]`` (the chunk states) with :func:`_scan_kernel`:
+    every element read and written once, ``U`` chunks of loads in flight per program (``TUNE["SCAN_U"]``,
+    ``TUNE["SCAN_BW"]``)."""
+    U, BW = int(TUNE["SCAN_U"]), int(TUNE["SCAN_BW"])
+    if U == 0:  # the sweeps' baseline
+        return x.cumsum_(1)
+    if U & (U - 1) or BW < 16 or BW & (BW - 1):
+        raise ValueError(f"TUNE['SCAN_U'] must be 0 or a power of two and TUNE['SCAN_BW'] a power of two >= 16, got "
+                         f"{U} and {BW}")
+    BH, N = x.shape[0], x.shape[1]
+    W = x.numel() // max(1, BH * N)
+    BW = min(BW, max(16, _next_pow2(W)))
+    _scan_kernel[(BH, triton.cdiv(W, BW))](x, N, W, U=U, BW=BW, num_warps=4)
+    return x
 
 
 def _tables(D: int, device):
@@ -559,8 +597,8 @@ def _segment_states(cfg: _Cfg, k1, k2, v1, v2, c0: int, nf: int, prefix, prefd):
     sd[:, 0] = prefd
     _state_kernel[(nf, cfg.B * cfg.HK, cfg.NKB)](k1, k2, v1, v2, st, sd, cfg.ia, cfg.ib, cfg.T, c0 * cfg.F, nf + 1,
                                                  cfg.HK, cfg.KP, num_warps=TUNE["WARPS_STATE"], **cfg.kw)
-    st.cumsum_(1)
-    sd.cumsum_(1)
+    _chunk_cumsum_(st)
+    _chunk_cumsum_(sd)
     return st, sd
 
 
@@ -659,8 +697,8 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg
         (nb1, kw1), (nb2, kw2) = cfg.walk
         _bwd_kernel[(nf, B * HQ, nb1)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, rs, rs, rs, rs, 0, *args, MODE=1,
                                        **kw1)
-        rs.cumsum_(1)
-        rd.cumsum_(1)
+        _chunk_cumsum_(rs)
+        _chunk_cumsum_(rd)
         dus = [torch.empty(B, TS, HQ, KP, **f32) for _ in range(3)]
         gv = torch.zeros(2, B, TS, HQ, DV, **f32)
         _bwd_kernel[(nf, B * HQ, nb2)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, *dus, gv, gv[0].numel(), *args,
