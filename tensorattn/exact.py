@@ -46,7 +46,8 @@ class NaiveBackend(Backend):
     def fwd(self, q, k1, k2, v1, v2, *, scale, causal, window):
         return exact_torch.naive_fwd(q, k1, k2, v1, v2, scale=scale, causal=causal, window=window)
 
-    def bwd(self, do, q, k1, k2, v1, v2, o, lse, *, scale, causal, window):
+    def bwd(self, do, q, k1, k2, v1, v2, o, lse, *, scale, causal, window, deterministic=False):
+        # deterministic either way: no atomics
         return exact_torch.naive_bwd(do, q, k1, k2, v1, v2, o, lse, scale=scale, causal=causal, window=window)
 
 
@@ -61,7 +62,8 @@ class TorchBackend(Backend):
     def fwd(self, q, k1, k2, v1, v2, *, scale, causal, window):
         return exact_torch.torch_fwd(q, k1, k2, v1, v2, scale=scale, causal=causal, window=window)
 
-    def bwd(self, do, q, k1, k2, v1, v2, o, lse, *, scale, causal, window):
+    def bwd(self, do, q, k1, k2, v1, v2, o, lse, *, scale, causal, window, deterministic=False):
+        # deterministic either way: no atomics
         return exact_torch.torch_bwd(do, q, k1, k2, v1, v2, o, lse, scale=scale, causal=causal, window=window)
 
 
@@ -95,9 +97,9 @@ class TritonBackend(Backend):
     def fwd(self, q, k1, k2, v1, v2, *, scale, causal, window, docs=None):
         return self._mods()[0].exact_fwd(q, k1, k2, v1, v2, scale=scale, causal=causal, window=window, docs=docs)
 
-    def bwd(self, do, q, k1, k2, v1, v2, o, lse, *, scale, causal, window, docs=None):
+    def bwd(self, do, q, k1, k2, v1, v2, o, lse, *, scale, causal, window, docs=None, deterministic=False):
         return self._mods()[1].exact_bwd(do, q, k1, k2, v1, v2, o, lse, scale=scale, causal=causal, window=window,
-                                         docs=docs)
+                                         docs=docs, deterministic=deterministic)
 
 
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (TritonBackend(), TorchBackend(), NaiveBackend())}
@@ -126,10 +128,12 @@ class TensorAttnFunction(torch.autograd.Function):
 
     @staticmethod
     @no_autocast  # the backward must recompute exactly the scores whose log-sum-exp is saved here
-    def forward(ctx, q, k1, k2, v1, v2, scale: float, causal: bool, window, backend: Backend):
+    def forward(ctx, q, k1, k2, v1, v2, scale: float, causal: bool, window, backend: Backend,
+                deterministic: bool = False):
         o, lse = backend.fwd(q, k1, k2, v1, v2, scale=scale, causal=causal, window=window)
         ctx.save_for_backward(q, k1, k2, v1, v2, o, lse)
         ctx.scale, ctx.causal, ctx.window, ctx.backend = scale, causal, window, backend
+        ctx.kw = dict(deterministic=True) if deterministic else {}  # a backend's bwd need not know the flag
         return o
 
     @staticmethod
@@ -138,8 +142,8 @@ class TensorAttnFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k1, k2, v1, v2, o, lse = ctx.saved_tensors
         grads = ctx.backend.bwd(do.contiguous(), q, k1, k2, v1, v2, o, lse, scale=ctx.scale, causal=ctx.causal,
-                                window=ctx.window)
-        return (*grads, None, None, None, None)
+                                window=ctx.window, **ctx.kw)
+        return (*grads, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,11 +156,12 @@ def _window(window: Optional[List[int]]):
 @torch.library.custom_op("tensorattn::exact_fwd", mutates_args=())
 def exact_fwd_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, scale: float,
                  causal: bool, window: Optional[List[int]], backend: str, doc_lo: Optional[torch.Tensor] = None,
-                 doc_hi: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 doc_hi: Optional[torch.Tensor] = None, deterministic: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward of :func:`tensor_attn` on the named backend (inputs validated by the caller): ``(o [B, T, Hq, Dv]``
     in the input dtype, ``lse [B, Hq, T]`` natural log in the accumulation dtype), both contiguous. Runs with
     autocast off (see :func:`tensorattn.dispatch.no_autocast`). ``doc_lo``, ``doc_hi``: packed documents on the
-    fused kernels (int32 ``[T]``: each position's document start and end; :func:`tensorattn.packing.document_bounds`)."""
+    fused kernels (int32 ``[T]``: each position's document start and end; :func:`tensorattn.packing.document_bounds`).
+    ``deterministic``: for the backward (kept with the autograd context; the forward has no atomics)."""
     _check_docs(doc_lo, doc_hi, q)
     with autocast_off(q.device.type):
         o, lse = BACKENDS[backend].fwd(q, k1, k2, v1, v2, scale=scale, causal=causal, window=_window(window),
@@ -187,7 +192,7 @@ def _docs(doc_lo, doc_hi):
 
 
 @exact_fwd_op.register_fake
-def _exact_fwd_fake(q, k1, k2, v1, v2, scale, causal, window, backend, doc_lo=None, doc_hi=None):
+def _exact_fwd_fake(q, k1, k2, v1, v2, scale, causal, window, backend, doc_lo=None, doc_hi=None, deterministic=False):
     B, T, Hq, _ = q.shape
     return (q.new_empty(B, T, Hq, v1.shape[3]), q.new_empty(B, Hq, T, dtype=acc_dtype(q.dtype)))
 
@@ -196,34 +201,37 @@ def _exact_fwd_fake(q, k1, k2, v1, v2, scale, causal, window, backend, doc_lo=No
 def exact_bwd_op(do: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor,
                  v2: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
                  window: Optional[List[int]], backend: str, doc_lo: Optional[torch.Tensor] = None,
-                 doc_hi: Optional[torch.Tensor] = None
+                 doc_hi: Optional[torch.Tensor] = None, deterministic: bool = False
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`tensor_attn`: ``(dq, dk1, dk2, dv1, dv2)`` in the inputs' dtypes, contiguous. Not
-    differentiable: differentiating its outputs raises (a double backward of ``tensor_attn``)."""
+    differentiable: differentiating its outputs raises (a double backward of ``tensor_attn``). ``deterministic``:
+    no floating-point atomics (bitwise the same gradients on every run)."""
     with autocast_off(q.device.type), torch.no_grad():
         grads = BACKENDS[backend].bwd(do.contiguous(), q, k1, k2, v1, v2, o, lse, scale=scale, causal=causal,
-                                      window=_window(window), **_docs(doc_lo, doc_hi))
+                                      window=_window(window), deterministic=deterministic, **_docs(doc_lo, doc_hi))
     return tuple(g.contiguous() for g in grads)
 
 
 @exact_bwd_op.register_fake
-def _exact_bwd_fake(do, q, k1, k2, v1, v2, o, lse, scale, causal, window, backend, doc_lo=None, doc_hi=None):
+def _exact_bwd_fake(do, q, k1, k2, v1, v2, o, lse, scale, causal, window, backend, doc_lo=None, doc_hi=None,
+                    deterministic=False):
     return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k1, k2, v1, v2))
 
 
 def _exact_setup_context(ctx, inputs, output):
-    q, k1, k2, v1, v2, scale, causal, window, backend, doc_lo, doc_hi = inputs
+    q, k1, k2, v1, v2, scale, causal, window, backend, doc_lo, doc_hi, deterministic = inputs
     o, lse = output
     ctx.save_for_backward(q, k1, k2, v1, v2, o, lse, doc_lo, doc_hi)  # the bounds: int32, or None
     ctx.mark_non_differentiable(lse)
-    ctx.cfg = (scale, causal, window, backend)
+    ctx.cfg = (scale, causal, window, backend, deterministic)
 
 
 def _exact_backward(ctx, do, _dlse):
     q, k1, k2, v1, v2, o, lse, doc_lo, doc_hi = ctx.saved_tensors
-    scale, causal, window, backend = ctx.cfg
-    grads = exact_bwd_op(do, q, k1, k2, v1, v2, o, lse, scale, causal, window, backend, doc_lo, doc_hi)
-    return (*grads, None, None, None, None, None, None)
+    scale, causal, window, backend, deterministic = ctx.cfg
+    grads = exact_bwd_op(do, q, k1, k2, v1, v2, o, lse, scale, causal, window, backend, doc_lo, doc_hi,
+                         deterministic)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 exact_fwd_op.register_autograd(_exact_backward, setup_context=_exact_setup_context)
@@ -233,7 +241,7 @@ refuse_double_backward_op(exact_bwd_op, "tensor_attn")
 def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, *,
                 scale: Optional[float] = None, causal: bool = False, window=None, backend: str = "auto",
                 check_finite: Optional[bool] = None, cu_seqlens: Optional[torch.Tensor] = None,
-                max_seqlen: Optional[int] = None) -> torch.Tensor:
+                max_seqlen: Optional[int] = None, deterministic: bool = False) -> torch.Tensor:
     """Exact tensor (2-simplicial) attention with autograd.
 
     For each query ``i`` and visible key pair ``(j1, j2)``::
@@ -254,6 +262,10 @@ def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
             :func:`tensorattn._validate.scale_bound` (about 1.8e19; 1.3e154 for float64 inputs), above which the
             float32 scores would overflow.
         causal: causal mask on both key streams (a bool; numpy bools are accepted).
+        deterministic: a backward without floating-point atomics, so gradients are bitwise the same on every run
+            (a bool). Only the Triton backend has atomics (its dk1/dv1 adds); there it runs its key-major kernel
+            a second time with the streams swapped instead (about 3/8 more backward products). The torch and
+            naive backends are deterministic either way.
         window: ``None``, ``w`` or ``(w1, w2)`` with ``w1, w2 >= 1``.
         backend: ``"auto"`` (triton on CUDA, else torch), ``"triton"``, ``"torch"`` or ``"naive"``.
         check_finite: refuse NaN/Inf inputs with a ``ValueError``. ``None`` (default) checks CPU inputs only:
@@ -286,6 +298,7 @@ def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
         torch.Size([1, 16, 2, 8])
     """
     causal = check_bool("causal", causal)
+    deterministic = check_bool("deterministic", deterministic)
     B, T, Hq, Hkv, D, Dv, S1, S2, win = check_attn_inputs(q, k1, k2, v1, v2, causal=causal, window=window,
                                                           check_finite=check_finite)
     scale = check_scale(scale, D, dtype=q.dtype)
@@ -304,11 +317,12 @@ def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
     if bounds is not None and len(bounds) > 2:
         if BACKENDS.get("triton") is not be:  # the other backends run once per document
             return run_per_document(lambda *xs: tensor_attn(*xs, scale=scale, causal=packed_causal, window=window,
-                                                            backend=backend, check_finite=False), bounds,
+                                                            backend=backend, check_finite=False,
+                                                            deterministic=deterministic), bounds,
                                     q, k1, k2, v1, v2)
         docs = document_bounds(cu_seqlens, T)  # the fused kernels: one launch, the boundaries in their masks
     if be.name not in BACKENDS or BACKENDS[be.name] is not be:  # a backend object not registered by name
-        return TensorAttnFunction.apply(q, k1, k2, v1, v2, scale, causal, win, be)
+        return TensorAttnFunction.apply(q, k1, k2, v1, v2, scale, causal, win, be, deterministic)
     o, _ = exact_fwd_op(q, k1, k2, v1, v2, scale, causal, None if win is None else list(win), be.name,
-                        *(docs if docs is not None else (None, None)))
+                        *(docs if docs is not None else (None, None)), deterministic)
     return o

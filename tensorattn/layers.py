@@ -311,6 +311,7 @@ class TensorAttention(nn.Module):
         backend: passed to :func:`tensorattn.exact.tensor_attn` (``"auto"`` picks the fastest that fits).
         bias: bias in the projections.
         check_finite: refuse NaN/Inf in ``x``/``y``/``z`` (``None``: only for CPU tensors).
+        deterministic: bitwise reproducible gradients (see :func:`tensorattn.exact.tensor_attn`).
 
     Parameters: ``6 · dim · H · D`` without GQA (five input projections and the output), versus
     ``4 · dim · H · D`` for :class:`SoftmaxAttention`.
@@ -319,9 +320,10 @@ class TensorAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int, *, head_dim: Optional[int] = None, n_kv_heads: Optional[int] = None,
                  causal: bool = False, window=None, rope: bool = False, scale: Optional[float] = None,
                  backend: str = "auto", bias: bool = False, _key_dim: Optional[int] = None,
-                 check_finite: Optional[bool] = None):
+                 check_finite: Optional[bool] = None, deterministic: bool = False):
         super().__init__()
         _check_dims(dim=dim, n_heads=n_heads)
+        self.deterministic = check_bool("deterministic", deterministic)
         head_dim = dim // n_heads if head_dim is None else head_dim
         key_dim = head_dim if _key_dim is None else _key_dim
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
@@ -361,7 +363,7 @@ class TensorAttention(nn.Module):
 
     def _attend(self, q, k1, k2, v1, v2, cu_seqlens=None):
         return tensor_attn(q, k1, k2, v1, v2, scale=self.scale, causal=self.causal, window=self.window,
-                           backend=self.backend, cu_seqlens=cu_seqlens)
+                           backend=self.backend, cu_seqlens=cu_seqlens, deterministic=self.deterministic)
 
     def new_cache(self) -> DecodeCache:
         """An empty cache for incremental decoding (see :class:`DecodeCache` for what it keeps and costs)."""

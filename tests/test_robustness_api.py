@@ -285,9 +285,10 @@ def test_numpy_bool_is_accepted_by_the_ops():
     lambda x: ta.tensor_attn(*x, causal="False"),
     lambda x: ta.naive_tensor_attn(*x, causal="False"),
     lambda x: ta.naive_tensor_attn(*x, return_lse="no"),
-], ids=["naive_order_attn", "tensor_attn", "naive_tensor_attn", "return_lse"])
+    lambda x: ta.tensor_attn(*x, deterministic="no"),
+], ids=["naive_order_attn", "tensor_attn", "naive_tensor_attn", "return_lse", "deterministic"])
 def test_string_flags_are_refused_by_the_ops(call):
-    with pytest.raises(TypeError, match=r"(causal|return_lse) must be a bool \(True or False\), got str"):
+    with pytest.raises(TypeError, match=r"(causal|return_lse|deterministic) must be a bool \(True or False\), got str"):
         call(five())
 
 
@@ -308,6 +309,22 @@ def test_string_flags_are_refused_by_the_layers(cls, flag):
     value = "no" if flag != "causal" else "False"
     with pytest.raises(TypeError, match=rf"{flag} must be a bool \(True or False\), got str '{value}'"):
         cls(8, 2, **{flag: value})
+
+
+def test_deterministic_flag_of_the_exact_layer_and_op():
+    with pytest.raises(TypeError, match=r"deterministic must be a bool \(True or False\), got int"):
+        TensorAttention(8, 2, deterministic=1)
+    x = five()
+    ref = [t.clone().requires_grad_() for t in x]
+    det = [t.clone().requires_grad_() for t in x]
+    for backend in ("torch", "naive"):  # deterministic either way: the flag changes nothing there
+        o1 = ta.tensor_attn(*ref, causal=True, backend=backend)
+        o2 = ta.tensor_attn(*det, causal=True, backend=backend, deterministic=True)
+        assert torch.equal(o1, o2)
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(o1.sum(), ref),
+                                                      torch.autograd.grad(o2.sum(), det)))
+    layer = TensorAttention(8, 2, causal=True, deterministic=True)
+    assert layer.deterministic is True and layer(torch.randn(1, 5, 8)).shape == (1, 5, 8)
 
 
 @pytest.mark.parametrize("cls", [TensorAttention, PolyTensorAttention])

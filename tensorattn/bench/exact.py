@@ -96,6 +96,17 @@ def bench_config(name, cfg, *, dtype, device, warmup, rep, sdpa=True, peer=True,
                         lambda: exact_bwd(do, q, k1, k2, v1, v2, o, lse, **kw, block=block), fwdbwd, device, warmup, rep))
     row["resources"] = resources()
     rows.append(row)
+    if block is None:  # the cost of a bitwise-reproducible backward (no atomics)
+        def fwdbwd_det():
+            from ..exact import tensor_attn
+            out = tensor_attn(*leaves, window=window, causal=True, backend="triton", deterministic=True)
+            torch.autograd.grad(out, leaves, do)
+
+        drow = dict(row, impl="tensorattn-triton deterministic")
+        drow.update(_measure(lambda: exact_fwd(q, k1, k2, v1, v2, **kw),
+                             lambda: exact_bwd(do, q, k1, k2, v1, v2, o, lse, **kw, deterministic=True), fwdbwd_det,
+                             device, warmup, rep))
+        rows.append(drow)
 
     if sdpa:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -194,7 +205,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 continue  # GP must be the config's group size rounded up to a power of two
             rows += bench_config(name, CONFIGS[name], dtype=dtype, device=device, warmup=args.warmup,
                                  rep=args.rep, sdpa=False, peer=False, block=blk)
-        for r in rows[-3:]:
+        for r in [r for r in rows if r.get("config") == name]:
             print({k: r.get(k) for k in COLUMNS}, flush=True)
         paths = _report(args, argv, rows, device)  # after every config: a timeout keeps what was measured
     print(open(paths["md"]).read())

@@ -15,7 +15,8 @@ the forward), ``dP = (dO * v1[j1]) @ v2^T``, ``Delta = rowsum(dO * O)`` and ``dS
 
 Four matrix products per tile in each kernel (8 in all, against the forward's 2). Accumulation is float32;
 products take the input dtype (float32: "ieee"). The atomic adds make dk1/dv1 reproducible only up to
-float32 summation order.
+float32 summation order; ``deterministic=True`` replaces them by a second run of the key-major kernel with the
+streams swapped (bitwise reproducible, 11 products per tile pair instead of 8).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def _bwd_q_kernel(
     T, S1, S2, Hkv, G, D, Dv, W1, W2, scale,
     MODE: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, KV1: tl.constexpr,
 ):
     M: tl.constexpr = BT * GP
     LOG2E_: tl.constexpr = 1.4426950408889634
@@ -134,12 +135,15 @@ def _bwd_q_kernel(
             dp = tl.dot(dov1, tl.trans(v2), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             t = tl.dot(ds.to(DOT_DTYPE), k2, acc=t, input_precision=PRECISION)
-            u = tl.dot(p.to(DOT_DTYPE), v2, acc=u, input_precision=PRECISION)
+            if KV1:
+                u = tl.dot(p.to(DOT_DTYPE), v2, acc=u, input_precision=PRECISION)
         # k1 is re-read (an L1/L2 hit) rather than kept live through the inner loop
         dq += t * tl.load(k1p, mask=k1m, other=0.0).to(tl.float32)
         gk1 = t * (q.to(tl.float32) * scale)  # [M, BD]: contribution of each row to dk1[j1]
         gv1 = u * do.to(tl.float32)  # [M, BDV]
-        if MODE == 2:
+        if not KV1:  # deterministic backward: dk1, dv1 come from the key-major kernel with the streams swapped
+            pass
+        elif MODE == 2:
             # sum the GP heads of each token; token k's j1 is i0 + k - r
             gk1 = tl.sum(tl.reshape(gk1, [BT, GP, BD]), 1)
             gv1 = tl.sum(tl.reshape(gv1, [BT, GP, BDV]), 1)
@@ -276,7 +280,8 @@ def _bwd_k2_kernel(
              dv2.to(DV2.dtype.element_ty), mask=ok2[:, None] & e_ok[None, :])
 
 
-def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, window, block=None, docs=None):
+def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, window, block=None, docs=None,
+              deterministic: bool = False):
     """Launch the fused backward.
 
     Args:
@@ -284,6 +289,10 @@ def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
         o: the forward's output; lse: its ``[B, Hq, T]`` float32 natural-log log-sum-exp.
         block: optional ``(BT, GP, BN, BD, BDV, num_warps)`` override.
         docs: packed documents, as in :func:`tensorattn.triton.exact_fwd.exact_fwd`.
+        deterministic: no floating-point atomics, so the gradients are bitwise the same on every run: the
+            query-major kernel computes dq only, and dk1, dv1 come from the key-major kernel run a second time
+            with the two streams swapped (``(k1, v1) <-> (k2, v2)``, windows ``(w2, w1)``), each key block owned
+            by one program. About 3/8 more matrix products (11 per tile pair against 8).
 
     Returns:
         ``(dq, dk1, dk2, dv1, dv2)`` in the input dtype.
@@ -305,21 +314,30 @@ def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
     delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, Hq, T]
     lse = lse.contiguous()
     dq = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
-    dk1 = torch.zeros(B, S1, Hkv, D, dtype=torch.float32, device=q.device)
-    dv1 = torch.zeros(B, S1, Hkv, Dv, dtype=torch.float32, device=q.device)
+    if deterministic:
+        dk1 = torch.empty(B, S1, Hkv, D, dtype=q.dtype, device=q.device)
+        dv1 = torch.empty(B, S1, Hkv, Dv, dtype=q.dtype, device=q.device)
+    else:  # float32 buffers for the query-major kernel's atomic adds
+        dk1 = torch.zeros(B, S1, Hkv, D, dtype=torch.float32, device=q.device)
+        dv1 = torch.zeros(B, S1, Hkv, Dv, dtype=torch.float32, device=q.device)
     dk2 = torch.empty(B, S2, Hkv, D, dtype=q.dtype, device=q.device)
     dv2 = torch.empty(B, S2, Hkv, Dv, dtype=q.dtype, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     common = dict(MODE=mode, BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, DOT_DTYPE=dot_dtype(q.dtype), PRECISION=prec,
                   VARLEN=docs is not None, num_warps=warps, **stages)
     lo, hi = docs if docs is not None else (lse, lse)  # unused without documents
-    strides = (*q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *do.stride(), *lse.stride())
-    sizes = (T, S1, S2, Hkv, G, D, Dv, w1, w2, scale)
+    head = (*q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *do.stride(), *lse.stride())
     COMPILED['_bwd_q_kernel'] = _bwd_q_kernel[(triton.cdiv(T, BT), B * Hkv)](
-        q, k1, k2, v1, v2, do, lse, delta, dq, dk1, dv1, lo, hi, *strides, *dq.stride(), *dk1.stride(), *dv1.stride(),
-        *sizes, **common)
+        q, k1, k2, v1, v2, do, lse, delta, dq, dk1, dv1, lo, hi, *head, *dq.stride(), *dk1.stride(), *dv1.stride(),
+        T, S1, S2, Hkv, G, D, Dv, w1, w2, scale, KV1=not deterministic, **common)
     COMPILED['_bwd_k2_kernel'] = _bwd_k2_kernel[(triton.cdiv(S2, BN), B * Hkv)](
-        q, k1, k2, v1, v2, do, lse, delta, dk2, dv2, lo, hi, *strides, *dk2.stride(), *dv2.stride(), *sizes, **common)
+        q, k1, k2, v1, v2, do, lse, delta, dk2, dv2, lo, hi, *head, *dk2.stride(), *dv2.stride(),
+        T, S1, S2, Hkv, G, D, Dv, w1, w2, scale, **common)
+    if deterministic:  # the same kernel with the streams swapped: stream 1's gradients, one owner per key block
+        swapped = (*q.stride(), *k2.stride(), *k1.stride(), *v2.stride(), *v1.stride(), *do.stride(), *lse.stride())
+        _bwd_k2_kernel[(triton.cdiv(S1, BN), B * Hkv)](
+            q, k2, k1, v2, v1, do, lse, delta, dk1, dv1, lo, hi, *swapped, *dk1.stride(), *dv1.stride(),
+            T, S2, S1, Hkv, G, D, Dv, w2, w1, scale, **common)
     dk1, dv1 = dk1.to(q.dtype), dv1.to(q.dtype)
     if swap:
         dk1, dk2, dv1, dv2 = dk2, dk1, dv2, dv1
