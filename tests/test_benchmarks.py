@@ -81,6 +81,23 @@ def test_scan_vs_pairs_benchmark_writes_both_algorithms(tmp_path):
     assert "device" in out.with_suffix(".md").read_text()
 
 
+def test_packed_bench_compares_packed_with_padded(tmp_path):
+    out = tmp_path / "pb"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "packed_bench.py"), "--lengths", "5,1,17", "--heads",
+                        "2", "--head-dim", "16", "--window", "6,3", "--dtype", "float32", "--rep", "1", "--warmup", "0",
+                        "--device", "cpu", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(row["op"], row["layout"]) for row in rows] == [("exact", "packed"), ("exact", "padded"),
+                                                            ("poly", "packed"), ("poly", "padded")]
+    assert [row["rows_computed"] for row in rows] == [23, 51, 23, 51]
+    for row in rows:
+        assert row["ms_fwd_bwd"] > 0 and row["tokens_per_s"] > 0
+        if row["layout"] == "packed":  # the same function as the padded run on the real rows
+            assert row["max_rel_diff"] < 1e-5 and row["speedup_vs_padded"] > 0
+    assert "device" in out.with_suffix(".md").read_text()
+
+
 def test_bench_poly_help_lists_the_peer_flags():
     r = subprocess.run([sys.executable, "-m", "tensorattn", "bench", "poly", "--help"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
