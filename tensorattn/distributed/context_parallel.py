@@ -175,7 +175,7 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
     call: one all-reduce (non-causal) or one all-gather (causal) of ``B · Hkv · k · (2 Dv + 2)`` numbers,
     ``k = C(D + g, g)``, independent of the sequence length; the same again in the backward.
     Shards may have different lengths on different ranks (each ``>= 1``). Without a process group (or
-    with one rank) it is the single-process op.
+    with one rank) it calls the single-process op (``chunk_size`` then has no effect).
 
     Args:
         q: ``[B, T_r, Hq, D]`` this rank's queries.
@@ -217,6 +217,16 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
     scale = check_scale(scale, D)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ('auto', 'triton' or 'torch'), got {type(backend).__name__}")
+    if not causal and backend not in ("auto", "torch"):
+        raise ValueError(f"backend must be 'auto' or 'torch' for non-causal calls (two products of the states, no "
+                         f"fused kernel), got {backend!r}")
+    if get_world_size(group) == 1:  # nothing to exchange: the single-process op (checked above)
+        from ..poly import poly_tensor_attn
+
+        return poly_tensor_attn(q, k1, k2, v1, v2, degree=degree, causal=causal, scale=scale, backend=backend,
+                                check_finite=False)
     from ..naive import acc_dtype
     from ..poly.common import _Feat
     from ..poly.scan import _scan_attn, _scan_chunk
@@ -224,11 +234,6 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
     groups = Hq // Hkv
     feat = _Feat(D, degree, scale, acc_dtype(q.dtype), q.device)
     k = feat.w.numel()
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str ('auto', 'triton' or 'torch'), got {type(backend).__name__}")
-    if not causal and backend not in ("auto", "torch"):
-        raise ValueError(f"backend must be 'auto' or 'torch' for non-causal calls (two products of the states, no "
-                         f"fused kernel), got {backend!r}")
     if causal:
         from ..dispatch import choose
         from ..poly import BACKENDS
