@@ -52,6 +52,7 @@ class TrainConfig:
     strategy: str = "none"  # data parallelism under torchrun: "none" | "ddp" | "fsdp" (FSDP2); batch_size is global
     # --- optimisation
     steps: int = 500  # optimiser steps (the cosine schedule ends here)
+    time_budget_s: float = 0.0  # stop after this many seconds of training steps (evaluations not counted); the cosine schedule then runs over the budget, `steps` stays the cap; 0 = none
     batch_size: int = 32  # examples per step (the global batch under torchrun)
     lr: float = 1e-3  # peak learning rate (AdamW)
     min_lr: float = 1e-4  # the cosine schedule's floor
@@ -118,7 +119,7 @@ class TrainConfig:
         for k in nonneg:
             if getattr(self, k) < 0:
                 raise ValueError(f"config key {k!r} must be >= 0, got {getattr(self, k)}")
-        for k in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        for k in ("lr", "min_lr", "weight_decay", "grad_clip", "time_budget_s"):
             v = getattr(self, k)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"config key {k!r} must be a finite number >= 0, got {v}")

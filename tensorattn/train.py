@@ -75,12 +75,20 @@ def _build(cfg: TrainConfig, device, task: Optional[Task] = None):
 
 
 # ---------------------------------------------------------------------------------------------- training
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
+def lr_at(cfg: TrainConfig, step: int, train_time: float = 0.0) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``, or with
+    ``time_budget_s`` at the end of the budget (``train_time`` seconds of training steps so far, whichever of the
+    two ends first)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.time_budget_s > 0:
+        frac = max(frac, train_time / cfg.time_budget_s)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac))) * (cfg.lr - cfg.min_lr)
+
+
+def _over_budget(cfg: TrainConfig, train_time: float) -> bool:
+    return cfg.time_budget_s > 0 and train_time >= cfg.time_budget_s
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -314,6 +322,9 @@ def _train(cfg: TrainConfig, info: "td.DistInfo", task: Optional[Task] = None) -
             elif step >= cfg.steps:
                 _say(f"{out} is already finished (step {step} of {cfg.steps}); nothing to train. Raise steps to "
                      "continue it with a longer schedule, or resume=false to start afresh")
+            elif _over_budget(cfg, train_time):
+                _say(f"{out} is already finished (its time budget of {cfg.time_budget_s:g} s is spent, at step "
+                     f"{step}); nothing to train. Use resume=false to start afresh")
         if main_rank:
             for rec in _truncate_metrics(metrics_path, step):
                 last.update(rec)
@@ -340,8 +351,8 @@ def _train(cfg: TrainConfig, info: "td.DistInfo", task: Optional[Task] = None) -
         bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.task}:{cfg.pattern if cfg.task != 'mfeat' else cfg.mixer}",
                    dynamic_ncols=True, file=sys.stderr)
     model.train()
-    while step < end:
-        lr = lr_at(cfg, step)
+    while step < end and not _over_budget(cfg, train_time):
+        lr = lr_at(cfg, step, train_time)
         for gr in opt.param_groups:
             gr["lr"] = lr
         batch = task.train_batch(gen)  # the global batch (every rank draws it) ...
@@ -358,9 +369,12 @@ def _train(cfg: TrainConfig, info: "td.DistInfo", task: Optional[Task] = None) -
         opt.step()
         opt.zero_grad(set_to_none=True)
         lval = loss.item()  # also synchronises, so the timing below is the step's real time
-        train_time += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
         if W > 1:
             lval = td.all_reduce_mean(lval)  # equal shares: the mean of the shares' means is the batch mean
+            if cfg.time_budget_s > 0:  # the ranks' mean step time: every rank stops at the same step
+                dt = td.all_reduce_mean(dt)
+        train_time += dt
         tokens += task.tokens_per_batch
         step += 1
         acc_loss += lval
@@ -368,11 +382,12 @@ def _train(cfg: TrainConfig, info: "td.DistInfo", task: Optional[Task] = None) -
         if not math.isfinite(lval):  # the same value on every rank, so all of them stop
             raise FloatingPointError(f"training loss is {lval} at step {step}; lower 'lr' or check the data")
         rec: Dict[str, Any] = {}
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        final = step == cfg.steps or _over_budget(cfg, train_time)  # the last step: log, evaluate, checkpoint
+        if step % cfg.log_every == 0 or final:
             rec.update(step=step, lr=lr, train_loss=acc_loss / acc_n, grad_norm=float(gnorm), tokens=tokens,
                        tokens_per_s=tokens / max(train_time, 1e-9))
             acc_loss, acc_n = 0.0, 0
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if step % cfg.eval_every == 0 or final:
             model.eval()
             rec.update(step=step, **task.evaluate(run_model, autocast))  # every rank: FSDP2 forwards are collective
             model.train()
@@ -385,16 +400,19 @@ def _train(cfg: TrainConfig, info: "td.DistInfo", task: Optional[Task] = None) -
             elif main_rank and any(k.startswith(("val_", "test_")) for k in rec):  # a log file: one plain line
                 _say(f"step {step}/{cfg.steps} " + " ".join(f"{k}={v:.4g}" for k, v in rec.items()
                                                           if k.startswith(("train_loss", "val_", "test_"))))
-        if (step % cfg.eval_every == 0 or step == cfg.steps or step == cfg.stop_at
+        if (step % cfg.eval_every == 0 or final or step == cfg.stop_at
                 or (cfg.ckpt_every and step % cfg.ckpt_every == 0)):
             checkpoint()
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    if main_rank and step < cfg.steps:
+    finished = step >= cfg.steps or _over_budget(cfg, train_time)
+    if main_rank and not finished:
         _say(f"stopped at step {step} of {cfg.steps} (stop_at); run again with resume=true to continue")
-    summary = {"step": step, "finished": step >= cfg.steps, "params": n_params, "tokens": tokens,
+    elif main_rank and step < cfg.steps:
+        _say(f"stopped at step {step} of {cfg.steps}: the time budget of {cfg.time_budget_s:g} s is spent")
+    summary = {"step": step, "finished": finished, "params": n_params, "tokens": tokens,
                "train_time_s": train_time, "tokens_per_s": tokens / max(train_time, 1e-9),
                "final": {k: v for k, v in last.items() if k.startswith(("val_", "test_", "train_loss"))},
                "config": dataclasses.asdict(cfg), "task_info": getattr(task, "info", {}),

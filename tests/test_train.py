@@ -93,6 +93,31 @@ def test_lr_schedule_warmup_then_cosine():
     assert all(lr_at(cfg, s) >= lr_at(cfg, s + 1) for s in range(10, 110))
 
 
+def test_lr_schedule_over_a_time_budget():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, steps=10_000, time_budget_s=100.0)
+    assert lr_at(cfg, 5, 50.0) == pytest.approx(0.6)  # warm-up by steps still
+    assert lr_at(cfg, 20, 50.0) == pytest.approx(0.55)  # half the budget: the cosine's middle
+    assert lr_at(cfg, 20, 100.0) == pytest.approx(0.1) and lr_at(cfg, 20, 250.0) == pytest.approx(0.1)
+    assert lr_at(cfg, 9_990, 1.0) < 0.11  # whichever of steps and budget ends first
+
+
+def test_time_budget_stops_training_with_a_final_evaluation(tmp_path):
+    s = train(_cfg(tmp_path, pattern="S", steps=100_000, eval_every=100_000, log_every=100_000, warmup_steps=1,
+                   time_budget_s=0.5))
+    assert s["finished"] and 0 < s["step"] < 100_000
+    assert 0.5 <= s["train_time_s"] < 0.5 + 5.0  # stops at the first step past the budget
+    assert "val_loss" in s["final"]  # the last step evaluates, logs and checkpoints
+    recs = _lines(tmp_path / "run" / "metrics.jsonl")
+    assert recs[-1]["step"] == s["step"] and "val_loss" in recs[-1]
+    again = train(_cfg(tmp_path, pattern="S", steps=100_000, eval_every=100_000, log_every=100_000, warmup_steps=1,
+                       time_budget_s=0.5))
+    assert again["step"] == s["step"]  # resuming a spent budget trains nothing
+    with pytest.raises(ValueError, match="time_budget_s"):
+        TrainConfig(time_budget_s=-1.0).validate()
+    with pytest.raises(ValueError, match="time_budget_s"):
+        TrainConfig(time_budget_s=float("nan")).validate()
+
+
 # ------------------------------------------------------------------------------------------ config errors
 def test_config_file_and_overrides(tmp_path):
     p = tmp_path / "c.toml"
