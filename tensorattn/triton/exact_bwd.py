@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .exact_fwd import COMPILED, _doc_bounds, _doc_loops, block_sizes, dot_dtype, plan
+from .exact_fwd import COMPILED, _block_rows, _outer_keys, _pair_mask, _query_loops, block_sizes, dot_dtype, plan
 
 
 @triton.jit
@@ -52,15 +52,7 @@ def _bwd_q_kernel(
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
     i0 = pid_t * BT
-    rows = tl.arange(0, M)
-    tok = i0 + rows // GP
-    g = rows % GP
-    row_ok = (tok < T) & (g < G)
-    hq = hk * G + g
-    d = tl.arange(0, BD)
-    e = tl.arange(0, BDV)
-    d_ok = d < D
-    e_ok = e < Dv
+    tok, g, row_ok, hq, d, e, d_ok, e_ok = _block_rows(i0, hk, T, G, D, Dv, BT, GP, BD, BDV)
     b64 = b.to(tl.int64)
     K1 += b64 * sk1_b + hk * sk1_h
     K2 += b64 * sk2_b + hk * sk2_h
@@ -79,36 +71,10 @@ def _bwd_q_kernel(
     delta = tl.load(DELTA + b64 * sl_b + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0)
     dq = tl.zeros([M, BD], tl.float32)
 
-    i_last = tl.minimum(T, i0 + BT)
-    if MODE == 2:
-        n_outer = W1
-        lo2 = tl.maximum(0, i0 - W2 + 1)
-        hi2 = i_last
-    elif MODE == 1:
-        n_outer = i_last
-        lo2 = 0
-        hi2 = i_last
-    else:
-        n_outer = S1
-        lo2 = 0
-        hi2 = S2
-    r0 = 0
-    if VARLEN:  # packed documents: row i sees keys of its own document only, [lo_i, hi_i)
-        doc_lo, doc_hi = _doc_bounds(DOC_LO, DOC_HI, tok, row_ok)
-        lo2, hi2, r0, n_outer = _doc_loops(DOC_LO, DOC_HI, i0, i_last, lo2, hi2, n_outer, MODE)
-
+    r0, n_outer, lo2, hi2, doc_lo, doc_hi = _query_loops(DOC_LO, DOC_HI, i0, tok, row_ok, T, S1, S2, W1, W2, BT,
+                                                         MODE, VARLEN)
     for r in range(r0, n_outer):
-        if MODE == 2:
-            j1 = tok - r
-            ok1 = row_ok & (j1 >= 0)
-        elif MODE == 1:
-            j1 = tl.zeros([M], tl.int32) + r
-            ok1 = row_ok & (j1 <= tok)
-        else:
-            j1 = tl.zeros([M], tl.int32) + r
-            ok1 = row_ok
-        if VARLEN:
-            ok1 = ok1 & (j1 >= doc_lo) & (j1 < doc_hi)
+        j1, ok1 = _outer_keys(r, tok, row_ok, doc_lo, doc_hi, M, MODE, VARLEN)
         k1p = K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d
         k1m = ok1[:, None] & d_ok[None, :]
         v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :], other=0.0)
@@ -124,13 +90,7 @@ def _bwd_q_kernel(
             v2 = tl.load(V2 + j2[:, None] * sv2_t + e[None, :] * sv2_d, mask=ok2[:, None] & e_ok[None, :],
                          other=0.0).to(DOT_DTYPE)  # [BN, BDV]
             s = tl.dot(qk1, tl.trans(k2), input_precision=PRECISION)
-            vis = ok1[:, None] & ok2[None, :]
-            if MODE == 2:
-                vis = vis & (j2[None, :] <= tok[:, None]) & (j2[None, :] > tok[:, None] - W2)
-            elif MODE == 1:
-                vis = vis & (j2[None, :] <= tok[:, None])
-            if VARLEN:
-                vis = vis & (j2[None, :] >= doc_lo[:, None]) & (j2[None, :] < doc_hi[:, None])
+            vis = _pair_mask(ok1[:, None] & ok2[None, :], j2, tok, W2, doc_lo, doc_hi, MODE, VARLEN)
             p = tl.where(vis, tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0)), 0.0)  # P <= 1: lse >= max s
             dp = tl.dot(dov1, tl.trans(v2), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -233,32 +193,11 @@ def _bwd_k2_kernel(
                      mask=row_ok[:, None] & e_ok[None, :], other=0.0)
         lse2 = tl.load(LSE + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0) * LOG2E_
         delta = tl.load(DELTA + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0)
-        vis2 = row_ok[:, None] & ok2[None, :]
-        if MODE == 2:
-            vis2 = vis2 & (j2[None, :] <= tok[:, None]) & (j2[None, :] > tok[:, None] - W2)
-            n_outer = W1
-        elif MODE == 1:
-            vis2 = vis2 & (j2[None, :] <= tok[:, None])
-            n_outer = tl.minimum(T, i0 + BT)
-        else:
-            n_outer = S1
-        r0 = 0
-        if VARLEN:
-            doc_lo, doc_hi = _doc_bounds(DOC_LO, DOC_HI, tok, row_ok)
-            vis2 = vis2 & (j2[None, :] >= doc_lo[:, None]) & (j2[None, :] < doc_hi[:, None])
-            _l2, _h2, r0, n_outer = _doc_loops(DOC_LO, DOC_HI, i0, tl.minimum(T, i0 + BT), 0, S2, n_outer, MODE)
+        r0, n_outer, _lo2, _hi2, doc_lo, doc_hi = _query_loops(DOC_LO, DOC_HI, i0, tok, row_ok, T, S1, S2, W1, W2,
+                                                               BT, MODE, VARLEN)
+        vis2 = _pair_mask(row_ok[:, None] & ok2[None, :], j2, tok, W2, doc_lo, doc_hi, MODE, VARLEN)
         for r in range(r0, n_outer):
-            if MODE == 2:
-                j1 = tok - r
-                ok1 = row_ok & (j1 >= 0)
-            elif MODE == 1:
-                j1 = tl.zeros([M], tl.int32) + r
-                ok1 = row_ok & (j1 <= tok)
-            else:
-                j1 = tl.zeros([M], tl.int32) + r
-                ok1 = row_ok
-            if VARLEN:
-                ok1 = ok1 & (j1 >= doc_lo) & (j1 < doc_hi)
+            j1, ok1 = _outer_keys(r, tok, row_ok, doc_lo, doc_hi, M, MODE, VARLEN)
             k1 = tl.load(K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d, mask=ok1[:, None] & d_ok[None, :],
                          other=0.0).to(tl.float32)
             v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :],

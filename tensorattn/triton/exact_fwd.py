@@ -99,6 +99,80 @@ def _doc_loops(DOC_LO, DOC_HI, i0, i_last, lo2, hi2, n_outer, MODE: tl.constexpr
     return lo2, hi2, r0, n_outer
 
 
+# --------------------------------------------------------------------------------------------------
+# Prologues shared by the forward and the two backward kernels (inlined by the compiler)
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _block_rows(i0, hk, T, G, D, Dv, BT: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+    """The ``M = BT * GP`` rows of a query block (GQA packing: row ``m`` is token ``i0 + m // GP``, head
+    ``hk * G + m % GP``) and the head-dim lanes: ``tok, g, row_ok, hq, d, e, d_ok, e_ok``."""
+    rows = tl.arange(0, BT * GP)
+    tok = i0 + rows // GP
+    g = rows % GP
+    row_ok = (tok < T) & (g < G)
+    d = tl.arange(0, BD)
+    e = tl.arange(0, BDV)
+    return tok, g, row_ok, hk * G + g, d, e, d < D, e < Dv
+
+
+@triton.jit
+def _query_loops(DOC_LO, DOC_HI, i0, tok, row_ok, T, S1, S2, W1, W2, BT: tl.constexpr, MODE: tl.constexpr,
+                 VARLEN: tl.constexpr):
+    """Loop bounds of a query block: the outer steps ``r0 .. n_outer`` (relative ``j1 = i - r`` in window mode,
+    absolute else), the inner key range ``[lo2, hi2)`` (the union of the rows' ``j2`` ranges), and each row's
+    document ``[doc_lo, doc_hi)`` (packed documents; without them ``tok`` twice, unused)."""
+    i_last = tl.minimum(T, i0 + BT)  # one past the last query of the block
+    if MODE == 2:
+        n_outer = W1
+        lo2 = tl.maximum(0, i0 - W2 + 1)
+        hi2 = i_last
+    elif MODE == 1:
+        n_outer = i_last
+        lo2 = 0
+        hi2 = i_last
+    else:
+        n_outer = S1
+        lo2 = 0
+        hi2 = S2
+    r0 = 0
+    doc_lo = tok
+    doc_hi = tok
+    if VARLEN:  # packed documents: row i sees keys of its own document only, [lo_i, hi_i)
+        doc_lo, doc_hi = _doc_bounds(DOC_LO, DOC_HI, tok, row_ok)
+        lo2, hi2, r0, n_outer = _doc_loops(DOC_LO, DOC_HI, i0, i_last, lo2, hi2, n_outer, MODE)
+    return r0, n_outer, lo2, hi2, doc_lo, doc_hi
+
+
+@triton.jit
+def _outer_keys(r, tok, row_ok, doc_lo, doc_hi, M: tl.constexpr, MODE: tl.constexpr, VARLEN: tl.constexpr):
+    """Outer step ``r``: each row's first-stream position ``j1`` and whether it is visible (``ok1``)."""
+    if MODE == 2:
+        j1 = tok - r  # [M] relative: row i visits j1 = i - r
+        ok1 = row_ok & (j1 >= 0)
+    elif MODE == 1:
+        j1 = tl.zeros([M], tl.int32) + r
+        ok1 = row_ok & (j1 <= tok)
+    else:
+        j1 = tl.zeros([M], tl.int32) + r
+        ok1 = row_ok
+    if VARLEN:
+        ok1 = ok1 & (j1 >= doc_lo) & (j1 < doc_hi)
+    return j1, ok1
+
+
+@triton.jit
+def _pair_mask(vis, j2, tok, W2, doc_lo, doc_hi, MODE: tl.constexpr, VARLEN: tl.constexpr):
+    """``vis [M, BN]`` narrowed by the second stream's mask: ``j2 <= i`` (causal), ``i - w2 < j2 <= i`` (window),
+    the row's document (packed)."""
+    if MODE == 2:
+        vis = vis & (j2[None, :] <= tok[:, None]) & (j2[None, :] > tok[:, None] - W2)
+    elif MODE == 1:
+        vis = vis & (j2[None, :] <= tok[:, None])
+    if VARLEN:
+        vis = vis & (j2[None, :] >= doc_lo[:, None]) & (j2[None, :] < doc_hi[:, None])
+    return vis
+
+
 @triton.jit
 def _exact_fwd_kernel(
     Q, K1, K2, V1, V2, O, LSE, DOC_LO, DOC_HI,
@@ -120,16 +194,7 @@ def _exact_fwd_kernel(
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
     i0 = pid_t * BT
-
-    rows = tl.arange(0, M)
-    tok = i0 + rows // GP  # [M] query position of each row
-    g = rows % GP
-    row_ok = (tok < T) & (g < G)
-    hq = hk * G + g
-    d = tl.arange(0, BD)
-    e = tl.arange(0, BDV)
-    d_ok = d < D
-    e_ok = e < Dv
+    tok, g, row_ok, hq, d, e, d_ok, e_ok = _block_rows(i0, hk, T, G, D, Dv, BT, GP, BD, BDV)
     # 64-bit batch offsets: B * T * H * D can pass 2^31 elements
     b64 = b.to(tl.int64)
     Q += b64 * sq_b
@@ -146,36 +211,10 @@ def _exact_fwd_kernel(
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, BDV], tl.float32)
 
-    i_last = tl.minimum(T, i0 + BT)  # one past the last query of the block
-    if MODE == 2:
-        n_outer = W1
-        lo2 = tl.maximum(0, i0 - W2 + 1)
-        hi2 = i_last
-    elif MODE == 1:
-        n_outer = i_last
-        lo2 = 0
-        hi2 = i_last
-    else:
-        n_outer = S1
-        lo2 = 0
-        hi2 = S2
-    r0 = 0
-    if VARLEN:  # packed documents: row i sees keys of its own document only, [lo_i, hi_i)
-        doc_lo, doc_hi = _doc_bounds(DOC_LO, DOC_HI, tok, row_ok)
-        lo2, hi2, r0, n_outer = _doc_loops(DOC_LO, DOC_HI, i0, i_last, lo2, hi2, n_outer, MODE)
-
+    r0, n_outer, lo2, hi2, doc_lo, doc_hi = _query_loops(DOC_LO, DOC_HI, i0, tok, row_ok, T, S1, S2, W1, W2, BT,
+                                                         MODE, VARLEN)
     for r in range(r0, n_outer):
-        if MODE == 2:
-            j1 = tok - r  # [M] relative: row i visits j1 = i - r
-            ok1 = row_ok & (j1 >= 0)
-        elif MODE == 1:
-            j1 = tl.zeros([M], tl.int32) + r
-            ok1 = row_ok & (j1 <= tok)
-        else:
-            j1 = tl.zeros([M], tl.int32) + r
-            ok1 = row_ok
-        if VARLEN:
-            ok1 = ok1 & (j1 >= doc_lo) & (j1 < doc_hi)
+        j1, ok1 = _outer_keys(r, tok, row_ok, doc_lo, doc_hi, M, MODE, VARLEN)
         k1 = tl.load(K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d, mask=ok1[:, None] & d_ok[None, :], other=0.0)
         v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :], other=0.0)
         qk1 = (q.to(tl.float32) * k1.to(tl.float32) * qk_scale).to(DOT_DTYPE)  # [M, BD], base-2 logits
@@ -187,13 +226,7 @@ def _exact_fwd_kernel(
             v2 = tl.load(V2 + j2[:, None] * sv2_t + e[None, :] * sv2_d, mask=ok2[:, None] & e_ok[None, :],
                          other=0.0).to(DOT_DTYPE)  # [BN, BDV]
             s = tl.dot(qk1, k2t, input_precision=PRECISION)  # [M, BN], base-2 logits
-            vis = ok1[:, None] & ok2[None, :]
-            if MODE == 2:
-                vis = vis & (j2[None, :] <= tok[:, None]) & (j2[None, :] > tok[:, None] - W2)
-            elif MODE == 1:
-                vis = vis & (j2[None, :] <= tok[:, None])
-            if VARLEN:
-                vis = vis & (j2[None, :] >= doc_lo[:, None]) & (j2[None, :] < doc_hi[:, None])
+            vis = _pair_mask(ok1[:, None] & ok2[None, :], j2, tok, W2, doc_lo, doc_hi, MODE, VARLEN)
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
