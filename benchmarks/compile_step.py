@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from tensorattn import train as tt
+from tensorattn.config import load_config
 from tensorattn.bench.harness import machine_info, time_fn, write_report
 
 
 def _rows(path: str, overrides, warmup: int, rep: int):
-    cfg = tt.load_config(path, overrides)
+    cfg = load_config(path, overrides)
     device = tt._device(cfg)
     torch.manual_seed(cfg.seed)
     task, model = tt._build(cfg, device)

@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tensorattn import paper  # noqa: E402
+from tensorattn import fast, paper  # noqa: E402
 from tensorattn.bench.harness import guarded, machine_info, time_fn, write_report  # noqa: E402
 from tensorattn.fast import fast_loss_grad  # noqa: E402
 from tensorattn.features import rank  # noqa: E402
@@ -57,10 +57,10 @@ def call(method: str, n: int, d: int, g: int):
 
 def model_mib(method: str, n: int, d: int, g: int) -> float:
     if method == "closed_form":
-        bq = max(1, min(n, (1 << 22) // (n * n)))
+        bq = max(1, min(n, paper._ROW_ELEMS // (n * n)))  # the query rows paper.loss_grad streams at once
         return 8 * (n * n * d + 5 * bq * n * n) / 2**20
     k = rank(d, g)
-    rows = max(64, (1 << 20) // k)
+    rows = max(64, fast._CHUNK_ELEMS // k)
     return 8 * (10 * n * d + 3 * min(rows, n) * k) / 2**20
 
 

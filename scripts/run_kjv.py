@@ -23,7 +23,8 @@ import traceback
 from pathlib import Path
 
 from tensorattn._io import atomic_write_json
-from tensorattn.train import load_config, train
+from tensorattn.config import load_config
+from tensorattn.train import train
 
 CONFIGS = {"S": "configs/kjv_softmax.toml", "SSST_exact": "configs/kjv_ssst_exact.toml",
            "SSST_poly": "configs/kjv_ssst_poly.toml"}

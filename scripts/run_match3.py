@@ -26,7 +26,8 @@ def _run(job):
     summary = out / "summary.json"
     if summary.is_file() and json.loads(summary.read_text()).get("finished"):
         return name, json.loads(summary.read_text())
-    from tensorattn.train import load_config, train
+    from tensorattn.config import load_config
+    from tensorattn.train import train
 
     cfg = load_config(str(CONFIGS[model]), [f"match3_n={n}", f"match3_distinct={str(distinct).lower()}",
                                             f"seed={seed}", f"out_dir={out}", "progress=false"]

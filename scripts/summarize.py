@@ -52,7 +52,8 @@ def group(runs_dir: Path, prefix: str):
 def grad_agreement(run: Path, degrees=(2, 4), n_batches: int = 2):
     """Cosine similarity and relative error of the fast op's parameter gradient against the exact op's,
     on the weights of a trained exact (T) Match3 model and on its initialisation."""
-    from tensorattn.train import TrainConfig, build_task
+    from tensorattn.config import TrainConfig
+    from tensorattn.tasks import build_task
 
     cfg = TrainConfig(**{**json.loads((run / "config.json").read_text()), "progress": False})
     out = {}

@@ -26,12 +26,12 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._budgets import SCORE_BLOCK_ELEMS
 from .naive import acc_dtype, naive_tensor_attn, visibility_mask
 
 __all__ = ["torch_fwd", "torch_bwd", "naive_fwd", "naive_bwd", "key_range"]
 
-# Score entries of one chunk [B, Hq, bq, c1, c2] (4M floats = 16 MiB in float32).
-_BLOCK_ELEMS = 1 << 22
+_BLOCK_ELEMS = SCORE_BLOCK_ELEMS  # score entries of one chunk [B, Hq, bq, c1, c2]
 
 
 def key_range(t0: int, t1: int, s: int, *, causal: bool, w: Optional[int]) -> Tuple[int, int]:

@@ -44,10 +44,11 @@ from __future__ import annotations
 import math
 import string
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ._budgets import FAST_FEATURE_ELEMS
 from ._validate import check_bool, check_same, check_scale, check_tensor, maybe_check_finite
 from .features import (
     FAMILIES,
@@ -66,8 +67,7 @@ __all__ = ["PolyPlan", "plan_poly", "fast_order_attn", "fast_order_loss_grad", "
 
 DEFAULT_EPS = 1e-6
 _ACC = torch.float64  # every path accumulates in float64
-# feature entries (rows x k) built at once; 2^20 float64 = 8 MiB per block
-_CHUNK_ELEMS = 1 << 20
+_CHUNK_ELEMS = FAST_FEATURE_ELEMS  # feature entries (rows x k) built at once
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,12 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ._budgets import SCORE_BLOCK_ELEMS
 from ._validate import check_attn_inputs, check_bool, check_same, check_scale, check_tensor, maybe_check_finite
 
 __all__ = ["naive_tensor_attn", "naive_order_attn", "visibility_mask", "acc_dtype"]
 
-# Elements of the [B, H, block, S1, S2] score tensor we allow in one piece (4M floats = 16 MiB).
-_BLOCK_ELEMS = 1 << 22
+_BLOCK_ELEMS = SCORE_BLOCK_ELEMS  # [B, H, block, S1, S2] scores in one piece
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

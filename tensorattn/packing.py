@@ -5,10 +5,15 @@ leading 0 and the total at the end, e.g. ``[0, 3, 10]`` for documents of 3 and 7
 inside each document: a query sees only key pairs of its own document (causal masks and windows apply inside
 it), and the polynomial op's state restarts at every boundary.
 
-This version runs the op once per document (a Python loop over the documents' slices, so autograd gives all
-five gradients): one set of kernel launches per document, and the boundaries are read on the host (a GPU
-synchronisation per call, and a graph break under ``torch.compile``). Kernels that take the boundaries themselves
-are future work.
+Two ways to run a packed row:
+
+* the fused exact kernels take it in one launch: :func:`document_bounds` gives each position's document start and
+  end, which sit in the kernels' masks (:mod:`tensorattn.triton.exact_fwd`);
+* every other path (the torch backends, the polynomial op) runs once per document (:func:`run_per_document`: a
+  Python loop over the documents' slices, so autograd gives all five gradients; one set of launches per document).
+
+Either way the boundaries are read on the host once per call (a GPU synchronisation, and a graph break under
+``torch.compile``).
 """
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-__all__ = ["cu_seqlens_from_lengths", "positions_in_documents", "run_per_document"]
+__all__ = ["cu_seqlens_from_lengths", "positions_in_documents", "document_bounds", "run_per_document",
+           "check_no_max_seqlen"]
 
 
 def cu_seqlens_from_lengths(lengths, device=None) -> torch.Tensor:

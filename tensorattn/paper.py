@@ -29,12 +29,13 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ._budgets import SCORE_BLOCK_ELEMS
 from ._validate import check_same, check_tensor, maybe_check_finite
 
 __all__ = ["kron", "khatri_rao", "face_split", "vec", "merge_weights", "logits", "attention", "loss",
            "loss_grad", "closed_form_intermediates"]
 
-_ROW_ELEMS = 1 << 22  # score entries held at once when streaming over query rows
+_ROW_ELEMS = SCORE_BLOCK_ELEMS  # score entries held at once when streaming over query rows
 
 
 # ---------------------------------------------------------------------------------------------------------

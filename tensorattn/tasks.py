@@ -1,8 +1,8 @@
-"""Tasks for ``tensorattn train``: the protocol a task follows, the three built-in tasks, and user tasks.
+"""Tasks for ``tensorattn train``: the protocol a task follows, the four built-in tasks, and user tasks.
 
 A **task** is what differs between experiments: the data, the model built for it, the loss and the evaluation.
 :func:`tensorattn.train.train` takes one (``train(config, task=my_task)``), and the CLI and TOML name one by
-``task = "match3" | "kjv" | "mfeat"`` or by a factory, ``task = "package.module:make_task"`` or
+``task = "match3" | "lmatch3" | "kjv" | "mfeat"`` or by a factory, ``task = "package.module:make_task"`` or
 ``task = "path/to/file.py:make_task"``: a callable that takes the :class:`~tensorattn.config.TrainConfig` and returns
 a task. ``examples/digits_three_bands.py`` is a complete one.
 

@@ -6,7 +6,8 @@ Run it as::
     tensorattn train --config configs/match3_tensor.toml seed=1 out_dir=runs/m3_T_seed1
     python -m tensorattn train --config configs/kjv_ssst_exact.toml device=cuda steps=200
 
-Tasks: ``match3`` (synthetic, per-token labels, fresh batches every step), ``kjv`` (character LM on the
+Tasks: ``match3`` (synthetic, per-token labels, fresh batches every step), ``lmatch3`` (its long-range variant:
+one label per sequence, the evidence far before the query), ``kjv`` (character LM on the
 King James Bible, held-out books as validation, reported in bits per character) and ``mfeat`` (UCI
 Multiple Features digits, several views, test accuracy). Features: CPU or CUDA, bf16 autocast on CUDA,
 AdamW with gradient clipping and a cosine schedule with linear warm-up, periodic evaluation, a tqdm
@@ -56,7 +57,7 @@ from .tasks import Task, build_task
 from ._io import atomic_write, atomic_write_json, read_metrics_lines, remove_stale_temps
 from .layers import param_count
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "train", "main", "build_task"]
+__all__ = ["train", "main", "load_run", "lr_at"]
 
 # the run's files, whose atomic writes leave ".<name>.XXXXXXXX.tmp" behind when the process is killed mid-write
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "summary.json")

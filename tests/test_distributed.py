@@ -163,7 +163,7 @@ def test_context_parallel_matches_single_process(gloo_report):
 # ------------------------------------------------------------------------------------------ data parallel
 def _task():
     from tensorattn.tasks import build_task
-    from tensorattn.train import TrainConfig
+    from tensorattn.config import TrainConfig
 
     cfg = TrainConfig(task="match3", pattern="TP", n_layer=2, dim=16, n_heads=2, match3_n=6, batch_size=2 * WORLD,
                       eval_batches=1, progress=False)

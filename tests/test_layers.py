@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-from tensorattn import naive_tensor_attn
 from tensorattn.layers import (PolyTensorAttention, RotaryEmbedding, SoftmaxAttention, TensorAttention,
                                param_count)
 from tensorattn.model import MultiViewClassifier, Transformer, parse_pattern

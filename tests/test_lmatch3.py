@@ -7,7 +7,8 @@ import torch
 
 from tensorattn.data import long_match3_batch, long_match3_labels, long_match3_modulus
 from tensorattn.model import Transformer
-from tensorattn.train import TrainConfig, load_config, train
+from tensorattn.config import TrainConfig, load_config
+from tensorattn.train import train
 
 
 def test_batch_layout_and_labels_match_brute_force():

@@ -79,7 +79,9 @@ def test_bad_arguments_are_named():
 def test_training_records_the_modulus_and_the_baselines(tmp_path, distinct):
     import json
 
-    from tensorattn.train import TrainConfig, train
+    from tensorattn.config import TrainConfig
+
+    from tensorattn.train import train
 
     out = tmp_path / "run"
     train(TrainConfig(task="match3", match3_n=6, match3_distinct=distinct, dim=16, n_heads=2, batch_size=8,

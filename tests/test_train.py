@@ -7,7 +7,8 @@ import torch
 
 from tensorattn.data import CharData, load_mfeat, match3_labels
 from tensorattn.tasks import build_task
-from tensorattn.train import TrainConfig, load_config, lr_at, main, train
+from tensorattn.config import TrainConfig, load_config
+from tensorattn.train import lr_at, main, train
 
 torch.set_num_threads(1)
 

@@ -26,7 +26,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tensorattn import distributed as td
-from tensorattn.train import TrainConfig, load_config, train
+from tensorattn.config import TrainConfig, load_config
+from tensorattn.train import train
 
 WORLD = 2
 BASE = dict(task="match3", pattern="T", match3_n=6, dim=16, n_heads=2, batch_size=8, eval_batches=2, progress=False,

@@ -4,6 +4,7 @@
 the variable then does not leak into the other test modules.
 """
 import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,12 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-try:
-    import triton  # noqa: F401
-
-    TRITON_INTERPRETER = True
-except ImportError:  # pragma: no cover - triton is a core dependency
-    TRITON_INTERPRETER = False
+TRITON_INTERPRETER = importlib.util.find_spec("triton") is not None  # a core dependency; the probe is cheap
 
 
 def interpreter_env() -> dict:

@@ -58,7 +58,7 @@ from .process_group import (
     all_reduce_mean,
 )
 from .checkpoint import (
-    STRATEGIES, wrap_model, unwrap_model, model_state_dict, save_checkpoint, load_checkpoint, read_checkpoint,
+    wrap_model, unwrap_model, model_state_dict, save_checkpoint, load_checkpoint, read_checkpoint,
     CheckpointError,
 )
 from .sharding import shard_range, shard_batch, shard_sequence, gather_sequence

@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .._budgets import FEATURE_BLOCK_ELEMS
 from .._validate import check_attn_inputs, check_bool, check_optional_bool, check_scale
 from .._validate import check_finite as _check_finite_values
 from ..dispatch import no_autocast, refuse_double_backward
@@ -14,7 +15,7 @@ from .process_group import _active, get_rank, get_world_size
 
 
 # Non-causal chunks: as many positions as keep one [B, chunk, H, k] feature block under this many entries
-_READOUT_ELEMS = 1 << 24
+_READOUT_ELEMS = FEATURE_BLOCK_ELEMS
 
 
 def _pack_states(U2, U3, v1, v2):

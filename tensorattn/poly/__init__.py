@@ -57,7 +57,8 @@ recurrence; the state is ``A2, A3`` of shape ``[B, Hkv, k, Dv + 1]`` float32, i.
 
 Files: :mod:`.op` (the op, its backends and its custom ops), :mod:`.reference` (the plain reference),
 :mod:`.chunked` (the torch backend's chunked path), :mod:`.scan` (the scan), :mod:`.decode` (the decoding state),
-:mod:`.common` (constants, checks, feature maps); the fused Triton kernels are :mod:`tensorattn.triton.poly`.
+:mod:`.common` (constants, checks, feature maps), :mod:`.fused` (the fused kernels started from a prefix state, for
+context parallelism); the fused Triton kernels themselves are :mod:`tensorattn.triton.poly`.
 """
 from .common import EPS, MAX_DEGREE, MAX_RANK, poly_rank
 from .decode import PolyTensorAttnState, poly_tensor_attn_step

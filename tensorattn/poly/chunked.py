@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import torch
 
+from .._budgets import FEATURE_BLOCK_ELEMS
 from ..naive import acc_dtype
 from .common import EPS, _Feat, _heads_first, _poly, _with_ones, poly_rank
 
 _TORCH_CHUNK = 32
 # Non-causal rows per chunk: as many as keep one [B, H, rows, k] feature block under this many entries.
 # (The causal path needs small chunks for its C^3 intra-chunk term; the non-causal one is plain products.)
-_FULL_BLOCK_ELEMS = 1 << 24
+_FULL_BLOCK_ELEMS = FEATURE_BLOCK_ELEMS
 
 
 def _full_chunk(B: int, H: int, k: int, chunk: int) -> int:

@@ -8,13 +8,14 @@ from typing import Tuple
 
 import torch
 
+from .._budgets import SCAN_STATE_ELEMS
 from ..dispatch import autocast_off, refuse_double_backward_op
 from .common import EPS, _Feat
 
 # The scan runs this many (batch x position x kv head x feature x value) entries per chunk at most when no
 # chunk is given: each [B, chunk, Hkv, k, Dv] running sum is then 256 MiB in float32 (the time/memory trade of
 # the chunk size: benchmarks/results/scan_chunk_sweep.json).
-_SCAN_CHUNK_ELEMS = 1 << 26
+_SCAN_CHUNK_ELEMS = SCAN_STATE_ELEMS
 # The torch backend takes the scan on CUDA when one position holds at most this many B x Hkv x k x (Dv + 1)
 # entries (chunks of >= 512 positions; the saved chunk-start states stay under 512 numbers per position);
 # else the chunked pair algorithm, whose memory stays bounded at any rank (the measurement behind the limit:

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .exact_fwd import COMPILED, _block_rows, _outer_keys, _pair_mask, _query_loops, block_sizes, dot_dtype, plan
+from .exact_fwd import (LN2, LOG2E, COMPILED, _block_rows, _outer_keys, _pair_mask, _query_loops, block_sizes,
+                        dot_dtype, plan)
 
 
 @triton.jit
@@ -46,7 +47,6 @@ def _bwd_q_kernel(
     VARLEN: tl.constexpr, KV1: tl.constexpr,
 ):
     M: tl.constexpr = BT * GP
-    LOG2E_: tl.constexpr = 1.4426950408889634
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -67,7 +67,7 @@ def _bwd_q_kernel(
                 other=0.0)  # [M, BD]
     do = tl.load(DO + b64 * sdo_b + tok[:, None] * sdo_t + hq[:, None] * sdo_h + e[None, :] * sdo_d,
                  mask=row_ok[:, None] & e_ok[None, :], other=0.0)  # [M, BDV]
-    lse2 = tl.load(LSE + b64 * sl_b + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0) * LOG2E_
+    lse2 = tl.load(LSE + b64 * sl_b + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + b64 * sl_b + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0)
     dq = tl.zeros([M, BD], tl.float32)
 
@@ -78,7 +78,7 @@ def _bwd_q_kernel(
         k1p = K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d
         k1m = ok1[:, None] & d_ok[None, :]
         v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :], other=0.0)
-        qk1 = (q.to(tl.float32) * tl.load(k1p, mask=k1m, other=0.0).to(tl.float32) * (scale * LOG2E_)).to(DOT_DTYPE)
+        qk1 = (q.to(tl.float32) * tl.load(k1p, mask=k1m, other=0.0).to(tl.float32) * (scale * LOG2E)).to(DOT_DTYPE)
         dov1 = (do.to(tl.float32) * v1.to(tl.float32)).to(DOT_DTYPE)
         t = tl.zeros([M, BD], tl.float32)
         u = tl.zeros([M, BDV], tl.float32)
@@ -141,7 +141,6 @@ def _bwd_k2_kernel(
     VARLEN: tl.constexpr,
 ):
     M: tl.constexpr = BT * GP
-    LOG2E_: tl.constexpr = 1.4426950408889634
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -191,7 +190,7 @@ def _bwd_k2_kernel(
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         do = tl.load(DO + tok[:, None] * sdo_t + hq[:, None] * sdo_h + e[None, :] * sdo_d,
                      mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-        lse2 = tl.load(LSE + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0) * LOG2E_
+        lse2 = tl.load(LSE + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0)
         r0, n_outer, _lo2, _hi2, doc_lo, doc_hi = _query_loops(DOC_LO, DOC_HI, i0, tok, row_ok, T, S1, S2, W1, W2,
                                                                BT, MODE, VARLEN)
@@ -202,7 +201,7 @@ def _bwd_k2_kernel(
                          other=0.0).to(tl.float32)
             v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :],
                          other=0.0).to(tl.float32)
-            qk1 = (q.to(tl.float32) * k1 * (scale * LOG2E_)).to(DOT_DTYPE)  # [M, BD], carries scale * log2(e)
+            qk1 = (q.to(tl.float32) * k1 * (scale * LOG2E)).to(DOT_DTYPE)  # [M, BD], carries scale * log2(e)
             dov1 = (do.to(tl.float32) * v1).to(DOT_DTYPE)  # [M, BDV]
             s = tl.dot(qk1, tl.trans(k2), input_precision=PRECISION)  # [M, BN]
             vis = vis2 & ok1[:, None]
@@ -212,7 +211,7 @@ def _bwd_k2_kernel(
             dk2 = tl.dot(tl.trans(ds.to(DOT_DTYPE)), qk1, acc=dk2, input_precision=PRECISION)
             dv2 = tl.dot(tl.trans(p.to(DOT_DTYPE)), dov1, acc=dv2, input_precision=PRECISION)
 
-    dk2 = dk2 * 0.6931471805599453  # qk1 carried log2(e) on top of the scale
+    dk2 = dk2 * LN2  # qk1 carried log2(e) on top of the scale
     tl.store(DK2 + b64 * sdk_b + hk * sdk_h + j2[:, None] * sdk_t + d[None, :] * sdk_d,
              dk2.to(DK2.dtype.element_ty), mask=ok2[:, None] & d_ok[None, :])
     tl.store(DV2 + b64 * sdv_b + hk * sdv_h + j2[:, None] * sdv_t + e[None, :] * sdv_d,

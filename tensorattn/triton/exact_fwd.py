@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # the kernels read these as constexpr globals; the host as .value
+LN2 = tl.constexpr(0.6931471805599453)
 
 MODE_FULL, MODE_CAUSAL, MODE_WINDOW = 0, 1, 2
 
@@ -242,7 +242,7 @@ def _exact_fwd_kernel(
     O += b64 * so_b
     tl.store(O + tok[:, None] * so_t + hq[:, None] * so_h + e[None, :] * so_d, o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & e_ok[None, :])
-    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453  # natural log
+    lse = (m_i + tl.math.log2(l_safe)) * LN2  # natural log
     LSE += b64 * sl_b
     tl.store(LSE + hq * sl_h + tok * sl_t, lse, mask=row_ok)
 
@@ -280,7 +280,7 @@ def exact_fwd(q, k1, k2, v1, v2, *, scale: float, causal: bool, window, block=No
     COMPILED['_exact_fwd_kernel'] = _exact_fwd_kernel[grid](
         q, k1, k2, v1, v2, o, lse, lo, hi,
         *q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *o.stride(), *lse.stride(),
-        T, k1.shape[1], k2.shape[1], Hkv, G, D, Dv, w1, w2, scale * LOG2E,
+        T, k1.shape[1], k2.shape[1], Hkv, G, D, Dv, w1, w2, scale * LOG2E.value,
         MODE=mode, BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, DOT_DTYPE=dot_dtype(q.dtype), PRECISION=prec,
         VARLEN=docs is not None, num_warps=warps,
     )

@@ -56,10 +56,11 @@ import triton
 import triton.language as tl
 
 from ..features import multi_indices
+from ..poly.common import EPS as _EPS
 
 C = 16  # queries per sub-chunk (the pair products have C² = 256 rows)
 BK = 32  # features per block
-EPS = 1e-6
+EPS = tl.constexpr(_EPS)  # the op's normaliser guard, read by the forward kernel as a constexpr global
 # The states of one segment (forward states, plus suffix states in the backward) take at most this many bytes.
 SEG_BYTES = 1 << 30
 # Tunables (the benchmark sweeps them): state-chunk length F, the forward's value block, the feature blocks of the
@@ -291,7 +292,7 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
         part += tl.sum(tl.reshape(t2, (C, C, EB)) * v2c[None, :, :] * m2[:, :, None], axis=1)  # (before, inside)
         part += tl.sum(tl.reshape(t3, (C, C, EB)) * v1c[None, :, :] * m2[:, :, None], axis=1)  # (inside, before)
         part += _ww_fwd(qt, k1t, k2t, v1c, v2c, scale, m3, D, C, EB, DT, PREC)
-        den = dpart + 1e-6
+        den = dpart + EPS
         tl.store(o_ptr + oo + rows[:, None] * so + cols[None, :],
                  (part / den[:, None]).to(o_ptr.dtype.element_ty), mask=rmask[:, None] & (cols[None, :] < DV))
         if pe == 0:
