@@ -24,6 +24,11 @@ import numpy as np
 import torch
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every path accumulates in: float64 stays float64, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _desc(x: torch.Tensor) -> str:
     return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
 
@@ -109,8 +114,7 @@ def scale_bound(dtype: torch.dtype) -> float:
     Scores ``scale * <q, k1 ∘ k2>`` are formed in that dtype; this bound keeps them finite whenever
     ``|<q, k1 ∘ k2>|`` is below the same number (a larger score sum is the caller's to avoid).
     """
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return math.sqrt(torch.finfo(acc).max)
+    return math.sqrt(torch.finfo(acc_dtype(dtype)).max)
 
 
 def check_scale(scale, head_dim: int, *, dtype: Optional[torch.dtype] = None) -> float:

@@ -25,10 +25,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import exact_torch
-from ._validate import check_attn_inputs, check_bool, check_cu_seqlens, check_scale
+from ._validate import acc_dtype, check_attn_inputs, check_bool, check_cu_seqlens, check_scale
 from .dispatch import (Backend, autocast_off, choose, no_autocast, refuse_double_backward, refuse_double_backward_op,
                        triton_device_reasons)
-from .naive import acc_dtype
 from .packing import check_no_max_seqlen, document_bounds, run_per_document
 
 __all__ = ["tensor_attn", "TensorAttnFunction", "BACKENDS", "AUTO_BACKENDS", "choose_backend", "exact_fwd_op",

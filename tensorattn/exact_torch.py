@@ -27,7 +27,8 @@ from typing import Optional, Tuple
 import torch
 
 from ._budgets import SCORE_BLOCK_ELEMS
-from .naive import acc_dtype, naive_tensor_attn, visibility_mask
+from ._validate import acc_dtype
+from .naive import naive_tensor_attn, visibility_mask
 
 __all__ = ["torch_fwd", "torch_bwd", "naive_fwd", "naive_bwd", "key_range"]
 

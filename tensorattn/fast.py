@@ -61,6 +61,7 @@ from .features import (
     multinomial_weights,
     shift_coefficients,
 )
+from .paper import _check_problem
 
 __all__ = ["PolyPlan", "plan_poly", "fast_order_attn", "fast_order_loss_grad", "approx_probs",
            "fast_attention", "fast_loss_grad", "DEFAULT_EPS"]
@@ -432,26 +433,6 @@ def fast_order_loss_grad(Aq: torch.Tensor, A_keys: Sequence[torch.Tensor], A_val
 
 # --------------------------------------------------------------------------------------------------
 # the paper's interface (tensorattn.paper delegates method="fast" here)
-def _check_paper(As, Ws, E=None, *, check_finite: Optional[bool] = None) -> Tuple[int, int]:
-    """Shapes of the paper's problem: A1..A5 (and E) ``[n, d]`` with ``n, d >= 1``, weights ``[d, d]``, one dtype
-    and device; then the non-finite policy (``check_finite``, default: CPU tensors only)."""
-    names = ["A1", "A2", "A3", "A4", "A5", "WQ", "WK1", "WK2", "WV1", "WV2"] + (["E"] if E is not None else [])
-    xs = list(As) + list(Ws) + ([E] if E is not None else [])
-    for nm, x in zip(names, xs):
-        check_tensor(nm, x, ndim=2)
-    check_same(names, xs)
-    n, d = As[0].shape
-    if n < 1 or d < 1:
-        raise ValueError(f"A1 must have shape [n, d] with n >= 1 tokens and d >= 1 features, got {tuple(As[0].shape)}")
-    for nm, x in zip(names, xs):
-        want = (d, d) if nm.startswith("W") else (n, d)
-        if tuple(x.shape) != want:
-            raise ValueError(f"{nm} must have shape {want} ({'[d, d]' if nm.startswith('W') else '[n, d]'}, from "
-                             f"A1's shape {(n, d)}), got {tuple(x.shape)}")
-    maybe_check_finite(check_finite, names, xs)
-    return n, d
-
-
 def fast_attention(A1, A2, A3, A4, A5, WQ, WK1, WK2, WV1, WV2, *, degree=None, eps=None, family="taylor",
                    chunk_size=None, check_finite: Optional[bool] = None) -> torch.Tensor:
     """Tensor attention of Definition 2.5 (scale ``1/d``) by the polynomial method (docs/math.md#non-causal).
@@ -468,7 +449,8 @@ def fast_attention(A1, A2, A3, A4, A5, WQ, WK1, WK2, WV1, WV2, *, degree=None, e
     Returns:
         ``[n, d]`` in the inputs' dtype; computed in float64.
     """
-    n, d = _check_paper((A1, A2, A3, A4, A5), (WQ, WK1, WK2, WV1, WV2), check_finite=check_finite)
+    n, d = _check_problem((A1, A2, A3, A4, A5), (WQ, WK1, WK2, WV1, WV2), check_finite=check_finite,
+                          paper_dtypes=False)
     return fast_order_attn(A1 @ WQ, [A2 @ WK1, A3 @ WK2], [A4 @ WV1, A5 @ WV2], scale=1.0 / d, degree=degree,
                            eps=eps, family=family, chunk_size=chunk_size, check_finite=False)
 
@@ -490,6 +472,7 @@ def fast_loss_grad(A1, A2, A3, A4, A5, E, WQ, WK1, WK2, WV1, WV2, *, degree=None
     Returns:
         ``[d, d²]`` in the inputs' dtype (``G.reshape(-1)`` = the paper's ``vec`` order); computed in float64.
     """
-    n, d = _check_paper((A1, A2, A3, A4, A5), (WQ, WK1, WK2, WV1, WV2), E, check_finite=check_finite)
+    n, d = _check_problem((A1, A2, A3, A4, A5), (WQ, WK1, WK2, WV1, WV2), E, check_finite=check_finite,
+                          paper_dtypes=False)
     return fast_order_loss_grad(A1, [A2, A3], [A4, A5], E, WQ, [WK1, WK2], [WV1, WV2], scale=1.0 / d,
                                 degree=degree, eps=eps, family=family, chunk_size=chunk_size, check_finite=False)

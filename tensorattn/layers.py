@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import (check_bool, check_cu_seqlens, check_cu_seqlens_layout, check_optional_bool, check_tensor,
-                        maybe_check_finite, normalize_window)
+from ._validate import (acc_dtype, check_bool, check_cu_seqlens, check_cu_seqlens_layout, check_optional_bool,
+                        check_tensor, maybe_check_finite, normalize_window)
 from .exact import tensor_attn
 from .naive import naive_tensor_attn
 from .packing import positions_in_documents, run_per_document
@@ -457,9 +457,8 @@ class PolyTensorAttention(TensorAttention):
             return o
         if cache.state is None:
             B, _, Hkv, Dk = k1.shape
-            acc = torch.float64 if q.dtype == torch.float64 else torch.float32
             cache.state = PolyTensorAttnState.empty(B, Hkv, Dk, v1.shape[3], degree=self.degree, scale=self.scale,
-                                                    dtype=acc, device=q.device)
+                                                    dtype=acc_dtype(q.dtype), device=q.device)
         outs = []
         for t in range(q.shape[1]):
             o, cache.state = poly_tensor_attn_step(cache.state, q[:, t], k1[:, t], k2[:, t], v1[:, t], v2[:, t],

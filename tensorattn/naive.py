@@ -31,16 +31,11 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ._budgets import SCORE_BLOCK_ELEMS
-from ._validate import check_attn_inputs, check_bool, check_same, check_scale, check_tensor, maybe_check_finite
+from ._validate import acc_dtype, check_attn_inputs, check_bool, check_same, check_scale, check_tensor, maybe_check_finite
 
-__all__ = ["naive_tensor_attn", "naive_order_attn", "visibility_mask", "acc_dtype"]
+__all__ = ["naive_tensor_attn", "naive_order_attn", "visibility_mask"]
 
 _BLOCK_ELEMS = SCORE_BLOCK_ELEMS  # [B, H, block, S1, S2] scores in one piece
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the references accumulate in: float64 stays float64, everything else is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def visibility_mask(i: torch.Tensor, s1: int, s2: int, *, causal: bool, window: Optional[Tuple[int, int]]):

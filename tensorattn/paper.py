@@ -77,25 +77,27 @@ _A_NAMES = ("A1", "A2", "A3", "A4", "A5")
 _W_NAMES = ("WQ", "WK1", "WK2", "WV1", "WV2")
 
 
-def _check_problem(As, Ws, E=None, *, check_finite: Optional[bool] = None) -> Tuple[int, int]:
+def _check_problem(As, Ws, E=None, *, check_finite: Optional[bool] = None, paper_dtypes: bool = True
+                   ) -> Tuple[int, int]:
+    """Shapes of the paper's problem: A1..A5 (and E) ``[n, d]`` with ``n, d >= 1``, weights ``[d, d]``, one dtype
+    and device (``paper_dtypes``: float32 or float64, as this module computes; :mod:`tensorattn.fast` takes any
+    float dtype and accumulates in float64); then the non-finite policy (``check_finite``, default: CPU tensors
+    only). Returns ``(n, d)``."""
     names = list(_A_NAMES) + list(_W_NAMES) + (["E"] if E is not None else [])
     xs = list(As) + list(Ws) + ([E] if E is not None else [])
     for nm, x in zip(names, xs):
         check_tensor(nm, x, ndim=2)
     check_same(names, xs)
-    if xs[0].dtype not in (torch.float32, torch.float64):
+    if paper_dtypes and xs[0].dtype not in (torch.float32, torch.float64):
         raise TypeError(f"A1 must be float32 or float64 for the paper's computations, got {xs[0].dtype}")
     n, d = As[0].shape
     if n < 1 or d < 1:
         raise ValueError(f"A1 must have shape [n, d] with n >= 1 tokens and d >= 1 features, got {tuple(As[0].shape)}")
-    for nm, A in zip(_A_NAMES, As):
-        if tuple(A.shape) != (n, d):
-            raise ValueError(f"{nm} must have shape [n, d] = {(n, d)} like A1, got {tuple(A.shape)}")
-    for nm, W in zip(_W_NAMES, Ws):
-        if tuple(W.shape) != (d, d):
-            raise ValueError(f"{nm} must have shape [d, d] = {(d, d)}, got {tuple(W.shape)}")
-    if E is not None and tuple(E.shape) != (n, d):
-        raise ValueError(f"E must have shape [n, d] = {(n, d)}, got {tuple(E.shape)}")
+    for nm, x in zip(names, xs):
+        want = (d, d) if nm in _W_NAMES else (n, d)
+        if tuple(x.shape) != want:
+            raise ValueError(f"{nm} must have shape {want} ({'[d, d]' if nm in _W_NAMES else '[n, d]'}, from "
+                             f"A1's shape {(n, d)}), got {tuple(x.shape)}")
     maybe_check_finite(check_finite, names, xs)
     return n, d
 

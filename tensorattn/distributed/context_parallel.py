@@ -60,7 +60,7 @@ class _ShardTotals(torch.autograd.Function):
     @refuse_double_backward("cp_poly_tensor_attn")
     @no_autocast
     def backward(ctx, g):
-        from ..poly.scan import _chunk_grads
+        from ..poly.common import _chunk_grads
 
         k1, k2, v1, v2 = ctx.saved_tensors
         feat, chunk = ctx.cfg
@@ -115,7 +115,7 @@ class _ShardReadout(torch.autograd.Function):
     @refuse_double_backward("cp_poly_tensor_attn")
     @no_autocast
     def backward(ctx, g):
-        from ..poly.scan import _chunk_grads
+        from ..poly.common import _chunk_grads
 
         q, states = ctx.saved_tensors
         feat, groups, chunk = ctx.cfg
@@ -228,7 +228,7 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
 
         return poly_tensor_attn(q, k1, k2, v1, v2, degree=degree, causal=causal, scale=scale, backend=backend,
                                 check_finite=False)
-    from ..naive import acc_dtype
+    from .._validate import acc_dtype
     from ..poly.common import _Feat
     from ..poly.scan import _scan_attn, _scan_chunk
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from .._budgets import FEATURE_BLOCK_ELEMS
-from ..naive import acc_dtype
-from .common import EPS, _Feat, _heads_first, _poly, _with_ones, poly_rank
+from .._validate import acc_dtype
+from .common import EPS, _chunk_grads, _Feat, _heads_first, _poly, _with_ones, poly_rank
 
 _TORCH_CHUNK = 32
 # Non-causal rows per chunk: as many as keep one [B, H, rows, k] feature block under this many entries.
@@ -136,10 +136,6 @@ def _full_fwd(qh, k1h, k2h, v1h, v2h, feat: _Feat, chunk: int):
     return num, [(A2, A3)]
 
 
-def _vjp_rows(fn, x, g):
-    return torch.func.vjp(fn, x)[1](g)[0]
-
-
 def _full_bwd(qh, k1h, k2h, v1h, v2h, G, feat: _Feat, chunk: int, states):
     A2, A3 = states[0]
     A23 = A2 * A3
@@ -148,7 +144,7 @@ def _full_bwd(qh, k1h, k2h, v1h, v2h, G, feat: _Feat, chunk: int, states):
     for s in range(0, qh.shape[2], chunk):
         sl = slice(s, s + chunk)
         Gc = G[:, :, sl]
-        dq[:, :, sl] = _vjp_rows(feat.q, qh[:, :, sl], Gc @ A23.transpose(-1, -2))
+        dq[:, :, sl] = _chunk_grads(feat.q, [qh[:, :, sl]], Gc @ A23.transpose(-1, -2))[0]
         R = R + feat.q(qh[:, :, sl]).transpose(-1, -2) @ Gc  # [B, H, k, Dv']
     dA2, dA3 = R * A3, R * A2
     grads = []
@@ -156,7 +152,7 @@ def _full_bwd(qh, k1h, k2h, v1h, v2h, G, feat: _Feat, chunk: int, states):
         dk, dv = torch.empty_like(kh), torch.empty_like(vh)
         for s in range(0, kh.shape[2], chunk):
             sl = slice(s, s + chunk)
-            dk[:, :, sl] = _vjp_rows(feat.k, kh[:, :, sl], vh[:, :, sl] @ dA.transpose(-1, -2))
+            dk[:, :, sl] = _chunk_grads(feat.k, [kh[:, :, sl]], vh[:, :, sl] @ dA.transpose(-1, -2))[0]
             dv[:, :, sl] = feat.k(kh[:, :, sl]) @ dA
         grads += [dk, dv]
     return dq, grads[0], grads[2], grads[1], grads[3]

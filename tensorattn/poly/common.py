@@ -130,3 +130,10 @@ class _Feat:
     def k(self, x):
         return _apply_plan(x, self._parents, self._vars)
 
+
+def _chunk_grads(fn, xs, grad_outs):
+    """Gradients of ``fn(*xs)`` w.r.t. ``xs`` given ``grad_outs`` (a chunk's own graph, by :func:`torch.func.vjp`,
+    which also runs inside a custom op's implementation, where the autograd dispatch keys are off): the backward
+    of every chunked torch path that recomputes a chunk instead of keeping its graph."""
+    _, vjp = torch.func.vjp(fn, *xs)
+    return vjp(grad_outs if isinstance(grad_outs, torch.Tensor) else tuple(grad_outs))

@@ -7,8 +7,7 @@ from typing import Optional
 
 import torch
 
-from .._validate import check_same, check_scale, check_tensor, maybe_check_finite
-from ..naive import acc_dtype
+from .._validate import acc_dtype, check_same, check_scale, check_tensor, maybe_check_finite
 from .common import EPS, _Feat, _check_degree, _check_rank, _with_ones, poly_rank
 
 

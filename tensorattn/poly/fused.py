@@ -67,7 +67,7 @@ class _FusedFromPrefix(torch.autograd.Function):
 
         F, seg = int(tp.TUNE["F"]), int(tp.SEG_BYTES)
         D, Dv = q.shape[3], v1.shape[3]
-        st = _to_fused(prefix, D, tp._padded_rank(D), max(16, tp._next_pow2(Dv)))
+        st = _to_fused(prefix, D, *tp.padded_dims(D, Dv))
         o, saved = tp.poly_fwd_saved(q, k1, k2, v1, v2, scale, F, seg, prefix=st)
         ctx.save_for_backward(q, k1, k2, v1, v2, o, *saved)
         ctx.cfg = (scale, F, seg, prefix.dtype)

@@ -14,9 +14,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .._validate import check_attn_inputs, check_cu_seqlens, check_scale
+from .._validate import acc_dtype, check_attn_inputs, check_cu_seqlens, check_scale
 from ..dispatch import Backend, autocast_off, choose, refuse_double_backward_op, triton_device_reasons
-from ..naive import acc_dtype
 from ..packing import check_no_max_seqlen, run_per_document
 from . import chunked, scan
 from .common import EPS, _check_degree, _check_output, _check_rank, _Feat, poly_rank
@@ -133,7 +132,7 @@ class _TritonBackend(Backend):
         tp = self._mod()
         B, T, HQ, D = q.shape
         HK, DV = k1.shape[2], v1.shape[3]
-        KP, DVP = tp._padded_rank(int(D)), max(16, tp._next_pow2(int(DV)))
+        KP, DVP = tp.padded_dims(int(D), int(DV))
         n = len(tp._saved_ranges(int(B), int(T), int(HQ), int(HK), int(D), int(DV), plan[0], plan[1])) if save else 0
         f32 = dict(dtype=torch.float32)
         states = [t for _ in range(n) for t in (q.new_empty(B * HK, 2, KP, DVP, **f32), q.new_empty(B * HK, 2, KP, **f32))]

@@ -6,8 +6,7 @@ from typing import Optional
 
 import torch
 
-from .._validate import check_attn_inputs, check_scale
-from ..naive import acc_dtype
+from .._validate import acc_dtype, check_attn_inputs, check_scale
 from .common import EPS, _check_degree, _heads_first, _poly
 
 

@@ -10,7 +10,7 @@ import torch
 
 from .._budgets import SCAN_STATE_ELEMS
 from ..dispatch import autocast_off, refuse_double_backward_op
-from .common import EPS, _Feat
+from .common import EPS, _chunk_grads, _Feat
 
 # The scan runs this many (batch x position x kv head x feature x value) entries per chunk at most when no
 # chunk is given: each [B, chunk, Hkv, k, Dv] running sum is then 256 MiB in float32 (the time/memory trade of
@@ -61,13 +61,6 @@ def _causal_chunk(u1, u2, u3, x1, x2, st):
     den = torch.einsum("bihgl,bihl->bihg", u1, a2 * a3)  # [B, c, Hkv, G]
     end = torch.cat([A2[:, -1], A3[:, -1], a2[:, -1, ..., None], a3[:, -1, ..., None]], -1)
     return num, den, end
-
-
-def _chunk_grads(fn, xs, grad_outs):
-    """Gradients of ``fn(*xs)`` w.r.t. ``xs`` given ``grad_outs`` (a chunk's own graph, by :func:`torch.func.vjp`,
-    which also runs inside a custom op's implementation, where the autograd dispatch keys are off)."""
-    _, vjp = torch.func.vjp(fn, *xs)
-    return vjp(grad_outs if isinstance(grad_outs, torch.Tensor) else tuple(grad_outs))
 
 
 def _scan_fwd(q, k1, k2, v1, v2, prefix, feat: _Feat, groups: int, chunk: int):

@@ -494,7 +494,7 @@ def _chunk_cumsum_(x: torch.Tensor) -> torch.Tensor:
                          f"{U} and {BW}")
     BH, N = x.shape[0], x.shape[1]
     W = x.numel() // max(1, BH * N)
-    BW = min(BW, max(16, _next_pow2(W)))
+    BW = min(BW, max(16, triton.next_power_of_2(W)))
     _scan_kernel[(BH, triton.cdiv(W, BW))](x, N, W, U=U, BW=BW, num_warps=4)
     return x
 
@@ -519,10 +519,6 @@ def _tables(D: int, device):
     return _TABLES[key]
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 class _Cfg:
     """Shapes, block sizes and product precision of one call."""
 
@@ -532,7 +528,7 @@ class _Cfg:
         self.G = self.HQ // self.HK
         self.ia, self.ib, self.wq, self.KP = _tables(self.D, q.device)
         self.NKB = self.KP // BK
-        self.DVP = max(16, _next_pow2(self.DV))
+        self.DVP = padded_dims(self.D, self.DV)[1]
         self.F, self.seg_bytes = int(F), int(seg_bytes)
         if self.F % C or self.F < C or self.F & (self.F - 1):
             raise ValueError(f"TUNE['F'] must be a power of two >= {C}, got {self.F}")
@@ -561,9 +557,10 @@ class _Cfg:
                            self.seg_bytes)
 
 
-def _padded_rank(D: int) -> int:
-    """The degree-2 rank ``C(D + 2, 2)`` padded to a multiple of BK (the kernels' feature count KP)."""
-    return -(-math.comb(D + 2, 2) // BK) * BK
+def padded_dims(D: int, DV: int):
+    """``(KP, DVP)``: the kernels' feature count (the degree-2 rank ``C(D + 2, 2)`` padded to a multiple of BK) and
+    value width (``Dv`` padded to a power of two >= 16); the layout of their state buffers."""
+    return -(-math.comb(D + 2, 2) // BK) * BK, max(16, triton.next_power_of_2(DV))
 
 
 def _seg_chunks(B: int, HQ: int, HK: int, KP: int, DVP: int, DV: int, F: int, NF: int, backward: bool,
@@ -581,7 +578,7 @@ def _seg_chunks(B: int, HQ: int, HK: int, KP: int, DVP: int, DV: int, F: int, NF
 def _saved_ranges(B: int, T: int, HQ: int, HK: int, D: int, DV: int, F: int, seg_bytes: int) -> list:
     """``(first chunk, chunks)`` of each backward segment, the forward's segments cut to the backward's length
     (pure ints: the fake implementation of the forward op sizes its outputs with it)."""
-    KP, DVP = _padded_rank(D), max(16, _next_pow2(DV))
+    KP, DVP = padded_dims(D, DV)
     NF = -(-T // F)
     seg = _seg_chunks(B, HQ, HK, KP, DVP, DV, F, NF, False, seg_bytes)
     segb = _seg_chunks(B, HQ, HK, KP, DVP, DV, F, NF, True, seg_bytes)
