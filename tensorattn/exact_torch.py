@@ -28,7 +28,7 @@ import torch
 
 from ._budgets import SCORE_BLOCK_ELEMS
 from ._validate import acc_dtype
-from .naive import naive_tensor_attn, visibility_mask
+from .naive import expand_kv, naive_tensor_attn, reduce_kv, visibility_mask
 
 __all__ = ["torch_fwd", "torch_bwd", "naive_fwd", "naive_bwd", "key_range"]
 
@@ -67,15 +67,8 @@ def _mask(t0, t1, lo1, hi1, lo2, hi2, *, causal, window, device):
     """Visibility of the chunk [t0:t1] x [lo1:hi1] x [lo2:hi2], or None when everything is visible."""
     if not causal and window is None:
         return None
-    i = torch.arange(t0, t1, device=device)
-    j1 = torch.arange(lo1, hi1, device=device)
-    j2 = torch.arange(lo2, hi2, device=device)
-    m1 = j1[None, :] <= i[:, None]
-    m2 = j2[None, :] <= i[:, None]
-    if window is not None:
-        m1 = m1 & (j1[None, :] > i[:, None] - window[0])
-        m2 = m2 & (j2[None, :] > i[:, None] - window[1])
-    return m1[:, :, None] & m2[:, None, :]  # [bq, c1, c2]
+    return visibility_mask(torch.arange(t0, t1, device=device), hi1 - lo1, hi2 - lo2, causal=causal, window=window,
+                           starts=(lo1, lo2))  # [bq, c1, c2]
 
 
 def torch_fwd(q, k1, k2, v1, v2, *, scale: float, causal: bool, window, block_q: int = 64,
@@ -227,9 +220,8 @@ def naive_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
     S1, S2, Hkv = k1.shape[1], k2.shape[1], k1.shape[2]
     G = Hq // Hkv
     acc = acc_dtype(q.dtype)
-    expand = lambda x: x.to(acc).transpose(1, 2).repeat_interleave(G, dim=1)  # noqa: E731  [B, Hq, S, D]
     qh, doh = q.to(acc).transpose(1, 2), do.to(acc).transpose(1, 2)
-    k1h, k2h, v1h, v2h = expand(k1), expand(k2), expand(v1), expand(v2)
+    k1h, k2h, v1h, v2h = (expand_kv(x, G, acc) for x in (k1, k2, v1, v2))  # [B, Hq, S, D]
     lse = lse.to(acc)
     masked = causal or window is not None
     dq = torch.zeros_like(qh)
@@ -252,9 +244,6 @@ def naive_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
         dv1 += torch.einsum("bhijk,bhie,bhke->bhje", p, dob, v2h)
         dv2 += torch.einsum("bhijk,bhie,bhje->bhke", p, dob, v1h)
 
-    def back(x, ref):  # [B, Hq, S, D] -> sum over each kv head's group -> [B, S, Hkv, D]
-        x = x.view(B, Hkv, G, x.shape[2], x.shape[3]).sum(2)
-        return x.transpose(1, 2).to(ref.dtype)
-
-    return dq.transpose(1, 2).to(q.dtype), back(dk1, k1), back(dk2, k2), back(dv1, v1), back(dv2, v2)
+    return (dq.transpose(1, 2).to(q.dtype), reduce_kv(dk1, G, k1.dtype), reduce_kv(dk2, G, k2.dtype),
+            reduce_kv(dv1, G, v1.dtype), reduce_kv(dv2, G, v2.dtype))
 

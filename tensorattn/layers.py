@@ -33,7 +33,7 @@ from torch import nn
 from ._validate import (acc_dtype, check_bool, check_cu_seqlens, check_cu_seqlens_layout, check_optional_bool,
                         check_tensor, maybe_check_finite, normalize_window)
 from .exact import tensor_attn
-from .naive import naive_tensor_attn
+from .naive import causal_keys, expand_kv, naive_tensor_attn
 from .packing import positions_in_documents, run_per_document
 from .poly import PolyTensorAttnState, poly_tensor_attn, poly_tensor_attn_step
 
@@ -87,10 +87,7 @@ def _append(cache: DecodeCache, new, keep: Optional[int]):
 
 def _visible(q_pos0: int, T: int, k_pos0: int, S: int, window: Optional[int], device) -> torch.Tensor:
     """``[T, S]``: key position ``j`` visible from query position ``i`` (``j <= i``, and ``i - w < j``)."""
-    i = q_pos0 + torch.arange(T, device=device)[:, None]
-    j = k_pos0 + torch.arange(S, device=device)[None, :]
-    vis = j <= i
-    return vis if window is None else vis & (j > i - window)
+    return causal_keys(q_pos0 + torch.arange(T, device=device), k_pos0 + torch.arange(S, device=device), window)
 
 
 def _cached_tensor_attn(q, k1, k2, v1, v2, q_pos0: int, window, scale: Optional[float]) -> torch.Tensor:
@@ -281,8 +278,7 @@ class SoftmaxAttention(nn.Module):
         g = self.n_heads // self.n_kv_heads
         # SDPA wants [B, H, T, D]; expand kv heads for GQA (tiny models: the copy is cheap)
         qh = q.transpose(1, 2)
-        kh = k.transpose(1, 2).repeat_interleave(g, dim=1)
-        vh = v.transpose(1, 2).repeat_interleave(g, dim=1)
+        kh, vh = expand_kv(k, g), expand_kv(v, g)
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)  # [B, Hq, T, D]
         return self.o(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 

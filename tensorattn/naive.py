@@ -33,32 +33,47 @@ import torch
 from ._budgets import SCORE_BLOCK_ELEMS
 from ._validate import acc_dtype, check_attn_inputs, check_bool, check_same, check_scale, check_tensor, maybe_check_finite
 
-__all__ = ["naive_tensor_attn", "naive_order_attn", "visibility_mask"]
+__all__ = ["naive_tensor_attn", "naive_order_attn", "visibility_mask", "causal_keys", "expand_kv", "reduce_kv"]
 
 _BLOCK_ELEMS = SCORE_BLOCK_ELEMS  # [B, H, block, S1, S2] scores in one piece
 
 
-def visibility_mask(i: torch.Tensor, s1: int, s2: int, *, causal: bool, window: Optional[Tuple[int, int]]):
-    """Boolean mask ``[len(i), s1, s2]``: True where ``(j1, j2)`` is visible from query ``i``."""
-    j1 = torch.arange(s1, device=i.device)
-    j2 = torch.arange(s2, device=i.device)
-    ii = i[:, None]
-    m1 = torch.ones(len(i), s1, dtype=torch.bool, device=i.device)
-    m2 = torch.ones(len(i), s2, dtype=torch.bool, device=i.device)
-    if causal or window is not None:
-        m1 = j1[None, :] <= ii
-        m2 = j2[None, :] <= ii
-    if window is not None:
-        w1, w2 = window
-        m1 = m1 & (j1[None, :] > ii - w1)
-        m2 = m2 & (j2[None, :] > ii - w2)
-    return m1[:, :, None] & m2[:, None, :]
+def causal_keys(i: torch.Tensor, j: torch.Tensor, w: Optional[int] = None) -> torch.Tensor:
+    """``[len(i), len(j)]``: key position ``j`` visible from query position ``i`` under the causal mask (``j <= i``)
+    and, with a window ``w``, ``i - w < j``. One key stream; a pair is visible when both of its keys are."""
+    vis = j[None, :] <= i[:, None]
+    return vis if w is None else vis & (j[None, :] > i[:, None] - w)
 
 
-def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    # [B, S, Hkv, D] -> [B, Hkv*groups, S, D]; query head h reads kv head h // groups
+def visibility_mask(i: torch.Tensor, s1: int, s2: int, *, causal: bool, window: Optional[Tuple[int, int]],
+                    starts: Tuple[int, int] = (0, 0)):
+    """Boolean mask ``[len(i), s1, s2]``: True where ``(j1, j2)`` is visible from query ``i``, for the keys
+    ``starts[0] .. starts[0] + s1 - 1`` and ``starts[1] .. starts[1] + s2 - 1`` (a block of them; default all)."""
+    j1 = starts[0] + torch.arange(s1, device=i.device)
+    j2 = starts[1] + torch.arange(s2, device=i.device)
+    if not causal and window is None:
+        return torch.ones(len(i), s1, s2, dtype=torch.bool, device=i.device)
+    w1, w2 = window if window is not None else (None, None)
+    return causal_keys(i, j1, w1)[:, :, None] & causal_keys(i, j2, w2)[:, None, :]
+
+
+def expand_kv(x: torch.Tensor, groups: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Grouped-query attention's key/value heads, heads first: ``[B, S, Hkv, D] -> [B, Hkv * groups, S, D]``
+    (in ``dtype`` when given); query head ``h`` reads kv head ``h // groups``."""
     x = x.transpose(1, 2)
+    if dtype is not None:
+        x = x.to(dtype)
     return x.repeat_interleave(groups, dim=1) if groups > 1 else x
+
+
+def reduce_kv(x: torch.Tensor, groups: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The adjoint of :func:`expand_kv` (for gradients): ``[B, Hq, S, D]`` summed over each kv head's ``groups``
+    query heads, ``-> [B, S, Hkv, D]`` (in ``dtype`` when given)."""
+    B, Hq, S, D = x.shape
+    if groups > 1:
+        x = x.view(B, Hq // groups, groups, S, D).sum(2)
+    x = x.transpose(1, 2)
+    return x if dtype is None else x.to(dtype)
 
 
 def naive_tensor_attn(q, k1, k2, v1, v2, *, scale=None, causal=False, window=None, return_lse=False,
@@ -102,8 +117,8 @@ def naive_tensor_attn(q, k1, k2, v1, v2, *, scale=None, causal=False, window=Non
     groups = Hq // Hkv
     acc = acc_dtype(q.dtype)
     qh = q.transpose(1, 2).to(acc)  # [B, Hq, T, D]
-    k1h, k2h = _expand_kv(k1, groups).to(acc), _expand_kv(k2, groups).to(acc)  # [B, Hq, S, D]
-    v1h, v2h = _expand_kv(v1, groups).to(acc), _expand_kv(v2, groups).to(acc)  # [B, Hq, S, Dv]
+    k1h, k2h = expand_kv(k1, groups, acc), expand_kv(k2, groups, acc)  # [B, Hq, S, D]
+    v1h, v2h = expand_kv(v1, groups, acc), expand_kv(v2, groups, acc)  # [B, Hq, S, Dv]
     masked = causal or win is not None
     out = torch.empty(B, Hq, T, Dv, dtype=acc, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=acc, device=q.device)
@@ -194,8 +209,8 @@ def naive_order_attn(q, keys: Sequence[torch.Tensor], values: Sequence[torch.Ten
     groups = Hq // Hkv
     acc = acc_dtype(q.dtype)
     qh = q.transpose(1, 2).to(acc)
-    ks = [_expand_kv(k, groups).to(acc) for k in keys]
-    vs = [_expand_kv(v, groups).to(acc) for v in values]
+    ks = [expand_kv(k, groups, acc) for k in keys]
+    vs = [expand_kv(v, groups, acc) for v in values]
     lens = [k.shape[2] for k in ks]
     letters = string.ascii_letters.replace("b", "").replace("h", "").replace("q", "").replace("d", "") \
         .replace("e", "")

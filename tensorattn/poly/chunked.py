@@ -8,7 +8,8 @@ import torch
 
 from .._budgets import FEATURE_BLOCK_ELEMS
 from .._validate import acc_dtype
-from .common import EPS, _chunk_grads, _Feat, _heads_first, _poly, _with_ones, poly_rank
+from ..naive import expand_kv, reduce_kv
+from .common import EPS, _chunk_grads, _Feat, _poly, _with_ones, poly_rank
 
 _TORCH_CHUNK = 32
 # Non-causal rows per chunk: as many as keep one [B, H, rows, k] feature block under this many entries.
@@ -158,21 +159,13 @@ def _full_bwd(qh, k1h, k2h, v1h, v2h, G, feat: _Feat, chunk: int, states):
     return dq, grads[0], grads[2], grads[1], grads[3]
 
 
-def _reduce_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
-    # [B, Hq, S, D] gradient of the expanded kv -> [B, S, Hkv, D]
-    B, Hq, S, D = x.shape
-    if groups > 1:
-        x = x.view(B, Hq // groups, groups, S, D).sum(2)
-    return x.transpose(1, 2)
-
-
 def _torch_heads(q, k1, k2, v1, v2):
     """The five inputs ``[B, S, H, D]`` as ``[B, Hq, S, D]`` in the accumulation dtype, ones appended to v1, v2."""
     g = q.shape[2] // k1.shape[2]
     acc = acc_dtype(q.dtype)
     qh = q.transpose(1, 2).to(acc)
-    k1h, k2h = _heads_first(k1, g, acc), _heads_first(k2, g, acc)
-    v1h, v2h = _with_ones(_heads_first(v1, g, acc)), _with_ones(_heads_first(v2, g, acc))
+    k1h, k2h = expand_kv(k1, g, acc), expand_kv(k2, g, acc)
+    v1h, v2h = _with_ones(expand_kv(v1, g, acc)), _with_ones(expand_kv(v2, g, acc))
     return qh, k1h, k2h, v1h, v2h
 
 
@@ -208,8 +201,8 @@ def _torch_bwd(do, q, k1, k2, v1, v2, o, den, states, degree, causal, scale, chu
         dq, dk1, dk2, dv1, dv2 = _full_bwd(qh, k1h, k2h, v1h, v2h, G, feat,
                                            _full_chunk(B, Hq, poly_rank(D, degree), chunk), states)
     dv1, dv2 = dv1[..., :-1], dv2[..., :-1]  # the ones column is not an input
-    return (dq.transpose(1, 2).to(q.dtype), _reduce_groups(dk1, g).to(k1.dtype), _reduce_groups(dk2, g).to(k2.dtype),
-            _reduce_groups(dv1, g).to(v1.dtype), _reduce_groups(dv2, g).to(v2.dtype))
+    return (dq.transpose(1, 2).to(q.dtype), reduce_kv(dk1, g, k1.dtype), reduce_kv(dk2, g, k2.dtype),
+            reduce_kv(dv1, g, v1.dtype), reduce_kv(dv2, g, v2.dtype))
 
 
 def _n_states(T, causal: bool, chunk: int, ckpt: int):

@@ -67,12 +67,6 @@ def poly_rank(head_dim: int, degree: int) -> int:
     return rank(head_dim, degree)
 
 
-def _heads_first(x: torch.Tensor, groups: int, acc: torch.dtype) -> torch.Tensor:
-    # [B, S, Hkv, D] -> [B, Hq, S, D] in the accumulation dtype; query head h reads kv head h // groups
-    x = x.transpose(1, 2).to(acc)
-    return x.repeat_interleave(groups, dim=1) if groups > 1 else x
-
-
 def _with_ones(v: torch.Tensor) -> torch.Tensor:
     # [..., S, Dv] -> [..., S, Dv + 1]: the ones column turns the numerator into the normaliser
     return torch.cat([v, torch.ones_like(v[..., :1])], -1)

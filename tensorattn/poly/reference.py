@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from .._validate import acc_dtype, check_attn_inputs, check_scale
-from .common import EPS, _check_degree, _heads_first, _poly
+from ..naive import expand_kv
+from .common import EPS, _check_degree, _poly
 
 
 def naive_poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False, scale=None, eps: float = EPS,
@@ -31,7 +32,7 @@ def naive_poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool =
     scale = check_scale(scale, D)
     acc, g = acc_dtype(q.dtype), Hq // Hkv
     qh = q.transpose(1, 2).to(acc)
-    k1h, k2h, v1h, v2h = (_heads_first(x, g, acc) for x in (k1, k2, v1, v2))
+    k1h, k2h, v1h, v2h = (expand_kv(x, g, acc) for x in (k1, k2, v1, v2))
     z = scale * torch.einsum("bhid,bhjd,bhkd->bhijk", qh, k1h, k2h)  # [B, H, T, S1, S2]
     p = _poly(z, degree)
     if causal:
