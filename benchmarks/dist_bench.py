@@ -39,7 +39,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from tensorattn import distributed as td
-from tensorattn.bench.harness import guarded, machine_info, peak_memory, time_fn, write_report
+from tensorattn.bench.harness import (attn_shapes, guarded, machine_info, peak_memory, randn_inputs, time_fn,
+                                      write_report)
 
 
 def _ints(s: str):
@@ -93,10 +94,7 @@ def _inputs(args, T, device, dtype, seed):
     g = torch.Generator(device=device).manual_seed(seed)
     B, Hq, Hkv, D, Dv = args.batch, args.heads, args.kv_heads, args.key_dim, args.value_dim
 
-    def r(*shape, s=1.0):
-        return (s * torch.randn(*shape, device=device, generator=g)).to(dtype).requires_grad_(True)
-
-    xs = [r(B, T, Hq, D), r(B, T, Hkv, D), r(B, T, Hkv, D), r(B, T, Hkv, Dv), r(B, T, Hkv, Dv)]
+    xs = randn_inputs(attn_shapes(B, T, Hq, Hkv, D, Dv), dtype=dtype, device=device, generator=g, requires_grad=True)
     do = torch.randn(B, T, Hq, Dv, device=device, generator=g).to(dtype)
     return xs, do
 

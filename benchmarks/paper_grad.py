@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tensorattn import fast, paper  # noqa: E402
-from tensorattn.bench.harness import guarded, machine_info, time_fn, write_report  # noqa: E402
+from tensorattn.bench.harness import guarded, loglog_slope, machine_info, time_fn, write_report  # noqa: E402
 from tensorattn.fast import fast_loss_grad  # noqa: E402
 from tensorattn.features import rank  # noqa: E402
 
@@ -120,12 +120,9 @@ def measure(method: str, n: int, d: int, g: int, args) -> dict:
 
 
 def slope(rows, n_min: int) -> float:
-    pts = [(math.log(r["n"]), math.log(r["ms"])) for r in rows if r["n"] >= n_min and r["ms"] == r["ms"]]
-    if len(pts) < 2:
-        return float("nan")
-    mx = sum(x for x, _ in pts) / len(pts)
-    my = sum(y for _, y in pts) / len(pts)
-    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    """The measured time exponent over the rows with ``n >= n_min``."""
+    tail = [r for r in rows if r["n"] >= n_min]
+    return loglog_slope([r["n"] for r in tail], [r["ms"] for r in tail])
 
 
 def plot(rows, path: Path, ds) -> None:

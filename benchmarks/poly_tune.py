@@ -15,16 +15,15 @@ from pathlib import Path
 
 import torch
 
-from tensorattn.bench.harness import guarded, machine_info, time_fn, write_report
+from tensorattn.bench.harness import attn_shapes, guarded, machine_info, randn_inputs, time_fn, write_report
 
 
 KERNELS = ("_state_kernel", "_fwd_kernel", "_bwd_kernel")
 
 
 def _inputs(B, T, Hq, Hkv, Dk, Dv, dtype, seed, scale=1.0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    shapes = [(B, T, Hq, Dk), (B, T, Hkv, Dk), (B, T, Hkv, Dk), (B, T, Hkv, Dv), (B, T, Hkv, Dv)]
-    return [(scale * torch.randn(*s, generator=g, device="cuda")).to(dtype).requires_grad_() for s in shapes]
+    return randn_inputs(attn_shapes(B, T, Hq, Hkv, Dk, Dv), dtype=dtype, device="cuda", seed=seed, scale=scale,
+                        requires_grad=True)
 
 
 def _check(dtype):

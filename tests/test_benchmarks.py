@@ -178,7 +178,7 @@ def test_bench_poly_main_writes_report_with_peer_notes(tmp_path, monkeypatch):
     def no_fla():
         raise ModuleNotFoundError("No module named 'fla'")
 
-    monkeypatch.setattr(bp, "_inputs", lambda shapes, dtype, grad, seed=0: list(shapes))
+    monkeypatch.setattr(bp, "randn_inputs", lambda shapes, **kw: list(shapes))
     monkeypatch.setattr(bp, "_measure", fake_measure)
     monkeypatch.setattr(bp, "_load_power", load_power)
     monkeypatch.setattr(bp, "_load_fla", no_fla)

@@ -6,7 +6,8 @@ import re
 import pytest
 
 from tensorattn.reproduce import SECTIONS, run
-from tensorattn.reproduce.common import _taylor_bound_degree, slope
+from tensorattn.bench.harness import loglog_slope
+from tensorattn.reproduce.common import _taylor_bound_degree
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +77,8 @@ def test_fast_is_accurate_in_report(report):
 
 
 def test_helpers():
-    assert abs(slope([1, 2, 4, 8], [3, 24, 192, 1536]) - 3) < 1e-12
-    assert math.isnan(slope([1], [1]))
+    assert abs(loglog_slope([1, 2, 4, 8], [3, 24, 192, 1536]) - 3) < 1e-12
+    assert math.isnan(loglog_slope([1], [1]))
     g = _taylor_bound_degree(1.0, 2.1e-5)  # R=1, g=8 gives a bound of 2.0e-5
     assert g == 8
 

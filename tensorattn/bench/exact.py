@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .harness import guarded, machine_info, peak_memory, time_fn, write_report
+from .harness import attn_shapes, guarded, machine_info, peak_memory, randn_inputs, time_fn, write_report
 
 CONFIGS = {
     # name: (B, T, Hq, Hkv, D, window or None (full causal))
@@ -51,12 +51,6 @@ def count_triples(T: int, *, causal: bool = True, window=None, S1: Optional[int]
     return T * (S1 or T) * (S2 or T)
 
 
-def _inputs(B, T, Hq, Hkv, D, dtype, device, gen):
-    def r(*s):
-        return torch.randn(*s, generator=gen, device=device, dtype=torch.float32).to(dtype)
-    return [r(B, T, Hq, D), r(B, T, Hkv, D), r(B, T, Hkv, D), r(B, T, Hkv, D), r(B, T, Hkv, D)]
-
-
 def _measure(fwd, bwd, fwdbwd, device, warmup, rep):
     row: Dict[str, Any] = {}
     row["fwd_ms"] = guarded(lambda: time_fn(fwd, device=device, warmup=warmup, rep=rep), device)["ms"]
@@ -75,7 +69,7 @@ def bench_config(name, cfg, *, dtype, device, warmup, rep, sdpa=True, peer=True,
 
     B, T, Hq, Hkv, D, window = cfg
     gen = torch.Generator(device=device).manual_seed(0)
-    q, k1, k2, v1, v2 = _inputs(B, T, Hq, Hkv, D, dtype, device, gen)
+    q, k1, k2, v1, v2 = randn_inputs(attn_shapes(B, T, Hq, Hkv, D, D), dtype=dtype, device=device, generator=gen)
     scale = 1 / math.sqrt(D)
     tri = count_triples(T, causal=True, window=window)
     kw = dict(scale=scale, causal=True, window=window)

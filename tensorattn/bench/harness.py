@@ -19,6 +19,32 @@ import torch
 from .._io import atomic_write_json, atomic_write_text
 
 
+def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of log y against log x over the finite, positive points (NaN if < 2): the measured
+    exponent of a cost that grows like ``x^slope``."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if y and y > 0 and math.isfinite(y)]
+    if len(pts) < 2:
+        return float("nan")
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx > 0 else float("nan")
+
+
+def attn_shapes(B: int, T: int, Hq: int, Hkv: int, D: int, Dv: int) -> List[tuple]:
+    """The shapes of the five inputs ``q, k1, k2, v1, v2`` of the tensor-attention ops."""
+    return [(B, T, Hq, D), (B, T, Hkv, D), (B, T, Hkv, D), (B, T, Hkv, Dv), (B, T, Hkv, Dv)]
+
+
+def randn_inputs(shapes, *, dtype, device, generator: Optional[torch.Generator] = None, seed: int = 0,
+                 scale: float = 1.0, requires_grad: bool = False) -> List[torch.Tensor]:
+    """Standard normal tensors of the given shapes times ``scale``, drawn in float32 on ``device`` (from
+    ``generator``, else a fresh one seeded with ``seed``) and cast to ``dtype``: the benchmarks' inputs."""
+    g = generator if generator is not None else torch.Generator(device=device).manual_seed(seed)
+    return [(scale * torch.randn(*s, generator=g, device=device, dtype=torch.float32)).to(dtype)
+            .requires_grad_(requires_grad) for s in shapes]
+
+
 def machine_info(device: Optional[torch.device] = None) -> Dict[str, Any]:
     """Device name and library versions, stored in every report."""
     info: Dict[str, Any] = {

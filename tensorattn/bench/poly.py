@@ -29,8 +29,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .harness import (fmt, guarded, loglog_axes, machine_info, markdown_table, peak_memory, save_figure, time_fn,
-                     write_report)
+from .harness import (attn_shapes, fmt, guarded, loglog_axes, machine_info, markdown_table, peak_memory, randn_inputs,
+                      save_figure, time_fn, write_report)
 
 DEFAULT_T = [2**p for p in range(14, 21)] + [2**22]  # 16K .. 1M, then 4M where the memory prediction fits
 POLY = "poly-triton"
@@ -67,12 +67,6 @@ class Job:
 
     def input_gib(self, T):
         return sum(math.prod(s) for s in self.shapes(T)) * 2 / 2**30
-
-
-def _inputs(shapes, dtype, grad, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.randn(*s, generator=g, device="cuda", dtype=torch.float32).to(dtype).requires_grad_(grad)
-            for s in shapes]
 
 
 def _measure(fn, xs, mode, max_s):
@@ -447,7 +441,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      note=reason))
                     print(rows[-1], flush=True)
                     continue
-                xs = _inputs(job.shapes(T), dtype, mode != "fwd")
+                xs = randn_inputs(job.shapes(T), dtype=dtype, device="cuda", requires_grad=mode != "fwd")
                 r = guarded(lambda: _measure(job.fn, xs, mode, max_s=3 * args.max_call_s), device="cuda",
                             catch_all=True)
                 del xs
@@ -488,7 +482,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _error_row(poly, exact, naive_tensor_attn, Dk, T, H, Dv, dtype, exact_full_max_T):
-    xs = [x.detach() for x in _inputs([(1, T, H, Dk)] * 3 + [(1, T, H, Dv)] * 2, dtype, False, seed=1)]
+    xs = randn_inputs(attn_shapes(1, T, H, H, Dk, Dv), dtype=dtype, device="cuda", seed=1)
     with torch.no_grad():
         out = poly(*xs).float()
         if exact is not None and T <= exact_full_max_T:

@@ -6,7 +6,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
@@ -112,17 +112,6 @@ def naive_order_2d(q, keys, values, scale):
     o = naive_order_attn(q[None, :, None], [k[None, :, None] for k in keys], [v[None, :, None] for v in values],
                          scale=scale)
     return o[0, :, 0]
-
-
-def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Least-squares slope of log y against log x over the finite, positive points (NaN if < 2)."""
-    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if y and y > 0 and math.isfinite(y)]
-    if len(pts) < 2:
-        return float("nan")
-    mx = sum(p[0] for p in pts) / len(pts)
-    my = sum(p[1] for p in pts) / len(pts)
-    sxx = sum((p[0] - mx) ** 2 for p in pts)
-    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx > 0 else float("nan")
 
 
 def timed(fn: Callable[[], Any], device, repeats: int = 1) -> Tuple[float, Any]:

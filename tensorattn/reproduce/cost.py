@@ -12,7 +12,8 @@ import torch
 
 from .. import paper
 from ..bench.harness import markdown_table
-from .common import Report, Section, _plt, bounded_problem, slope, timed
+from ..bench.harness import loglog_slope
+from .common import Report, Section, _plt, bounded_problem, timed
 
 
 def cost_series(method: str, op: str, ns: Sequence[int], *, d: int, degree: int, seed: int, repeats: int,
@@ -91,8 +92,8 @@ def section_cost(rep: Report, progress) -> Section:
     rows, slopes = [], {}
     for (method, op), pts in series.items():
         tail = pts[-4:] if method == "fast" else pts[-3:]  # asymptotic regime: the largest sizes
-        slopes[(method, op)] = (slope([q["n"] for q in tail], [q["s"] for q in tail]),
-                                slope([q["n"] for q in tail], [q["peak_mib"] for q in tail]))
+        slopes[(method, op)] = (loglog_slope([q["n"] for q in tail], [q["s"] for q in tail]),
+                                loglog_slope([q["n"] for q in tail], [q["peak_mib"] for q in tail]))
         for q in pts:
             rows.append({"method": method, "op": op, "n": q["n"], "time (s)": q["s"], "peak memory (MiB)": q["peak_mib"]})
     s.tables.append(markdown_table(rows, ["method", "op", "n", "time (s)", "peak memory (MiB)"]))
