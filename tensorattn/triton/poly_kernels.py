@@ -1,0 +1,414 @@
+"""The Triton kernels of the chunk-parallel polynomial tensor attention (device helpers, the state, scan and forward
+kernels, and the backward's feature, walk and projection kernels). What they compute, how they are tiled and
+launched: :mod:`tensorattn.triton.poly`, whose launchers are the only callers."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..poly.common import EPS as _EPS
+
+EPS = tl.constexpr(_EPS)  # the op's normaliser guard, read by the forward kernel as a constexpr global
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _tile(x_ptr, rows, rmask, stride, D: tl.constexpr):
+    """Rows ``x[rows, :D]`` ``[R, D]`` in x's dtype, zero outside the rows."""
+    return tl.load(x_ptr + rows[:, None] * stride + tl.arange(0, D)[None, :], mask=rmask[:, None], other=0.0)
+
+
+@triton.jit
+def _gather(xt, ia, ib, D: tl.constexpr, scale):
+    """Monomial factors ``ya = scale x[:, ia]`` (1 where ``ia == D``, the constant), likewise ``yb``, of a row
+    tile ``xt [R, D]``, float32: products with one-hot matrices, which are exact (one nonzero term per entry;
+    float32 tiles in ieee float32). Element-wise gathers were bound by the L1's request rate (Nsight Compute:
+    L1 89-93 % busy, DRAM 6-16 %, in every kernel that gathered)."""
+    dk = tl.arange(0, D)
+    ya = tl.dot(xt, (dk[:, None] == ia[None, :]).to(xt.dtype), input_precision="ieee")
+    yb = tl.dot(xt, (dk[:, None] == ib[None, :]).to(xt.dtype), input_precision="ieee")
+    return tl.where(ia[None, :] < D, ya * scale, 1.0), tl.where(ib[None, :] < D, yb * scale, 1.0)
+
+
+@triton.jit
+def _feature(xt, rmask, ia, ib, D: tl.constexpr, scale):
+    """Degree-2 monomial features ``ya * yb`` ``[R, BK]`` of a row tile (zero outside the rows)."""
+    ya, yb = _gather(xt, ia, ib, D, scale)
+    return tl.where(rmask[:, None], ya * yb, 0.0)
+
+
+@triton.jit
+def _rows(x_ptr, rows, rmask, stride, cols, ncols):
+    """``x[rows, cols]`` as float32, zero outside the rows and columns."""
+    x = tl.load(x_ptr + rows[:, None] * stride + cols[None, :], mask=rmask[:, None] & (cols[None, :] < ncols),
+                other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _row(ptr, cols, DV: tl.constexpr, DVP: tl.constexpr):
+    """One row of ``DV`` values as float32 ``[DVP]``, zero past DV (no mask when DV is the padded width)."""
+    if DV == DVP:
+        x = tl.load(ptr + cols)
+    else:
+        x = tl.load(ptr + cols, mask=cols < DV, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    return tl.dot(a.to(DT), b.to(DT), input_precision=PREC)
+
+
+@triton.jit
+def _pairs(a, b, C: tl.constexpr, W: tl.constexpr):
+    """``[C², W]`` rows ``(i, j) -> a[i] * b[j]``."""
+    return tl.reshape(a[:, None, :] * b[None, :, :], (C * C, W))
+
+
+@triton.jit
+def _sub_feats(qt, k1t, k2t, rmask, ia, ib, wq, D: tl.constexpr, scale):
+    """One sub-chunk's features in one feature block: ``U1``, ``U2``, ``U3`` ``[C, BK]`` (zero past T)."""
+    return (_feature(qt, rmask, ia, ib, D, scale) * wq[None, :], _feature(k1t, rmask, ia, ib, D, 1.0),
+            _feature(k2t, rmask, ia, ib, D, 1.0))
+
+
+@triton.jit
+def _head_states(st_ptr, sd_ptr, n, bh, HQ, GROUPS, NS1, KP, DVP: tl.constexpr):
+    """Batch ``b``, query head ``h``, its kv head ``hk`` and their count ``HK``, and the states before chunk ``n``
+    of the kv head (``st [B * HK, NS1, 2, KP, DVP]``, ``sd [B * HK, NS1, 2, KP]``)."""
+    b = bh // HQ
+    h = bh % HQ
+    hk = h // GROUPS
+    HK = HQ // GROUPS
+    stb = st_ptr + ((b * HK + hk) * NS1 + n) * 2 * KP * DVP
+    sdb = sd_ptr + ((b * HK + hk) * NS1 + n) * 2 * KP
+    return b, h, hk, HK, stb, sdb
+
+
+@triton.jit
+def _bases(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, n, bh, HQ, GROUPS, T, NS1, KP,
+           D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+    """Batch ``b``, query head ``h``, the row strides, this head's input pointers, the offset of its output rows
+    and the states before chunk ``n`` of its kv head."""
+    b, h, hk, HK, stb, sdb = _head_states(st_ptr, sd_ptr, n, bh, HQ, GROUPS, NS1, KP, DVP)
+    sq = HQ * D
+    sk = HK * D
+    sv = HK * DV
+    so = HQ * DV
+    ko = b * T * sk + hk * D
+    vo = b * T * sv + hk * DV
+    return (b, h, sq, sk, sv, so, q_ptr + b * T * sq + h * D, k1_ptr + ko, k2_ptr + ko, v1_ptr + vo, v2_ptr + vo,
+            b * T * so + h * DV, stb, sdb)
+
+
+@triton.jit
+def _ww_fwd(qt, k1t, k2t, v1c, v2c, scale, m3, D: tl.constexpr, C: tl.constexpr, EB: tl.constexpr,
+            DT: tl.constexpr, PREC: tl.constexpr):
+    """(inside, inside): ``Σ_{j1, j2 <= i} P(z) v1[j1] ∘ v2[j2]`` of one sub-chunk, ``[C, EB]``."""
+    qc = qt.to(tl.float32) * scale
+    k1c = k1t.to(tl.float32)
+    k2c = k2t.to(tl.float32)
+    z = _mm(_pairs(qc, k1c, C, D), tl.trans(k2c), DT, PREC)  # [(i, j1), j2]
+    p = tl.where(m3, 1.0 + z + 0.5 * z * z, 0.0)
+    pv2 = tl.reshape(_mm(p, v2c, DT, PREC), (C, C, EB))
+    return tl.sum(pv2 * v1c[None, :, :], axis=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _state_kernel(k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, ia_ptr, ib_ptr, T, t0, NS1, HK, KP,
+                  D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, BK: tl.constexpr,
+                  DT: tl.constexpr, PREC: tl.constexpr):
+    """Chunk n's contributions ``U2_n^T v1_n``, ``U3_n^T v2_n`` and ``Σ U2_n``, ``Σ U3_n`` -> slot n + 1."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    kb = tl.program_id(2)
+    b = bh // HK
+    hk = bh % HK
+    sk = HK * D
+    sv = HK * DV
+    rows = (t0 + n * F).to(tl.int64) + tl.arange(0, F)  # int64: T * H * D may pass 2^31
+    rmask = rows < T
+    m = kb * BK + tl.arange(0, BK)
+    ia = tl.load(ia_ptr + m)
+    ib = tl.load(ib_ptr + m)
+    cols = tl.arange(0, DVP)
+    slot = (bh * NS1 + n + 1) * 2
+    soff = m[:, None] * DVP + cols[None, :]
+    kb_off = b * T * sk + hk * D
+    vb_off = b * T * sv + hk * DV
+    _state_one(k1_ptr + kb_off, v1_ptr + vb_off, st_ptr + slot * KP * DVP + soff, sd_ptr + slot * KP + m, rows, rmask,
+               sk, sv, ia, ib, cols, D, DV, DT, PREC)
+    _state_one(k2_ptr + kb_off, v2_ptr + vb_off, st_ptr + (slot + 1) * KP * DVP + soff, sd_ptr + (slot + 1) * KP + m,
+               rows, rmask, sk, sv, ia, ib, cols, D, DV, DT, PREC)
+
+
+@triton.jit
+def _state_one(kp, vp, st_out, sd_out, rows, rmask, sk, sv, ia, ib, cols, D: tl.constexpr, DV: tl.constexpr,
+               DT: tl.constexpr, PREC: tl.constexpr):
+    u = _feature(_tile(kp, rows, rmask, sk, D), rmask, ia, ib, D, 1.0)
+    v = _rows(vp, rows, rmask, sv, cols, DV)
+    tl.store(st_out, _mm(tl.trans(u), v, DT, PREC))
+    tl.store(sd_out, tl.sum(u, axis=0))
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o_ptr, den_ptr, ia_ptr, ib_ptr,
+                wq_ptr, T, t0, NS1, HQ, GROUPS, KP, NKB, scale,
+                D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
+                BK: tl.constexpr, EB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Output rows of chunk n for one query head and value block: sub-chunks outside, feature blocks inside, so
+    that the pair products of all feature blocks add up in the product accumulators before one reduction per
+    sub-chunk. The running state of each feature block passes from one sub-chunk to the next through this
+    program's scratch ``sc`` ``[NKB, 2, BK, EB]`` + ``[2, KP]`` (float32, L2-resident; a barrier after each
+    sub-chunk makes the writes visible to all of the program's threads)."""
+    NSUB: tl.constexpr = F // C
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    pe = tl.program_id(2)
+    b, h, sq, sk, sv, so, qb, k1b, k2b, v1b, v2b, oo, stb, sdb = _bases(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr,
+                                                                         sd_ptr, n, bh, HQ, GROUPS, T, NS1, KP, D, DV,
+                                                                         DVP)
+    scb = sc_ptr + ((n * tl.num_programs(1) + bh) * tl.num_programs(2) + pe) * (NKB * 2 * BK * EB + 2 * KP)
+
+    ci = tl.arange(0, C)
+    cols = pe * EB + tl.arange(0, EB)
+    pi = tl.arange(0, C * C) // C
+    pj = tl.arange(0, C * C) % C
+    m2 = (ci[None, :] <= ci[:, None]).to(tl.float32)
+    m3 = (pj[:, None] <= pi[:, None]) & (ci[None, :] <= pi[:, None])
+    se = tl.arange(0, BK)[:, None] * EB + tl.arange(0, EB)[None, :]
+    r0 = (t0 + n * F).to(tl.int64)  # int64 row offsets: T * H * D may pass 2^31
+    for s in range(NSUB):
+        rows = r0 + s * C + ci
+        rmask = rows < T
+        v1c = _rows(v1b, rows, rmask, sv, cols, DV)
+        v2c = _rows(v2b, rows, rmask, sv, cols, DV)
+        qt = _tile(qb, rows, rmask, sq, D)
+        k1t = _tile(k1b, rows, rmask, sk, D)
+        k2t = _tile(k2b, rows, rmask, sk, D)
+        part = tl.zeros((C, EB), tl.float32)
+        t2 = tl.zeros((C * C, EB), tl.float32)
+        t3 = tl.zeros((C * C, EB), tl.float32)
+        dpart = tl.zeros((C,), tl.float32)
+        for kb in range(NKB):
+            m = kb * BK + tl.arange(0, BK)
+            ia = tl.load(ia_ptr + m)
+            ib = tl.load(ib_ptr + m)
+            wq = tl.load(wq_ptr + m)
+            sck = scb + kb * 2 * BK * EB
+            if s == 0:
+                soff = m[:, None] * DVP + cols[None, :]
+                a2 = tl.load(stb + soff)
+                a3 = tl.load(stb + KP * DVP + soff)
+                a2d = tl.load(sdb + m)
+                a3d = tl.load(sdb + KP + m)
+            else:
+                a2 = tl.load(sck + se)
+                a3 = tl.load(sck + BK * EB + se)
+                a2d = tl.load(scb + NKB * 2 * BK * EB + m)
+                a3d = tl.load(scb + NKB * 2 * BK * EB + KP + m)
+            u1, u2, u3 = _sub_feats(qt, k1t, k2t, rmask, ia, ib, wq, D, scale)
+            part += _mm(u1, a2 * a3, DT, PREC)  # (before, before)
+            t2 = tl.dot(_pairs(u1, u3, C, BK).to(DT), a2.to(DT), t2, input_precision=PREC)
+            t3 = tl.dot(_pairs(u1, u2, C, BK).to(DT), a3.to(DT), t3, input_precision=PREC)
+            l2 = a2d[None, :] + tl.cumsum(u2, axis=0)  # normaliser: inclusive vector scan
+            l3 = a3d[None, :] + tl.cumsum(u3, axis=0)
+            dpart += tl.sum(u1 * l2 * l3, axis=1)
+            if s + 1 < NSUB:
+                tl.store(sck + se, a2 + _mm(tl.trans(u2), v1c, DT, PREC))
+                tl.store(sck + BK * EB + se, a3 + _mm(tl.trans(u3), v2c, DT, PREC))
+                tl.store(scb + NKB * 2 * BK * EB + m, a2d + tl.sum(u2, axis=0))
+                tl.store(scb + NKB * 2 * BK * EB + KP + m, a3d + tl.sum(u3, axis=0))
+        tl.debug_barrier()  # this sub-chunk's state updates are visible to every thread of the program
+        part += tl.sum(tl.reshape(t2, (C, C, EB)) * v2c[None, :, :] * m2[:, :, None], axis=1)  # (before, inside)
+        part += tl.sum(tl.reshape(t3, (C, C, EB)) * v1c[None, :, :] * m2[:, :, None], axis=1)  # (inside, before)
+        part += _ww_fwd(qt, k1t, k2t, v1c, v2c, scale, m3, D, C, EB, DT, PREC)
+        den = dpart + EPS
+        tl.store(o_ptr + oo + rows[:, None] * so + cols[None, :],
+                 (part / den[:, None]).to(o_ptr.dtype.element_ty), mask=rmask[:, None] & (cols[None, :] < DV))
+        if pe == 0:
+            tl.store(den_ptr + b * T * HQ + h + rows * HQ, den, mask=rmask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward: one position at a time inside a chunk, the states of one feature block in registers
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _feat_kernel(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TS, H, KP, scale, D: tl.constexpr, R: tl.constexpr,
+                 BK: tl.constexpr, QW: tl.constexpr):
+    """Features ``ya yb`` (times the query weights when ``QW``) of the segment's rows ``t0 + [0, TS)`` of
+    ``x [B, T, H, D]`` -> ``u [B, TS, H, KP]`` float32, zero past T: one ``[R, BK]`` block per program."""
+    rb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    kb = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    rl = rb * R + tl.arange(0, R)
+    rows = rl.to(tl.int64) + t0  # int64: T * H * D may pass 2^31
+    rmask = (rows < T) & (rl < TS)
+    m = kb * BK + tl.arange(0, BK)
+    u = _feature(_tile(x_ptr + b * T * H * D + h * D, rows, rmask, H * D, D), rmask, tl.load(ia_ptr + m),
+                 tl.load(ib_ptr + m), D, scale)
+    if QW:
+        u = u * tl.load(wq_ptr + m)[None, :]
+    tl.store(u_ptr + ((b * TS + rl)[:, None] * H + h) * KP + m[None, :], u, mask=(rl < TS)[:, None])
+
+
+@triton.jit
+def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TS, HX, HQ, GROUPS, KP, NKB, scale,
+                 D: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, QW: tl.constexpr):
+    """Chain rule through the features: ``dx = Σ_m du[m] (yb[m] e_ia[m] + ya[m] e_ib[m])`` (times the query
+    weights and the scale when ``QW``) for ``R`` rows of one head ``hx`` of ``x [B, T, HX, D]``, the feature
+    gradients ``du [B, TS, HQ, KP]`` summed over the ``GROUPS`` query heads of ``hx`` first; written into ``dx``
+    (x's layout and dtype). One-hot products in float32 (``ieee``; tf32x3 measured slower)."""
+    rb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // HX
+    hx = bh % HX
+    rl = rb * R + tl.arange(0, R)
+    rows = rl.to(tl.int64) + t0  # int64: T * H * D may pass 2^31
+    rmask = (rows < T) & (rl < TS)
+    dk = tl.arange(0, D)
+    xt = _tile(x_ptr + b * T * HX * D + hx * D, rows, rmask, HX * D, D)
+    acc = tl.zeros((R, D), tl.float32)
+    for kb in range(NKB):
+        m = kb * BK + tl.arange(0, BK)
+        ia = tl.load(ia_ptr + m)
+        ib = tl.load(ib_ptr + m)
+        ya, yb = _gather(xt, ia, ib, D, scale)
+        du = tl.zeros((R, BK), tl.float32)
+        for g in range(GROUPS):
+            du += tl.load(du_ptr + ((b * TS + rl)[:, None] * HQ + hx * GROUPS + g) * KP + m[None, :],
+                          mask=rmask[:, None], other=0.0)
+        if QW:
+            du = du * (tl.load(wq_ptr + m) * scale)[None, :]
+        ea = (ia[:, None] == dk[None, :]).to(tl.float32)
+        eb = (ib[:, None] == dk[None, :]).to(tl.float32)
+        acc = tl.dot(du * yb, ea, acc, input_precision="ieee")
+        acc = tl.dot(du * ya, eb, acc, input_precision="ieee")
+    tl.store(dx_ptr + (b * T + rows)[:, None] * HX * D + hx * D + dk[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=rmask[:, None])
+
+
+@triton.jit
+def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_ptr, st_ptr, sd_ptr, rs_ptr, rd_ptr,
+                du1_ptr, du2_ptr, du3_ptr, gv_ptr, GV2, T, t0, NS1, HQ, GROUPS, KP,
+                DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr):
+    """One chunk n, one query head, one feature block of ``BK`` features: the states ``[BK, DVP]`` in registers
+    (float32, CUDA cores), one position per step (forward states ``L += u ⊗ v`` by addition from the chunk's
+    start); the features come from the segment's buffers ``u1 [B, TS, Hq, KP]``, ``u2``, ``u3 [B, TS, Hkv, KP]``.
+
+    * ``MODE == 1`` (state gradients): the chunk's contribution ``Σ_{i in n} dL2_i`` with
+      ``dL2_i = (U1[i] ⊗ G_i) ∘ L3_i`` (likewise dL3, and the normaliser's vectors), per query head -> slot
+      ``NS1 - 1 - n`` of ``rs``, ``rd`` (reversed, so a forward cumsum gives suffixes).
+    * ``MODE == 2`` (input gradients): suffix states (inclusive, from the reversed cumsum) less each row's own
+      part; the feature gradients ``du1..3`` of every row stored into ``[B, TS, Hq, KP]`` (each row's block
+      belongs to this program alone), the value gradients added into ``gv [2, B, TS, Hq, Dv]`` (``GV2`` apart)
+      by atomics (feature blocks add up; the launcher sums GQA groups). With one warp per program (the default
+      of this pass) every reduction stays inside the warp: no exchange through shared memory per row.
+
+    Only the chunk's rows before T are walked: past T nothing is read or written (their features are zero and
+    their gradients are never read), so the loop body has no row masks."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    kb = tl.program_id(2)
+    b, h, hk, HK, stb, sdb = _head_states(st_ptr, sd_ptr, n, bh, HQ, GROUPS, NS1, KP, DVP)
+    sv = HK * DV
+    so = HQ * DV
+    TS = (NS1 - 1) * F
+    m = kb * BK + tl.arange(0, BK)
+    cols = tl.arange(0, DVP)
+    cm = cols < DV
+    soff = m[:, None] * DVP + cols[None, :]
+    L2 = tl.load(stb + soff)
+    L3 = tl.load(stb + KP * DVP + soff)
+    l2 = tl.load(sdb + m)
+    l3 = tl.load(sdb + KP + m)
+    rsb = rs_ptr + (bh * NS1 + NS1 - 1 - n) * 2 * KP * DVP
+    rdb = rd_ptr + (bh * NS1 + NS1 - 1 - n) * 2 * KP
+    if MODE == 2:  # inclusive suffix from chunk n
+        R2 = tl.load(rsb + soff)
+        R3 = tl.load(rsb + KP * DVP + soff)
+        r2d = tl.load(rdb + m)
+        r3d = tl.load(rdb + KP + m)
+    else:
+        R2 = tl.zeros((BK, DVP), tl.float32)
+        R3 = tl.zeros((BK, DVP), tl.float32)
+        r2d = tl.zeros((BK,), tl.float32)
+        r3d = tl.zeros((BK,), tl.float32)
+    v1b = v1_ptr + b * T * sv + hk * DV
+    v2b = v2_ptr + b * T * sv + hk * DV
+    dob = do_ptr + b * T * so + h * DV
+    rb = b * T * HQ + h
+    tq = n * F  # this chunk's first row in the segment
+    u1b = u1_ptr + ((b * TS + tq) * HQ + h) * KP + m
+    u2b = u2_ptr + ((b * TS + tq) * HK + hk) * KP + m
+    u3b = u3_ptr + ((b * TS + tq) * HK + hk) * KP + m
+    gub = ((b * TS + tq) * HQ + h) * KP + m
+    gvb = ((b * TS + tq) * HQ + h) * DV + cols
+    r0 = (t0 + n * F).to(tl.int64)
+    nt = tl.minimum(T - t0 - n * F, F)  # rows of this chunk before T
+    for t in range(nt):
+        i = r0 + t
+        u1 = tl.load(u1b + t * HQ * KP)
+        u2 = tl.load(u2b + t * HK * KP)
+        u3 = tl.load(u3b + t * HK * KP)
+        v1r = _row(v1b + i * sv, cols, DV, DVP)
+        v2r = _row(v2b + i * sv, cols, DV, DVP)
+        rden = 1.0 / tl.load(den_ptr + rb + i * HQ)  # one division per row
+        g = _row(dob + i * so, cols, DV, DVP) * rden
+        gd = -tl.load(delta_ptr + rb + i * HQ) * rden
+        L2 += u2[:, None] * v1r[None, :]
+        L3 += u3[:, None] * v2r[None, :]
+        l2 += u2
+        l3 += u3
+        gl3 = g[None, :] * L3
+        gl2 = g[None, :] * L2
+        if MODE == 1:
+            R2 += u1[:, None] * gl3
+            R3 += u1[:, None] * gl2
+            r2d += gd * u1 * l3
+            r3d += gd * u1 * l2
+        else:
+            tl.store(du1_ptr + gub + t * HQ * KP, tl.sum(gl3 * L2, axis=1) + gd * l2 * l3)
+            tl.store(du2_ptr + gub + t * HQ * KP, tl.sum(R2 * v1r[None, :], axis=1) + r2d)
+            tl.store(du3_ptr + gub + t * HQ * KP, tl.sum(R3 * v2r[None, :], axis=1) + r3d)
+            gvp = gv_ptr + gvb + t * so
+            tl.atomic_add(gvp, tl.sum(R2 * u2[:, None], axis=0), mask=cm, sem="relaxed")
+            tl.atomic_add(gvp + GV2, tl.sum(R3 * u3[:, None], axis=0), mask=cm, sem="relaxed")
+            R2 -= u1[:, None] * gl3
+            R3 -= u1[:, None] * gl2
+            r2d -= gd * u1 * l3
+            r3d -= gd * u1 * l2
+    if MODE == 1:
+        tl.store(rsb + soff, R2)
+        tl.store(rsb + KP * DVP + soff, R3)
+        tl.store(rdb + m, r2d)
+        tl.store(rdb + KP + m, r3d)
+
+
+@triton.jit
+def _scan_kernel(x_ptr, N, W, U: tl.constexpr, BW: tl.constexpr):
+    """In place, the inclusive prefix sum over the chunk axis of ``x [BH, N, W]`` (float32) for ``BW`` columns of
+    one ``bh``: ``U`` chunks per step as one ``[U, BW]`` tile (``U * BW`` loads in flight, a scan inside the
+    tile), the running sum carried in registers from one step to the next."""
+    bh = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BW + tl.arange(0, BW)
+    cm = cols < W
+    r = tl.arange(0, U)
+    base = x_ptr + bh * N * W + cols[None, :]
+    acc = tl.zeros((BW,), tl.float32)
+    for n0 in range(0, N, U):
+        rows = n0 + r
+        msk = (rows < N)[:, None] & cm[None, :]
+        ptr = base + rows.to(tl.int64)[:, None] * W
+        cs = tl.cumsum(tl.load(ptr, mask=msk, other=0.0), axis=0) + acc[None, :]
+        tl.store(ptr, cs, mask=msk)
+        acc = tl.sum(tl.where(r[:, None] == U - 1, cs, 0.0), axis=0)  # the tile's last row (zero rows past N)
