@@ -112,6 +112,7 @@ def _row(impl, mode, Dk, T, ms, peer=False, **kw):
 
 def test_bench_poly_summary_ratios_and_targets():
     from tensorattn.bench import poly as bp
+    from tensorattn.bench import poly_report as pr
 
     P, S, W, F = bp.POLY, bp.sdpa_name(64), bp.WINDOW, bp.FLA
     rows = []
@@ -123,7 +124,7 @@ def test_bench_poly_summary_ratios_and_targets():
     rows.append(_row(S, "fwd+bwd", 64, 1048576, float("nan"), peer=True, note="not run at T >= 1048576: beyond"))
     rows.append(dict(impl=bp.power_name(64, 128), mode="-", Dk=64, peer=True, ms=float("nan"), note="unavailable: x"))
     rows.append(_row(P, "fwd+bwd", 64, 16384, 100.0))  # another Dk: in the summary, not in the targets
-    summary, targets = bp.summarize(rows, target_dk=16)
+    summary, targets = pr.summarize(rows, target_dk=16)
     by = {(s["Dk"], s["T"]): s for s in summary}
     assert set(by) == {(16, 16384), (16, 32768), (16, 1048576), (64, 16384)}
     s = by[(16, 32768)]
@@ -138,16 +139,16 @@ def test_bench_poly_summary_ratios_and_targets():
     assert verdict["poly fwd+bwd faster than SDPA from T = 32,768"] == "met"  # 16K (0.5) is before 32K
     assert verdict["poly fwd+bwd faster than exact window(512,32) at every T >= 16,384"] == "met"
     assert verdict["poly bwd <= 3x fwd"] == "met"
-    md = bp.summary_markdown(summary, targets)
+    md = pr.summary_markdown(summary, targets)
     assert "## Summary" in md and "## Targets" in md and "sdpa/poly" in md and "—" in md
 
     rows[1]["ms"] = 300.0  # poly fwd+bwd at 16K: slower than SDPA, fla and window only by < 2x; bwd > 3x fwd
-    _, targets = bp.summarize(rows, target_dk=16)
+    _, targets = pr.summarize(rows, target_dk=16)
     verdict = {t["target"].split(" (")[0]: t["verdict"] for t in targets}
     assert verdict["poly fwd+bwd >= 2x faster than fla at every T"] == "missed"
     assert verdict["poly fwd+bwd faster than exact window(512,32) at every T >= 16,384"] == "missed"
     assert verdict["poly bwd <= 3x fwd"] == "missed"
-    _, targets = bp.summarize([r for r in rows if r["impl"] != P], target_dk=16)
+    _, targets = pr.summarize([r for r in rows if r["impl"] != P], target_dk=16)
     assert [t["verdict"] for t in targets] == ["not measured"]
 
 
