@@ -299,7 +299,9 @@ class TensorAttention(nn.Module):
     Args:
         dim: model width; input and output are ``[B, T, dim]``.
         n_heads: query heads Hq.
-        head_dim: per-head dim D for q, k1, k2, v1, v2 (default ``dim // n_heads``).
+        head_dim: per-head dim Dv of v1, v2 and the output, and D of q, k1, k2 unless ``key_dim`` (default
+            ``dim // n_heads``).
+        key_dim: per-head dim of q, k1, k2 when it differs from ``head_dim`` (default ``head_dim``).
         n_kv_heads: heads of k1, k2, v1, v2 (GQA, ``Hq % Hkv == 0``); default ``n_heads``.
         causal, window: visibility, as above (both need ``y`` and ``z`` as long as ``x``).
         rope: rotate q, k1 and k2 with :class:`RotaryEmbedding` (see its note on the trilinear score).
@@ -315,13 +317,13 @@ class TensorAttention(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, *, head_dim: Optional[int] = None, n_kv_heads: Optional[int] = None,
                  causal: bool = False, window=None, rope: bool = False, scale: Optional[float] = None,
-                 backend: str = "auto", bias: bool = False, _key_dim: Optional[int] = None,
+                 backend: str = "auto", bias: bool = False, key_dim: Optional[int] = None,
                  check_finite: Optional[bool] = None, deterministic: bool = False):
         super().__init__()
         _check_dims(dim=dim, n_heads=n_heads)
         self.deterministic = check_bool("deterministic", deterministic)
         head_dim = dim // n_heads if head_dim is None else head_dim
-        key_dim = head_dim if _key_dim is None else _key_dim
+        key_dim = head_dim if key_dim is None else key_dim
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         _check_dims(head_dim=head_dim, n_kv_heads=n_kv_heads, key_dim=key_dim)
         _check_heads(n_heads, n_kv_heads)
@@ -435,7 +437,7 @@ class PolyTensorAttention(TensorAttention):
                  scale: Optional[float] = None, backend: str = "auto", bias: bool = False,
                  check_finite: Optional[bool] = None):
         super().__init__(dim, n_heads, head_dim=head_dim, n_kv_heads=n_kv_heads, causal=causal, window=None,
-                         rope=rope, scale=scale, backend=backend, bias=bias, _key_dim=key_dim,
+                         rope=rope, scale=scale, backend=backend, bias=bias, key_dim=key_dim,
                          check_finite=check_finite)
         _check_dims(degree=degree)
         self.degree = degree

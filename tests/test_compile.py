@@ -8,6 +8,7 @@ which takes seconds per graph on CI's two cores. A C compiler is present here (i
 """
 import pytest
 import torch
+from utils import attn_inputs
 
 import tensorattn as ta
 from tensorattn.layers import PolyTensorAttention, SoftmaxAttention, TensorAttention
@@ -26,8 +27,7 @@ def _fresh_dynamo():
 
 
 def five(B=2, T=8, H=2, D=4, seed=0, grad=True):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, T, H, D, generator=g, dtype=F64).requires_grad_(grad) for _ in range(5)]
+    return attn_inputs(B, T, H, H, D, D, dtype=F64, seed=seed, requires_grad=grad)
 
 
 def grads(out, leaves):

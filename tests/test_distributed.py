@@ -19,6 +19,7 @@ import tempfile
 
 import pytest
 import torch
+from utils import attn_inputs
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -55,11 +56,8 @@ def _entry(rank, world, store, tmpdir, fn, args):
 
 def _inputs(seed, B, T, Hq, Hkv, D, Dv, amp=1.0):
     g = torch.Generator().manual_seed(seed)
-    q = amp * torch.randn(B, T, Hq, D, dtype=F64, generator=g)
-    k1, k2 = (amp * torch.randn(B, T, Hkv, D, dtype=F64, generator=g) for _ in range(2))
-    v1, v2 = (torch.randn(B, T, Hkv, Dv, dtype=F64, generator=g) for _ in range(2))
-    do = torch.randn(B, T, Hq, Dv, dtype=F64, generator=g)
-    return (q, k1, k2, v1, v2), do
+    xs = attn_inputs(B, T, Hq, Hkv, D, Dv, dtype=F64, generator=g, q_scale=amp, k_scale=amp)
+    return tuple(xs), torch.randn(B, T, Hq, Dv, dtype=F64, generator=g)
 
 
 def _full(op, xs, do):

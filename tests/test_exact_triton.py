@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from utils import skip_if_interpreter_broken
+from utils import interpreter_env, skip_if_interpreter_broken
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -31,7 +31,7 @@ if not (INTERP or ON_GPU):
     def test_triton_kernels_under_interpreter():
         skip_if_interpreter_broken()
         root = Path(__file__).resolve().parents[1]
-        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        env = interpreter_env()  # the runner of every interpreter test (tests/utils.py), here around pytest itself
         r = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-x", "-q",
                             "-p", "no:cacheprovider"], cwd=root, env=env, capture_output=True, text=True,
                            timeout=900)

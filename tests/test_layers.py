@@ -188,3 +188,16 @@ def test_multiview_classifier_uses_every_view(mixer):
         assert (model(changed) - out).abs().max() > 1e-8, v
     with pytest.raises(ValueError, match="view 1 must be"):
         model([views[0], views[2], views[2]])
+
+
+def test_tensor_attention_key_dim_differs_from_head_dim():
+    torch.manual_seed(0)
+    layer = TensorAttention(12, 2, head_dim=4, key_dim=6, causal=True).double()
+    assert layer.q.weight.shape == (12, 12) and layer.v1.weight.shape == (8, 12)
+    x = torch.randn(1, 7, 12, dtype=torch.float64)
+    q, k1, k2, v1, v2 = layer._project(x, None, None)
+    assert q.shape[-1] == k1.shape[-1] == 6 and v1.shape[-1] == 4
+    from tensorattn import naive_tensor_attn
+
+    ref = layer.o(naive_tensor_attn(q, k1, k2, v1, v2, causal=True).reshape(1, 7, 8))
+    torch.testing.assert_close(layer(x), ref)

@@ -9,7 +9,7 @@ from tensorattn import poly_tensor_attn, tensor_attn
 from tensorattn.layers import PolyTensorAttention, SoftmaxAttention, TensorAttention
 from tensorattn.model import Transformer
 from tensorattn.packing import cu_seqlens_from_lengths, positions_in_documents
-from utils import TRITON_INTERPRETER, WHERE, run_script
+from utils import TRITON_INTERPRETER, WHERE, attn_inputs, run_script
 
 OPS = [
     ("exact causal", lambda *x, **k: tensor_attn(*x, causal=True, **k)),
@@ -22,9 +22,8 @@ LENGTHS = [[1, 5, 9], [1] * 6 + [7], [13]]  # a length-1 document; many short on
 
 
 def _inputs(total, Hq=4, Hkv=2, D=4, Dv=3, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(1, total, Hq, D), (1, total, Hkv, D), (1, total, Hkv, D), (1, total, Hkv, Dv), (1, total, Hkv, Dv)]
-    return [(0.7 * torch.randn(*s, generator=g, dtype=dtype)).requires_grad_() for s in shapes]
+    return attn_inputs(1, total, Hq, Hkv, D, Dv, dtype=dtype, seed=seed, q_scale=0.7, k_scale=0.7, v_scale=0.7,
+                       requires_grad=True)
 
 
 @pytest.mark.parametrize("lengths", LENGTHS, ids=lambda l: "-".join(map(str, l)))

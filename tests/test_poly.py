@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from utils import attn_inputs
 
 from tensorattn.naive import naive_tensor_attn
 from tensorattn.poly import (EPS, PolyTensorAttnState, naive_poly_tensor_attn, poly_rank, poly_tensor_attn,
@@ -13,9 +14,7 @@ from tensorattn.poly.op import poly_fwd_op
 
 
 def _inputs(gen, B, T, Hq, Hkv, D, Dv, S1=None, S2=None, dtype=torch.float64, kscale=1.0):
-    S1, S2 = S1 or T, S2 or T
-    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
-    return (r(B, T, Hq, D), r(B, S1, Hkv, D) * kscale, r(B, S2, Hkv, D) * kscale, r(B, S1, Hkv, Dv), r(B, S2, Hkv, Dv))
+    return tuple(attn_inputs(B, T, Hq, Hkv, D, Dv, S1=S1, S2=S2, dtype=dtype, generator=gen, k_scale=kscale))
 
 
 def _rel(a, b):

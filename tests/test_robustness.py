@@ -1,6 +1,7 @@
 """Cross-op robustness: autocast, non-finite inputs, degenerate shapes (found by review)."""
 import pytest
 import torch
+from utils import attn_inputs
 
 import tensorattn as ta
 
@@ -12,12 +13,9 @@ OPS = {
 
 
 def inputs(T=24, dtype=torch.float32, seed=0, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
     # GQA (2 query heads, 1 kv head) and Dk = 16 != Dv = 8
-    x = [torch.randn(1, T, 2, 16, generator=g, dtype=dtype) * 0.5]
-    x += [torch.randn(1, T, 1, 16, generator=g, dtype=dtype) * 0.5 for _ in range(2)]
-    x += [torch.randn(1, T, 1, 8, generator=g, dtype=dtype) for _ in range(2)]
-    return [t.requires_grad_(requires_grad) for t in x]
+    return attn_inputs(1, T, 2, 1, 16, 8, dtype=dtype, seed=seed, q_scale=0.5, k_scale=0.5,
+                       requires_grad=requires_grad)
 
 
 @pytest.mark.parametrize("name", sorted(OPS))

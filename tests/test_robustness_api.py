@@ -6,6 +6,7 @@ argument (or the limit) the caller has to change.
 import numpy as np
 import pytest
 import torch
+from utils import attn_inputs
 
 import tensorattn as ta
 from tensorattn import fast, features, paper
@@ -16,10 +17,7 @@ from tensorattn.model import MultiViewClassifier, Transformer
 
 
 def five(T=5, D=4, Dv=3, dtype=torch.float32, seed=0, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(1, T, 2, D, generator=g, dtype=dtype) for _ in range(3)]
-    xs += [torch.randn(1, T, 2, Dv, generator=g, dtype=dtype) for _ in range(2)]
-    return [x.requires_grad_(requires_grad) for x in xs]
+    return attn_inputs(1, T, 2, 2, D, Dv, dtype=dtype, seed=seed, requires_grad=requires_grad)
 
 
 def order_inputs(n=6, d=3, dv=2, m=2, c=0.3, seed=0, dtype=torch.float64):

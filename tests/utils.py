@@ -93,3 +93,20 @@ def skip_if_interpreter_broken():
 
         pytest.skip(f"the interpreter of triton {triton.__version__} cannot run a loop with a runtime bound "
                     f"here ({problem}); the kernels' interpreter tests need a newer triton")
+
+
+def attn_inputs(B: int = 1, T: int = 8, Hq: int = 2, Hkv: int = None, D: int = 4, Dv: int = None, *, S1: int = None,
+                S2: int = None, dtype=None, seed: int = 0, generator=None, q_scale: float = 1.0, k_scale: float = 1.0,
+                v_scale: float = 1.0, requires_grad: bool = False):
+    """The five inputs ``q [B, T, Hq, D], k1 [B, S1, Hkv, D], k2 [B, S2, Hkv, D], v1 [B, S1, Hkv, Dv],
+    v2 [B, S2, Hkv, Dv]`` of the tensor-attention ops: standard normal draws in float64 in that order (from
+    ``generator``, else one seeded with ``seed``), times the scales, cast to ``dtype`` (default float64), leaves
+    with ``requires_grad``. Defaults: ``Hkv = Hq``, ``Dv = D``, ``S1 = S2 = T``."""
+    import torch
+
+    Hkv, Dv, S1, S2 = Hkv or Hq, Dv or D, S1 or T, S2 or T
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    shapes = [((B, T, Hq, D), q_scale), ((B, S1, Hkv, D), k_scale), ((B, S2, Hkv, D), k_scale),
+              ((B, S1, Hkv, Dv), v_scale), ((B, S2, Hkv, Dv), v_scale)]
+    out = [(c * torch.randn(*s, generator=g, dtype=torch.float64)).to(dtype or torch.float64) for s, c in shapes]
+    return [x.requires_grad_(requires_grad) for x in out]
