@@ -10,7 +10,9 @@ log-sum-exp. Memory beyond the inputs is the outputs/gradients (``O(T * D)`` per
 ``[B, Hq, bq, c1, c2]`` scores, bounded by ``block_elems``; there is no buffer of ``T^2`` or ``T^3`` entries.
 
 Closed-form backward (``naive_bwd``): with ``P`` the probabilities, ``dP[i,j1,j2] = <dO_i, v1_j1 * v2_j2>``
-and ``Delta_i = <dO_i, O_i>``, the score gradient is ``dS = P * (dP - Delta)``; then
+and ``Delta_i = sum_{j1,j2} P dP`` (which is ``<dO_i, O_i>``, but taken over the same recomputed ``P`` and ``dP``,
+as autograd's softmax does, so that it cancels exactly where one pair takes all the weight), the score gradient
+is ``dS = P * (dP - Delta)``; then
 
     dq_i   = scale * sum_{j1,j2} dS * k1_j1 * k2_j2       dv1_j1 = sum_{i,j2} P * dO_i * v2_j2
     dk1_j1 = scale * sum_{i,j2}  dS * q_i  * k2_j2        dv2_j2 = sum_{i,j1} P * dO_i * v1_j1
