@@ -7,9 +7,15 @@ import torch
 import torch.distributed as dist
 
 from .._budgets import FEATURE_BLOCK_ELEMS
-from .._validate import check_attn_inputs, check_bool, check_optional_bool, check_scale
+from .._validate import acc_dtype, check_attn_inputs, check_bool, check_optional_bool, check_scale
 from .._validate import check_finite as _check_finite_values
-from ..dispatch import no_autocast, refuse_double_backward
+from ..dispatch import choose, no_autocast, refuse_double_backward
+from ..exact import tensor_attn
+from ..poly import BACKENDS as POLY_BACKENDS
+from ..poly import poly_tensor_attn
+from ..poly.common import EPS, _check_degree, _chunk_grads, _Feat
+from ..poly.fused import fused_attn_from_prefix
+from ..poly.scan import _scan_attn, _scan_chunk, _unpack
 from .collectives import _all_lengths, all_gather_stack, all_reduce_sum
 from .process_group import _active, get_rank, get_world_size
 
@@ -60,8 +66,6 @@ class _ShardTotals(torch.autograd.Function):
     @refuse_double_backward("cp_poly_tensor_attn")
     @no_autocast
     def backward(ctx, g):
-        from ..poly.common import _chunk_grads
-
         k1, k2, v1, v2 = ctx.saved_tensors
         feat, chunk = ctx.cfg
         acc = feat.w.dtype
@@ -81,8 +85,6 @@ class _ShardTotals(torch.autograd.Function):
 def _readout(feat, qc, states, groups: int):
     """Non-causal rows of a chunk of queries ``[B, c, Hq, D]`` (accumulation dtype) against the combined packed
     states ``[B, Hkv, k, 2 Dv + 2]``: ``U1 (S2 ∘ S3) / (EPS + U1 (z2 ∘ z3))`` -> ``[B, c, Hq, Dv]``."""
-    from ..poly.common import EPS
-    from ..poly.scan import _unpack
 
     B, c, Hq, _ = qc.shape
     Hkv, k, Dv = states.shape[1], states.shape[2], (states.shape[3] - 2) // 2
@@ -115,8 +117,6 @@ class _ShardReadout(torch.autograd.Function):
     @refuse_double_backward("cp_poly_tensor_attn")
     @no_autocast
     def backward(ctx, g):
-        from ..poly.common import _chunk_grads
-
         q, states = ctx.saved_tensors
         feat, groups, chunk = ctx.cfg
         acc = feat.w.dtype
@@ -212,7 +212,6 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
         raise ValueError(f"context parallelism needs q, k1 and k2 shards of one length (the same positions), got "
                          f"T={T}, len(k1)={S1}, len(k2)={S2}")
     causal = check_bool("causal", causal)
-    from ..poly.common import _check_degree
 
     degree = _check_degree(degree)
     scale = check_scale(scale, D)
@@ -224,30 +223,20 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
         raise ValueError(f"backend must be 'auto' or 'torch' for non-causal calls (two products of the states, no "
                          f"fused kernel), got {backend!r}")
     if get_world_size(group) == 1:  # nothing to exchange: the single-process op (checked above)
-        from ..poly import poly_tensor_attn
-
         return poly_tensor_attn(q, k1, k2, v1, v2, degree=degree, causal=causal, scale=scale, backend=backend,
                                 check_finite=False)
-    from .._validate import acc_dtype
-    from ..poly.common import _Feat
-    from ..poly.scan import _scan_attn, _scan_chunk
 
     groups = Hq // Hkv
     feat = _Feat(D, degree, scale, acc_dtype(q.dtype), q.device)
     k = feat.w.numel()
     if causal:
-        from ..dispatch import choose
-        from ..poly import BACKENDS
-
-        be = choose(list(BACKENDS.values()), backend, dict(device=q.device, dtype=q.dtype, degree=degree,
-                                                            causal=True, head_dim=D, value_dim=Dv),
+        be = choose(list(POLY_BACKENDS.values()), backend, dict(device=q.device, dtype=q.dtype, degree=degree,
+                                                                 causal=True, head_dim=D, value_dim=Dv),
                     op="cp_poly_tensor_attn")
         chunk = chunk_size or _scan_chunk(T, B, Hkv, k, Dv)
         totals = _ShardTotals.apply(k1, k2, v1, v2, feat, chunk)  # [B, Hkv, k, 2Dv+2]
         prefix = _combine_states(totals, True, group)
         if be.name == "triton":
-            from ..poly.fused import fused_attn_from_prefix
-
             return fused_attn_from_prefix(q, k1, k2, v1, v2, prefix, scale)
         return _scan_attn(q, k1, k2, v1, v2, prefix, degree, scale, chunk)
     # non-causal: the shard's totals and the readout chunk by chunk (one [B, chunk, H, k] feature block at a time)
@@ -291,11 +280,10 @@ def cp_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torc
                          "window so that each rank only needs a halo of max(w1, w2) - 1 earlier keys")
     B, T, Hq, Hkv, D, Dv, S1, S2, win = check_attn_inputs(q, k1, k2, v1, v2, window=window)
     _cp_check_finite(check_finite, (q, k1, k2, v1, v2), group)
-    from ..exact import tensor_attn as op
     h = max(win) - 1
     W = get_world_size(group)
     if h == 0 or W == 1:
-        return op(q, k1, k2, v1, v2, scale=scale, window=win, backend=backend, check_finite=False)
+        return tensor_attn(q, k1, k2, v1, v2, scale=scale, window=win, backend=backend, check_finite=False)
     lens = _all_lengths(T, q.device, group)
     r = get_rank(group)
     kv = torch.cat([k1, k2, v1, v2], -1)  # [B, T_r, Hkv, 2D + 2Dv]: one collective for all four
@@ -312,6 +300,6 @@ def cp_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torc
     ext = torch.cat([halo, kv], 1)
     ek1, ek2, ev1, ev2 = torch.split(ext, [D, D, Dv, Dv], -1)
     eq = torch.cat([q.new_zeros(B, hr, Hq, D), q], 1)  # placeholder queries; their rows are dropped
-    o = op(eq, ek1.contiguous(), ek2.contiguous(), ev1.contiguous(), ev2.contiguous(), scale=scale, window=win,
-           backend=backend, check_finite=False)  # checked above; the halo rows are other ranks' checked inputs
+    o = tensor_attn(eq, ek1.contiguous(), ek2.contiguous(), ev1.contiguous(), ev2.contiguous(), scale=scale,
+                    window=win, backend=backend, check_finite=False)  # checked above; the halo: other ranks' inputs
     return o[:, hr:]
