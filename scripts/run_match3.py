@@ -17,6 +17,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from tensorattn._io import atomic_write_json, atomic_write_text  # noqa: E402
+
 CONFIGS = {"S": ROOT / "configs" / "match3_softmax.toml", "T": ROOT / "configs" / "match3_tensor.toml"}
 
 
@@ -63,7 +67,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python scripts/run_match3.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out.with_suffix(".json")).write_text(json.dumps({"command": cmd, "rows": rows}, indent=1))
+    atomic_write_json(str(out.with_suffix(".json")), {"command": cmd, "rows": rows})
 
     def ms(v):
         v = [100 * x for x in v]
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['variant']} | {r['N']} | {r['m']} | {100 * r['positive_rate']:.1f} | "
                      f"{100 * r['majority']:.1f} | {100 * r['pairwise_rule']:.1f} | {r['params']['S']} / "
                      f"{r['params']['T']} | {ms(r['S'])} | {ms(r['T'])} |")
-    (out.with_suffix(".md")).write_text("\n".join(lines) + "\n")
+    atomic_write_text(str(out.with_suffix(".md")), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -61,3 +61,29 @@ def test_lmatch3_config_errors(tmp_path):
     p.write_text('task = "lmatch3"\nlmatch3_n = 20\nlmatch3_k = 6\nlmatch3_gap = 14\n')
     with pytest.raises(ValueError, match="lmatch3_gap"):
         load_config(str(p), [])
+
+
+def test_run_lmatch3_script_equal_params_and_budget(tmp_path):
+    """scripts/run_lmatch3.py on the CPU at a tiny size: the three layer kinds get the same parameter count, each
+    run stops at its time budget, and the report (JSON + markdown) carries the baseline and the command."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "lm"
+    r = subprocess.run([sys.executable, str(root / "scripts" / "run_lmatch3.py"), "--device", "cpu", "--n", "48",
+                        "--gap", "12", "--window", "6", "--budget-s", "0.5", "--eval-every", "5", "--seeds", "1",
+                        "--runs", str(tmp_path / "runs"), "--out", str(out)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [row["model"] for row in rows] == ["fast tensor (P)", "windowed tensor (T)", "softmax (S)"]
+    assert len({row["params"] for row in rows}) == 1  # equal parameter count
+    assert all(row["train_time_s"][0] >= 0.5 and 0 <= row["val_acc"][0] <= 1 for row in rows)
+    md = out.with_suffix(".md").read_text()
+    assert "majority" in md and "run_lmatch3.py" in md
+    bad = subprocess.run([sys.executable, str(root / "scripts" / "run_lmatch3.py"), "--window", "64", "--gap", "32"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--window (64) must be below --gap (32)" in bad.stderr
