@@ -87,6 +87,8 @@ def _worker(rank, world, store, root):
                 report[name] = "no error"
             except ValueError as e:
                 report[name] = str(e)
+        report["budget_step"] = train(_cfg(root, "budget", strategy="ddp", steps=100_000, eval_every=100_000,
+                                           log_every=100_000, time_budget_s=0.3))["step"]
         report["group_kept"] = dist.is_initialized()  # train() leaves a group it did not create
     finally:
         report["writes"] = writes
@@ -182,6 +184,12 @@ def test_only_rank0_writes_files(runs):
     for d in ("ddp_full", "fsdp"):
         assert sorted(p.name for p in (root / d).iterdir()) == ["ckpt.pt", "config.json", "metrics.jsonl",
                                                                  "summary.json"]
+
+
+def test_time_budget_stops_every_rank_at_the_same_step(runs):
+    _, reports = runs
+    steps = [r["budget_step"] for r in reports]
+    assert len(set(steps)) == 1 and 0 < steps[0] < 100_000, steps  # the ranks' mean step time decides for all
 
 
 def test_distributed_config_errors(runs):
