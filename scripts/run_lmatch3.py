@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from tensorattn._io import atomic_write_json, atomic_write_text  # noqa: E402
+from tensorattn.bench.harness import mean_std  # noqa: E402
 
 CONFIG = ROOT / "configs" / "lmatch3_fast.toml"
 # layer kind -> (pattern, overrides giving every attention layer 13,824 weights at dim 48, 4 heads)
@@ -82,8 +83,7 @@ def main(argv=None) -> int:
     atomic_write_json(str(out.with_suffix(".json")), {"command": cmd, "rows": rows})
 
     def ms(v):
-        v = [100 * x for x in v]
-        return f"{statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0:.1f} ({min(v):.1f}–{max(v):.1f})"
+        return mean_std(v, scale=100)
 
     lines = [f"Command: `{cmd}` (configs/lmatch3_fast.toml; {args.seeds} seeds; {args.budget_s:g} s of training "
              f"steps per run; n = {args.n}, gap = {args.gap}, T's window {args.window})", "",

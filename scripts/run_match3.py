@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -20,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from tensorattn._io import atomic_write_json, atomic_write_text  # noqa: E402
+from tensorattn.bench.harness import mean_std  # noqa: E402
 
 CONFIGS = {"S": ROOT / "configs" / "match3_softmax.toml", "T": ROOT / "configs" / "match3_tensor.toml"}
 
@@ -70,8 +70,7 @@ def main(argv=None) -> int:
     atomic_write_json(str(out.with_suffix(".json")), {"command": cmd, "rows": rows})
 
     def ms(v):
-        v = [100 * x for x in v]
-        return f"{statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0:.1f} ({min(v):.1f}–{max(v):.1f})"
+        return mean_std(v, scale=100)
 
     lines = [f"Command: `{cmd}` (CPU; configs/match3_softmax.toml and match3_tensor.toml, {args.steps or 600} steps, "
              f"{args.seeds} seeds)", "",

@@ -173,6 +173,14 @@ def fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+def mean_std(values: Sequence[float], *, scale: float = 1.0, digits: int = 1) -> str:
+    """``"mean ± std (min–max)"`` of ``values`` times ``scale`` (the sample std; ``–`` for a single value): one
+    table cell over seeds."""
+    v = [scale * float(x) for x in values]
+    sd = f"{statistics.stdev(v):.{digits}f}" if len(v) > 1 else "–"
+    return f"{statistics.fmean(v):.{digits}f} ± {sd} ({min(v):.{digits}f}–{max(v):.{digits}f})"
+
+
 def markdown_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> str:
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
     body = "".join("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |\n" for r in rows)
