@@ -82,14 +82,11 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(str(out.with_suffix(".json")), {"command": cmd, "rows": rows})
 
-    def ms(v):
-        return mean_std(v, scale=100)
-
     lines = [f"Command: `{cmd}` (configs/lmatch3_fast.toml; {args.seeds} seeds; {args.budget_s:g} s of training "
              f"steps per run; n = {args.n}, gap = {args.gap}, T's window {args.window})", "",
              "| model | params | val acc % | majority % | steps reached | tokens/s |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['params']:,} | {ms(r['val_acc'])} | {100 * r['majority']:.1f} | "
+        lines.append(f"| {r['model']} | {r['params']:,} | {mean_std(r['val_acc'], scale=100)} | {100 * r['majority']:.1f} | "
                      f"{min(r['steps']):,}–{max(r['steps']):,} | {r['tokens_per_s']:.3g} |")
     atomic_write_text(str(out.with_suffix(".md")), "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -69,9 +69,6 @@ def main(argv=None) -> int:
     cmd = "python scripts/run_match3.py " + " ".join(argv if argv is not None else sys.argv[1:])
     atomic_write_json(str(out.with_suffix(".json")), {"command": cmd, "rows": rows})
 
-    def ms(v):
-        return mean_std(v, scale=100)
-
     lines = [f"Command: `{cmd}` (CPU; configs/match3_softmax.toml and match3_tensor.toml, {args.steps or 600} steps, "
              f"{args.seeds} seeds)", "",
              "| labels | N | M | positive % | majority % | pairwise rule % | params S / T | matrix (S) val acc % | "
@@ -79,7 +76,7 @@ def main(argv=None) -> int:
     for r in rows:
         lines.append(f"| {r['variant']} | {r['N']} | {r['m']} | {100 * r['positive_rate']:.1f} | "
                      f"{100 * r['majority']:.1f} | {100 * r['pairwise_rule']:.1f} | {r['params']['S']} / "
-                     f"{r['params']['T']} | {ms(r['S'])} | {ms(r['T'])} |")
+                     f"{r['params']['T']} | {mean_std(r['S'], scale=100)} | {mean_std(r['T'], scale=100)} |")
     atomic_write_text(str(out.with_suffix(".md")), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
