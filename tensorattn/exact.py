@@ -261,10 +261,6 @@ def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
             :func:`tensorattn._validate.scale_bound` (about 1.8e19; 1.3e154 for float64 inputs), above which the
             float32 scores would overflow.
         causal: causal mask on both key streams (a bool; numpy bools are accepted).
-        deterministic: a backward without floating-point atomics, so gradients are bitwise the same on every run
-            (a bool). Only the Triton backend has atomics (its dk1/dv1 adds); there it runs its key-major kernel
-            a second time with the streams swapped instead (about 3/8 more backward products). The torch and
-            naive backends are deterministic either way.
         window: ``None``, ``w`` or ``(w1, w2)`` with ``w1, w2 >= 1``.
         backend: ``"auto"`` (triton on CUDA, else torch), ``"triton"``, ``"torch"`` or ``"naive"``.
         check_finite: refuse NaN/Inf inputs with a ``ValueError``. ``None`` (default) checks CPU inputs only:
@@ -275,6 +271,10 @@ def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
             pairs of its own document (masks and windows inside it). The fused kernels take the whole row in one
             launch (each position's document bounds in their masks); the other backends run once per document.
         max_seqlen: with ``cu_seqlens``, optionally the longest document's length (checked).
+        deterministic: a backward without floating-point atomics, so gradients are bitwise the same on every run
+            (a bool). Only the Triton backend has atomics (its dk1/dv1 adds); there it runs its key-major kernel
+            a second time with the streams swapped instead (its cost: ``benchmarks/results/bench_exact_det.md``).
+            The torch and naive backends are deterministic either way.
 
     Differentiable once: double backward raises a ``RuntimeError`` on every backend.
 

@@ -99,24 +99,21 @@ def _bwd_q_kernel(
                 u = tl.dot(p.to(DOT_DTYPE), v2, acc=u, input_precision=PRECISION)
         # k1 is re-read (an L1/L2 hit) rather than kept live through the inner loop
         dq += t * tl.load(k1p, mask=k1m, other=0.0).to(tl.float32)
-        gk1 = t * (q.to(tl.float32) * scale)  # [M, BD]: contribution of each row to dk1[j1]
-        gv1 = u * do.to(tl.float32)  # [M, BDV]
-        if not KV1:  # deterministic backward: dk1, dv1 come from the key-major kernel with the streams swapped
-            pass
-        elif MODE == 2:
-            # sum the GP heads of each token; token k's j1 is i0 + k - r
-            gk1 = tl.sum(tl.reshape(gk1, [BT, GP, BD]), 1)
-            gv1 = tl.sum(tl.reshape(gv1, [BT, GP, BDV]), 1)
-            tk = i0 + tl.arange(0, BT)
-            jj = tk - r
-            okk = (tk < T) & (jj >= 0)
-            tl.atomic_add(DK1 + jj[:, None] * sa_t + d[None, :] * sa_d, gk1, mask=okk[:, None] & d_ok[None, :])
-            tl.atomic_add(DV1 + jj[:, None] * sb_t + e[None, :] * sb_d, gv1, mask=okk[:, None] & e_ok[None, :])
-        else:
-            gk1s = tl.sum(gk1, 0)
-            gv1s = tl.sum(gv1, 0)
-            tl.atomic_add(DK1 + r * sa_t + d * sa_d, gk1s, mask=d_ok)
-            tl.atomic_add(DV1 + r * sb_t + e * sb_d, gv1s, mask=e_ok)
+        if KV1:  # else (deterministic) dk1, dv1 come from the key-major kernel with the streams swapped
+            gk1 = t * (q.to(tl.float32) * scale)  # [M, BD]: contribution of each row to dk1[j1]
+            gv1 = u * do.to(tl.float32)  # [M, BDV]
+            if MODE == 2:
+                # sum the GP heads of each token; token k's j1 is i0 + k - r
+                gk1 = tl.sum(tl.reshape(gk1, [BT, GP, BD]), 1)
+                gv1 = tl.sum(tl.reshape(gv1, [BT, GP, BDV]), 1)
+                tk = i0 + tl.arange(0, BT)
+                jj = tk - r
+                okk = (tk < T) & (jj >= 0)
+                tl.atomic_add(DK1 + jj[:, None] * sa_t + d[None, :] * sa_d, gk1, mask=okk[:, None] & d_ok[None, :])
+                tl.atomic_add(DV1 + jj[:, None] * sb_t + e[None, :] * sb_d, gv1, mask=okk[:, None] & e_ok[None, :])
+            else:
+                tl.atomic_add(DK1 + r * sa_t + d * sa_d, tl.sum(gk1, 0), mask=d_ok)
+                tl.atomic_add(DV1 + r * sb_t + e * sb_d, tl.sum(gv1, 0), mask=e_ok)
 
     dq = dq * scale
     tl.store(DQ + b64 * sdq_b + tok[:, None] * sdq_t + hq[:, None] * sdq_h + d[None, :] * sdq_d,
@@ -230,7 +227,8 @@ def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
         deterministic: no floating-point atomics, so the gradients are bitwise the same on every run: the
             query-major kernel computes dq only, and dk1, dv1 come from the key-major kernel run a second time
             with the two streams swapped (``(k1, v1) <-> (k2, v2)``, windows ``(w2, w1)``), each key block owned
-            by one program. About 3/8 more matrix products (11 per tile pair against 8).
+            by one program: 11 matrix products per tile pair against 8, and the key-major kernel is the slower one
+            (measured cost: ``benchmarks/results/bench_exact_det.md``).
 
     Returns:
         ``(dq, dk1, dk2, dv1, dv2)`` in the input dtype.
