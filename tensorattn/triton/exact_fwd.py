@@ -76,12 +76,6 @@ def block_sizes(G: int, D: int, Dv: int, *, interpret: bool):
 
 
 @triton.jit
-def _doc_bounds(DOC_LO, DOC_HI, tok, row_ok):
-    """Packed documents: the first and one-past-the-last position of each row's document (empty off the rows)."""
-    return (tl.load(DOC_LO + tok, mask=row_ok, other=0), tl.load(DOC_HI + tok, mask=row_ok, other=0))
-
-
-@triton.jit
 def _doc_loops(DOC_LO, DOC_HI, i0, i_last, lo2, hi2, n_outer, MODE: tl.constexpr):
     """The loop bounds of a query block ``[i0, i_last)`` narrowed to its documents (positions are sorted, so the
     block's first row has the smallest document start and its last row the largest end): the inner range, the
@@ -138,7 +132,8 @@ def _query_loops(DOC_LO, DOC_HI, i0, tok, row_ok, T, S1, S2, W1, W2, BT: tl.cons
     doc_lo = tok
     doc_hi = tok
     if VARLEN:  # packed documents: row i sees keys of its own document only, [lo_i, hi_i)
-        doc_lo, doc_hi = _doc_bounds(DOC_LO, DOC_HI, tok, row_ok)
+        doc_lo = tl.load(DOC_LO + tok, mask=row_ok, other=0)  # empty documents off the rows
+        doc_hi = tl.load(DOC_HI + tok, mask=row_ok, other=0)
         lo2, hi2, r0, n_outer = _doc_loops(DOC_LO, DOC_HI, i0, i_last, lo2, hi2, n_outer, MODE)
     return r0, n_outer, lo2, hi2, doc_lo, doc_hi
 
