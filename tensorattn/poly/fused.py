@@ -20,7 +20,7 @@ def _order(D: int, device) -> torch.Tensor:
     if key not in _ORDERS:
         from ..triton import poly as tp
 
-        ia, ib, _, _ = tp._tables(D, "cpu")
+        ia, ib, _ = tp._tables(D, "cpu")
         x = torch.randn(64, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 2.0
         xe = torch.cat([x, torch.ones(64, 1, dtype=torch.float64)], 1)
         fused = xe[:, ia.long()] * xe[:, ib.long()]  # [64, KP]

@@ -99,12 +99,13 @@ def _chunk_cumsum_(x: torch.Tensor) -> torch.Tensor:
 
 def _tables(D: int, device):
     """index_a, index_b (coordinate D = the constant 1) and query weights 1/β! of the degree-2 monomials,
-    padded to a multiple of BK (padded features: query weight 0, finite key features, so they add nothing)."""
+    padded to the kernels' feature count (:func:`padded_dims`; padded features: query weight 0, finite key
+    features, so they add nothing)."""
     key = (D, str(device))
     if key not in _TABLES:
         beta = multi_indices(D, 2)  # [K, D]
         K = beta.shape[0]
-        KP = -(-K // BK) * BK
+        KP = padded_dims(D, 1)[0]
         ia = torch.full((KP,), D, dtype=torch.int32)
         ib = torch.full((KP,), D, dtype=torch.int32)
         wq = torch.zeros(KP, dtype=torch.float32)
@@ -113,7 +114,7 @@ def _tables(D: int, device):
             idx += [D] * (2 - len(idx))
             ia[m], ib[m] = idx[0], idx[1]
             wq[m] = 1.0 / math.prod(math.factorial(int(x)) for x in beta[m].tolist())
-        _TABLES[key] = (ia.to(device), ib.to(device), wq.to(device), KP)
+        _TABLES[key] = (ia.to(device), ib.to(device), wq.to(device))
     return _TABLES[key]
 
 
@@ -124,9 +125,9 @@ class _Cfg:
         self.B, self.T, self.HQ, self.D = q.shape
         self.HK, self.DV = k1.shape[2], v1.shape[3]
         self.G = self.HQ // self.HK
-        self.ia, self.ib, self.wq, self.KP = _tables(self.D, q.device)
+        self.ia, self.ib, self.wq = _tables(self.D, q.device)
+        self.KP, self.DVP = padded_dims(self.D, self.DV)
         self.NKB = self.KP // BK
-        self.DVP = padded_dims(self.D, self.DV)[1]
         self.F, self.seg_bytes = int(F), int(seg_bytes)
         if self.F % C or self.F < C or self.F & (self.F - 1):
             raise ValueError(f"TUNE['F'] must be a power of two >= {C}, got {self.F}")
