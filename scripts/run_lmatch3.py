@@ -7,7 +7,8 @@ Every run is ``tensorattn train --config configs/lmatch3_fast.toml`` with the la
 so that each attention layer has the same number of weights: ``6 * dim * H * 8`` for P with Dk 16, Dv 8, ``6 * dim
 * H * 12`` for T, ``4 * dim * H * 18`` for S, all 13,824 at dim 48 and 4 heads), the sequence length and gap, the
 seed and ``time_budget_s`` (each model trains until its budget of training steps is spent, its cosine schedule
-over the budget; the first steps' compilation counts against it, a few seconds on a GPU). The window of T (``--window``) is shorter than the gap, so T cannot see the evidence; that is
+over the budget; the first steps' compilation counts against it, a few seconds on a GPU). The window of T
+(``--window``) is shorter than the gap, so T cannot see the evidence; that is
 the point of the comparison. Finished runs are skipped (the script resumes). Writes OUT.json (every run) and
 OUT.md (mean ± std of the final validation accuracy over seeds, steps reached, tokens/s, the baseline, the
 command), atomically.
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from tensorattn._io import atomic_write_json, atomic_write_text  # noqa: E402
-from tensorattn.bench.harness import mean_std  # noqa: E402
+from tensorattn.bench.harness import markdown_table, mean_std  # noqa: E402
 
 CONFIG = ROOT / "configs" / "lmatch3_fast.toml"
 # layer kind -> (pattern, overrides giving every attention layer 13,824 weights at dim 48, 4 heads)
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
     if bad:
         raise SystemExit(f"--models: unknown {bad}; choose from {sorted(MODELS)}")
     if args.window >= args.gap:
-        raise SystemExit(f"--window ({args.window}) must be below --gap ({args.gap}): the window must not see the marks")
+        raise SystemExit(f"--window ({args.window}) must be below --gap ({args.gap}): the window must not see the "
+                         "marks")
     results = {(m, s): _run(m, s, args) for m in models for s in range(args.seeds)}
     rows = []
     for m in models:
@@ -82,14 +84,14 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(str(out.with_suffix(".json")), {"command": cmd, "rows": rows})
 
-    lines = [f"Command: `{cmd}` (configs/lmatch3_fast.toml; {args.seeds} seeds; {args.budget_s:g} s of training "
-             f"steps per run; n = {args.n}, gap = {args.gap}, T's window {args.window})", "",
-             "| model | params | val acc % | majority % | steps reached | tokens/s |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['params']:,} | {mean_std(r['val_acc'], scale=100)} | {100 * r['majority']:.1f} | "
-                     f"{min(r['steps']):,}–{max(r['steps']):,} | {r['tokens_per_s']:.3g} |")
-    atomic_write_text(str(out.with_suffix(".md")), "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    cells = [{"model": r["model"], "params": f"{r['params']:,}", "val acc %": mean_std(r["val_acc"], scale=100),
+              "majority %": f"{100 * r['majority']:.1f}", "steps reached": f"{min(r['steps']):,}–{max(r['steps']):,}",
+              "tokens/s": f"{r['tokens_per_s']:.3g}"} for r in rows]
+    md = (f"Command: `{cmd}` (configs/lmatch3_fast.toml; {args.seeds} seeds; {args.budget_s:g} s of training steps "
+          f"per run; n = {args.n}, gap = {args.gap}, T's window {args.window})\n\n")
+    md += markdown_table(cells, list(cells[0]))
+    atomic_write_text(str(out.with_suffix(".md")), md)
+    print(md, end="")
     return 0
 
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from tensorattn._io import atomic_write_json, atomic_write_text  # noqa: E402
-from tensorattn.bench.harness import mean_std  # noqa: E402
+from tensorattn.bench.harness import markdown_table, mean_std  # noqa: E402
 
 CONFIGS = {"S": ROOT / "configs" / "match3_softmax.toml", "T": ROOT / "configs" / "match3_tensor.toml"}
 
@@ -69,16 +69,16 @@ def main(argv=None) -> int:
     cmd = "python scripts/run_match3.py " + " ".join(argv if argv is not None else sys.argv[1:])
     atomic_write_json(str(out.with_suffix(".json")), {"command": cmd, "rows": rows})
 
-    lines = [f"Command: `{cmd}` (CPU; configs/match3_softmax.toml and match3_tensor.toml, {args.steps or 600} steps, "
-             f"{args.seeds} seeds)", "",
-             "| labels | N | M | positive % | majority % | pairwise rule % | params S / T | matrix (S) val acc % | "
-             "tensor (T) val acc % |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['N']} | {r['m']} | {100 * r['positive_rate']:.1f} | "
-                     f"{100 * r['majority']:.1f} | {100 * r['pairwise_rule']:.1f} | {r['params']['S']} / "
-                     f"{r['params']['T']} | {mean_std(r['S'], scale=100)} | {mean_std(r['T'], scale=100)} |")
-    atomic_write_text(str(out.with_suffix(".md")), "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    cells = [{"labels": r["variant"], "N": str(r["N"]), "M": str(r["m"]),
+              "positive %": f"{100 * r['positive_rate']:.1f}",
+              "majority %": f"{100 * r['majority']:.1f}", "pairwise rule %": f"{100 * r['pairwise_rule']:.1f}",
+              "params S / T": f"{r['params']['S']} / {r['params']['T']}",
+              "matrix (S) val acc %": mean_std(r["S"], scale=100), "tensor (T) val acc %": mean_std(r["T"], scale=100)}
+             for r in rows]
+    md = (f"Command: `{cmd}` (CPU; configs/match3_softmax.toml and match3_tensor.toml, {args.steps or 600} steps, "
+          f"{args.seeds} seeds)\n\n" + markdown_table(cells, list(cells[0])))
+    atomic_write_text(str(out.with_suffix(".md")), md)
+    print(md, end="")
     return 0
 
 
