@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from tensorattn import poly_tensor_attn, tensor_attn  # noqa: E402
-from tensorattn.bench.harness import guarded, machine_info, peak_memory, time_fn, write_report  # noqa: E402
+from tensorattn.bench.harness import (attn_shapes, guarded, machine_info, peak_memory, randn_inputs, time_fn,  # noqa: E402
+                                      write_report)
 from tensorattn.packing import cu_seqlens_from_lengths  # noqa: E402
 
 
@@ -85,8 +86,7 @@ def main(argv=None) -> int:
     rows = []
     for name in args.ops.split(","):
         D, op = ops[name]
-        xs = [(0.5 * torch.randn(1, total, H, D if i < 3 else Dv, generator=g, device=dev)).to(dtype)
-              for i in range(5)]
+        xs = randn_inputs(attn_shapes(1, total, H, H, D, Dv), dtype=dtype, device=dev, generator=g, scale=0.5)
         do = torch.randn(1, total, H, Dv, generator=g, device=dev).to(dtype)
         padded = [_pad(x, lengths, L) for x in xs]
         dop = _pad(do, lengths, L)
