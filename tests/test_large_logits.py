@@ -10,19 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from utils import WHERE, run_script
+from utils import WHERE, attn_inputs, run_script
 
 import tensorattn as ta
 from tensorattn.naive import naive_tensor_attn
 
 MASKS = {"causal": dict(causal=True), "window": dict(window=(8, 24)), "full": dict()}
 SCALES = (1.0, 3.0, 10.0, 1e4)
+T_LEN = 40  # sequence length of every case
 
 
-def _inputs(scale, B=1, T=40, Hq=2, Hkv=1, D=16, seed=0):
+def _inputs(scale, B=1, T=T_LEN, Hq=2, Hkv=1, D=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(B, T, Hq if i == 0 else Hkv, D, generator=g, dtype=torch.float64) * (scale if i < 3 else 1.0)
-          for i in range(5)]
+    xs = attn_inputs(B, T, Hq, Hkv, D, D, generator=g, q_scale=scale, k_scale=scale)
     w = torch.randn(B, T, Hq, D, generator=g, dtype=torch.float64)
     return xs, w
 
@@ -84,7 +84,7 @@ def test_triton_gradients_at_large_logits(where):
     assert len(rows) == 2 * len(SCALES)
     # the kernels add their tile products in another order than autograd (and with atomics on a GPU): a float32
     # error floor that grows like sqrt(S1 * S2) ulps, as in test_exact_triton; a wrong large-logit path is 1e3x off
-    floor = 2.0 * 40 * torch.finfo(torch.float32).eps
+    floor = 2.0 * T_LEN * torch.finfo(torch.float32).eps  # sqrt(S1 * S2) = T
     for r in rows:
         assert r["out_finite"] and r["grads_finite"], r
         if r["scale"] <= 10:

@@ -212,7 +212,6 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
         raise ValueError(f"context parallelism needs q, k1 and k2 shards of one length (the same positions), got "
                          f"T={T}, len(k1)={S1}, len(k2)={S2}")
     causal = check_bool("causal", causal)
-
     degree = _check_degree(degree)
     scale = check_scale(scale, D)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
