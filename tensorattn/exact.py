@@ -155,7 +155,8 @@ def _window(window: Optional[List[int]]):
 @torch.library.custom_op("tensorattn::exact_fwd", mutates_args=())
 def exact_fwd_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, scale: float,
                  causal: bool, window: Optional[List[int]], backend: str, doc_lo: Optional[torch.Tensor] = None,
-                 doc_hi: Optional[torch.Tensor] = None, deterministic: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                 doc_hi: Optional[torch.Tensor] = None, deterministic: bool = False
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward of :func:`tensor_attn` on the named backend (inputs validated by the caller): ``(o [B, T, Hq, Dv]``
     in the input dtype, ``lse [B, Hq, T]`` natural log in the accumulation dtype), both contiguous. Runs with
     autocast off (see :func:`tensorattn.dispatch.no_autocast`). ``doc_lo``, ``doc_hi``: packed documents on the

@@ -230,10 +230,10 @@ print(json.dumps(out))
 @pytest.mark.skipif(not TRITON_INTERPRETER, reason="needs triton")
 @pytest.mark.parametrize("where", WHERE)
 def test_fused_exact_kernels_take_document_boundaries_in_one_launch(where):
-    """Packed documents on the fused exact kernels (under the interpreter and on a GPU, float32): the boundaries live in the
-    kernels' masks (each position's document start and end), one launch for the whole row; output and the five
-    gradients equal running each document on its own, for causal, window and full attention, documents of
-    length 1, many short ones, lengths that are no multiple of a block, GQA and Dv != Dk."""
+    """Packed documents on the fused exact kernels (under the interpreter and on a GPU, float32): the boundaries
+    live in the kernels' masks (each position's document start and end), one launch for the whole row; output and
+    the five gradients equal running each document on its own, for causal, window and full attention, documents
+    of length 1, many short ones, lengths that are no multiple of a block, GQA and Dv != Dk."""
     res = json.loads(run_script(where, _TRITON_PACKED_SCRIPT).strip().splitlines()[-1])
     assert len(res) == 9
     for case, errs in res.items():
