@@ -52,8 +52,11 @@ def count_triples(T: int, *, causal: bool = True, window=None, S1: Optional[int]
 
 
 def _measure(fwd, bwd, fwdbwd, device, warmup, rep):
+    """Times of ``fwd`` (skipped when None: a row that shares another's forward), ``bwd`` and ``fwdbwd``, and the
+    peak memory of ``fwdbwd``."""
     row: Dict[str, Any] = {}
-    row["fwd_ms"] = guarded(lambda: time_fn(fwd, device=device, warmup=warmup, rep=rep), device)["ms"]
+    if fwd is not None:
+        row["fwd_ms"] = guarded(lambda: time_fn(fwd, device=device, warmup=warmup, rep=rep), device)["ms"]
     row["bwd_ms"] = guarded(lambda: time_fn(bwd, device=device, warmup=warmup, rep=rep), device)["ms"] if bwd else math.nan
     row["fwdbwd_ms"] = guarded(lambda: time_fn(fwdbwd, device=device, warmup=warmup, rep=rep), device)["ms"]
     try:
@@ -79,9 +82,9 @@ def bench_config(name, cfg, *, dtype, device, warmup, rep, sdpa=True, peer=True,
     do = torch.randn(o.shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
     leaves = [x.detach().requires_grad_(True) for x in (q, k1, k2, v1, v2)]
 
-    def fwdbwd():
+    def fwdbwd(deterministic=False):
         from ..exact import tensor_attn
-        out = tensor_attn(*leaves, window=window, causal=True, backend="triton")
+        out = tensor_attn(*leaves, window=window, causal=True, backend="triton", deterministic=deterministic)
         torch.autograd.grad(out, leaves, do)
 
     row = dict(config=name, impl="tensorattn-triton", B=B, T=T, Hq=Hq, Hkv=Hkv, D=D, window=str(window),
@@ -90,16 +93,10 @@ def bench_config(name, cfg, *, dtype, device, warmup, rep, sdpa=True, peer=True,
                         lambda: exact_bwd(do, q, k1, k2, v1, v2, o, lse, **kw, block=block), fwdbwd, device, warmup, rep))
     row["resources"] = resources()
     rows.append(row)
-    if block is None:  # the cost of a bitwise-reproducible backward (no atomics)
-        def fwdbwd_det():
-            from ..exact import tensor_attn
-            out = tensor_attn(*leaves, window=window, causal=True, backend="triton", deterministic=True)
-            torch.autograd.grad(out, leaves, do)
-
+    if block is None:  # the cost of a bitwise-reproducible backward (no atomics); the forward is the same kernel
         drow = dict(row, impl="tensorattn-triton deterministic")
-        drow.update(_measure(lambda: exact_fwd(q, k1, k2, v1, v2, **kw),
-                             lambda: exact_bwd(do, q, k1, k2, v1, v2, o, lse, **kw, deterministic=True), fwdbwd_det,
-                             device, warmup, rep))
+        drow.update(_measure(None, lambda: exact_bwd(do, q, k1, k2, v1, v2, o, lse, **kw, deterministic=True),
+                             lambda: fwdbwd(deterministic=True), device, warmup, rep))
         rows.append(drow)
 
     if sdpa:
