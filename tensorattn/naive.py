@@ -31,7 +31,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ._budgets import SCORE_BLOCK_ELEMS
-from ._validate import acc_dtype, check_attn_inputs, check_bool, check_same, check_scale, check_tensor, maybe_check_finite
+from ._validate import (acc_dtype, check_attn_inputs, check_bool, check_same, check_scale, check_tensor,
+                        maybe_check_finite)
 
 __all__ = ["naive_tensor_attn", "naive_order_attn", "visibility_mask", "causal_keys", "expand_kv", "reduce_kv"]
 
