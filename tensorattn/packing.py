@@ -7,10 +7,12 @@ it), and the polynomial op's state restarts at every boundary.
 
 Two ways to run a packed row:
 
-* the fused exact kernels take it in one launch: :func:`document_bounds` gives each position's document start and
-  end, which sit in the kernels' masks (:mod:`tensorattn.triton.exact_fwd`);
-* every other path (the torch backends, the polynomial op) runs once per document (:func:`run_per_document`: a
-  Python loop over the documents' slices, so autograd gives all five gradients; one set of launches per document).
+* the fused kernels take it in one set of launches: for the exact op, :func:`document_bounds` gives each position's
+  document start and end, which sit in the kernels' masks (:mod:`tensorattn.triton.exact_fwd`); for the
+  polynomial op, :func:`tensorattn.triton.poly.chunk_table` cuts every document into its own state chunks and the
+  chunk scans restart at each document;
+* the torch backends run once per document (:func:`run_per_document`: a Python loop over the documents' slices,
+  so autograd gives all five gradients; one set of launches per document).
 
 Either way the boundaries are read on the host once per call (a GPU synchronisation, and a graph break under
 ``torch.compile``).

@@ -317,8 +317,8 @@ err = max([float((o1 - o2).abs().max()), float((o1 - o3).abs().max())] +
 assert err < 1e-6, err
 assert len(tp._saved_ranges(1, 40, 2, 1, 16, 8, 16, tp.SEG_BYTES)) == 3
 from tensorattn.poly.op import poly_fwd_op
-_, saved = poly_fwd_op(*xs, 2, True, 0.25, "triton", [16, tp.SEG_BYTES], True)
-_, none = poly_fwd_op(*xs, 2, True, 0.25, "triton", [16, tp.SEG_BYTES], False)
+_, saved = poly_fwd_op(*xs, 2, True, 0.25, "triton", [16, tp.SEG_BYTES], True, None)
+_, none = poly_fwd_op(*xs, 2, True, 0.25, "triton", [16, tp.SEG_BYTES], False, None)
 assert (len(saved), len(none)) == (7, 1), (len(saved), len(none))  # the normaliser, then two states a segment
 try:
     gg = torch.autograd.grad(f(*b).sum(), b[0], create_graph=True)[0]  # eager: compiled graphs donate buffers

@@ -240,6 +240,62 @@ def test_fused_exact_kernels_take_document_boundaries_in_one_launch(where):
         assert len(errs) == 6 and max(errs) < 1e-5, (case, errs)
 
 
+_POLY_PACKED_SCRIPT = """
+import json, os, torch
+import tensorattn.triton.poly as tp
+from tensorattn import poly_tensor_attn
+from tensorattn.poly import naive_poly_tensor_attn
+from tensorattn.packing import cu_seqlens_from_lengths
+dev = os.environ.get("TA_TEST_DEVICE", "cpu")
+g = torch.Generator().manual_seed(0)
+out = {}
+# (lengths, state-chunk length F, segment budget): documents shorter than a chunk, spanning three chunks, a
+# multiple of the chunk, of length 1; the budget gives backward segments of two chunks: one boundary falls
+# inside the long document (the suffix states carried over it), the others on document boundaries
+for lengths, F, seg in (([5, 40, 16, 1], 16, 350_000),):
+    tp.TUNE["F"], tp.SEG_BYTES = F, seg or (1 << 30)
+    T = sum(lengths)
+    cu = cu_seqlens_from_lengths(lengths).to(dev)
+    xs = [0.5 * torch.randn(1, T, 2 if i == 0 else 1, 16 if i < 3 else 12, generator=g).to(dev) for i in range(5)]
+    w = torch.randn(1, T, 2, 12, generator=g).to(dev)
+    a = [x.clone().requires_grad_() for x in xs]
+    o = poly_tensor_attn(*a, causal=True, backend="triton", cu_seqlens=cu)
+    ga = torch.autograd.grad((o * w).sum(), a)
+    b = [x.double().requires_grad_() for x in xs]
+    bl = cu.tolist()
+    r = torch.cat([naive_poly_tensor_attn(*[x[:, s:e] for x in b], causal=True) for s, e in zip(bl[:-1], bl[1:])], 1)
+    gb = torch.autograd.grad((r * w.double()).sum(), b)
+    rel = lambda x, y: float((x.detach().double() - y.detach()).norm() / max(float(y.detach().norm()), 1.0))
+    out[f"{lengths}-F{F}-seg{seg}"] = [rel(o, r)] + [rel(x, y) for x, y in zip(ga, gb)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETER, reason="needs triton")
+@pytest.mark.parametrize("where", WHERE)
+def test_fused_poly_kernels_restart_the_state_at_each_document(where):
+    """Packed documents on the fused polynomial kernels in one set of launches (under the interpreter and on a
+    GPU, float32): output and the five gradients equal the float64 reference run on each document alone, with
+    documents of length 1, shorter than a chunk, spanning chunks, ending on a chunk boundary, segment boundaries
+    inside a document, GQA and Dv != Dk."""
+    res = json.loads(run_script(where, _POLY_PACKED_SCRIPT).strip().splitlines()[-1])
+    assert len(res) == 1
+    for case, errs in res.items():
+        assert len(errs) == 6 and max(errs) < 1e-5, (case, errs)
+
+
+def test_poly_chunk_table():
+    """Every document cut into chunks of F rows from its start; a bound on the chunk count from the shapes alone
+    (T // F + documents), the spare chunks empty at T, each its own document."""
+    from tensorattn.triton.poly import chunk_table
+
+    ct = chunk_table(cu_seqlens_from_lengths([5, 1, 23, 9]), 38, 16)
+    assert ct.dtype == torch.int32 and ct.tolist() == [[0, 5, 6, 22, 29, 38], [5, 6, 22, 29, 38, 38],
+                                                        [0, 1, 2, 2, 3, 9]]
+    assert chunk_table(cu_seqlens_from_lengths([16, 16]), 32, 16).tolist() == [[0, 16, 32, 32], [16, 32, 32, 32],
+                                                                                [0, 1, 4, 5]]
+
+
 def test_document_bounds():
     from tensorattn.packing import document_bounds
 

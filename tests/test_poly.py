@@ -51,7 +51,7 @@ def test_noncausal_other_lengths(gen, S1, S2):
 def test_chunking_does_not_change_the_result(gen, chunk, ckpt):
     xs = [x.requires_grad_() for x in _inputs(gen, 1, 37, 2, 1, 3, 4)]
     ref = naive_poly_tensor_attn(*xs, degree=2, causal=True, scale=0.5)
-    out = poly_fwd_op(*xs, 2, True, 0.5, "torch", [0, chunk, ckpt], True)[0]  # the op poly_tensor_attn runs
+    out = poly_fwd_op(*xs, 2, True, 0.5, "torch", [0, chunk, ckpt], True, None)[0]  # the op poly_tensor_attn runs
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     w = torch.randn(out.shape, generator=gen, dtype=out.dtype)
     g = torch.autograd.grad((out * w).sum(), xs)

@@ -38,7 +38,8 @@ class _TorchBackend(Backend):
             return [1, scan._scan_chunk(T, B, Hkv, k, Dv)]
         return [0, chunked._TORCH_CHUNK, chunked._TORCH_CKPT]
 
-    def fwd(self, q, k1, k2, v1, v2, *, degree, causal, scale, plan, save):
+    def fwd(self, q, k1, k2, v1, v2, *, degree, causal, scale, plan, save, chunks=None):
+        _no_chunks(self, chunks)
         B, T, Hq, D = q.shape
         Hkv, Dv = k1.shape[2], v1.shape[3]
         acc = acc_dtype(q.dtype)
@@ -59,7 +60,8 @@ class _TorchBackend(Backend):
             return o, []
         return o, ([oa] if q.dtype != acc else []) + [den, states]
 
-    def fake_fwd(self, q, k1, k2, v1, v2, *, degree, causal, plan, save):
+    def fake_fwd(self, q, k1, k2, v1, v2, *, degree, causal, plan, save, chunks=None):
+        _no_chunks(self, chunks)
         B, T, Hq, D = q.shape
         Hkv, Dv = k1.shape[2], v1.shape[3]
         acc, k = acc_dtype(q.dtype), poly_rank(int(D), degree)
@@ -76,7 +78,8 @@ class _TorchBackend(Backend):
                 q.new_empty(chunked._n_states(T, causal, plan[1], plan[2]), 2, B, Hq, k, Dv + 1, dtype=acc)]
         return out, ([oa] if q.dtype != acc else []) + rest
 
-    def bwd(self, do, q, k1, k2, v1, v2, o, saved, *, degree, causal, scale, plan):
+    def bwd(self, do, q, k1, k2, v1, v2, o, saved, *, degree, causal, scale, plan, chunks=None):
+        _no_chunks(self, chunks)
         oa, den, states = saved if len(saved) == 3 else (None, *saved)
         B, T, Hq, Dv = o.shape
         Hkv = k1.shape[2]
@@ -124,22 +127,34 @@ class _TritonBackend(Backend):
         tp = self._mod()
         return [int(tp.TUNE["F"]), int(tp.SEG_BYTES)]
 
-    def fwd(self, q, k1, k2, v1, v2, *, degree, causal, scale, plan, save):
-        """saved = (the normaliser, then two states per backward segment when ``save``)."""
-        return self._mod().poly_fwd_saved(q, k1, k2, v1, v2, scale, plan[0], plan[1], save=save)
+    def fwd(self, q, k1, k2, v1, v2, *, degree, causal, scale, plan, save, chunks=None):
+        """saved = (the normaliser, then two states per backward segment when ``save``). ``chunks``: packed
+        documents' chunk table (:func:`tensorattn.triton.poly.chunk_table`)."""
+        return self._mod().poly_fwd_saved(q, k1, k2, v1, v2, scale, plan[0], plan[1], save=save, chunks=chunks)
 
-    def fake_fwd(self, q, k1, k2, v1, v2, *, degree, causal, plan, save):
+    def fake_fwd(self, q, k1, k2, v1, v2, *, degree, causal, plan, save, chunks=None):
         tp = self._mod()
         B, T, HQ, D = q.shape
         HK, DV = k1.shape[2], v1.shape[3]
         KP, DVP = tp.padded_dims(int(D), int(DV))
-        n = len(tp._saved_ranges(int(B), int(T), int(HQ), int(HK), int(D), int(DV), plan[0], plan[1])) if save else 0
+        NF = None if chunks is None else int(chunks.shape[1])
+        n = len(tp._saved_ranges(int(B), int(T), int(HQ), int(HK), int(D), int(DV), plan[0], plan[1], NF)) if save else 0
         f32 = dict(dtype=torch.float32)
         states = [t for _ in range(n) for t in (q.new_empty(B * HK, 2, KP, DVP, **f32), q.new_empty(B * HK, 2, KP, **f32))]
         return q.new_empty(B, T, HQ, DV), [q.new_empty(B, T, HQ, **f32)] + states
 
-    def bwd(self, do, q, k1, k2, v1, v2, o, saved, *, degree, causal, scale, plan):
-        return self._mod().poly_bwd_saved(do, q, k1, k2, v1, v2, o, saved, scale, plan[0], plan[1])
+    def chunk_table(self, cu_seqlens, T: int, plan: List[int]) -> torch.Tensor:
+        """The chunk table of packed documents for ``plan``'s state-chunk length (``fwd``'s ``chunks``)."""
+        return self._mod().chunk_table(cu_seqlens, T, plan[0])
+
+    def bwd(self, do, q, k1, k2, v1, v2, o, saved, *, degree, causal, scale, plan, chunks=None):
+        return self._mod().poly_bwd_saved(do, q, k1, k2, v1, v2, o, saved, scale, plan[0], plan[1], chunks=chunks)
+
+
+def _no_chunks(backend: Backend, chunks) -> None:
+    if chunks is not None:
+        raise ValueError(f"poly_tensor_attn: the {backend.name} backend takes no chunk table (packed documents run "
+                         f"once per document there)")
 
 
 #: The backends by name, in the order ``backend="auto"`` tries them (as :data:`tensorattn.exact.BACKENDS`).
@@ -153,43 +168,46 @@ BACKENDS: Dict[str, Backend] = {b.name: b for b in (_TritonBackend(), _TorchBack
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("tensorattn::poly_fwd", mutates_args=())
 def poly_fwd_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, degree: int,
-                causal: bool, scale: float, backend: str, plan: List[int], save: bool
-                ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+                causal: bool, scale: float, backend: str, plan: List[int], save: bool,
+                chunks: Optional[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Forward of :func:`poly_tensor_attn` on the named backend (inputs validated, ``B, T >= 1``): ``(o [B, T, Hq,
-    Dv]`` in q's dtype, the backend's saved tensors``)``, autocast off."""
+    Dv]`` in q's dtype, the backend's saved tensors``)``, autocast off. ``chunks``: packed documents' chunk table
+    (the Triton backend only) or None. (No default: the dispatcher drops trailing arguments equal to their default,
+    and the registered backward must return one gradient per argument it kept.)"""
     with autocast_off(q.device.type), torch.no_grad():
         o, saved = BACKENDS[backend].fwd(q, k1, k2, v1, v2, degree=degree, causal=causal, scale=scale, plan=plan,
-                                         save=save)
+                                         save=save, chunks=chunks)
         return o.contiguous(), [t.contiguous() for t in saved]
 
 
 @poly_fwd_op.register_fake
-def _poly_fwd_fake(q, k1, k2, v1, v2, degree, causal, scale, backend, plan, save):
-    return BACKENDS[backend].fake_fwd(q, k1, k2, v1, v2, degree=degree, causal=causal, plan=plan, save=save)
+def _poly_fwd_fake(q, k1, k2, v1, v2, degree, causal, scale, backend, plan, save, chunks):
+    return BACKENDS[backend].fake_fwd(q, k1, k2, v1, v2, degree=degree, causal=causal, plan=plan, save=save,
+                                      chunks=chunks)
 
 
 @torch.library.custom_op("tensorattn::poly_bwd", mutates_args=())
 def poly_bwd_op(do: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor,
                 v2: torch.Tensor, o: torch.Tensor, saved: List[torch.Tensor], degree: int, causal: bool, scale: float,
-                backend: str, plan: List[int]
+                backend: str, plan: List[int], chunks: Optional[torch.Tensor]
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The five input gradients (their dtypes, contiguous) given ``do`` ``[B, T, Hq, Dv]``. Not differentiable:
     differentiating its outputs raises."""
     with autocast_off(q.device.type), torch.no_grad():
         grads = BACKENDS[backend].bwd(do, q, k1, k2, v1, v2, o, saved, degree=degree, causal=causal, scale=scale,
-                                      plan=plan)
+                                      plan=plan, chunks=chunks)
         return tuple(g.contiguous() for g in grads)
 
 
 @poly_bwd_op.register_fake
-def _poly_bwd_fake(do, q, k1, k2, v1, v2, o, saved, degree, causal, scale, backend, plan):
+def _poly_bwd_fake(do, q, k1, k2, v1, v2, o, saved, degree, causal, scale, backend, plan, chunks):
     return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k1, k2, v1, v2))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k1, k2, v1, v2, degree, causal, scale, backend, plan, save = inputs
+    q, k1, k2, v1, v2, degree, causal, scale, backend, plan, save, chunks = inputs
     o, saved = output
-    ctx.save_for_backward(q, k1, k2, v1, v2, o, *saved)
+    ctx.save_for_backward(q, k1, k2, v1, v2, o, chunks, *saved)
     ctx.mark_non_differentiable(*saved)
     ctx.cfg, ctx.save = (degree, causal, scale, backend, plan), save
 
@@ -198,8 +216,8 @@ def _backward(ctx, do, _dsaved):
     if not ctx.save:
         raise RuntimeError("poly_tensor_attn: this forward saved nothing for a backward (no input required a "
                            "gradient then)")
-    q, k1, k2, v1, v2, o, *saved = ctx.saved_tensors
-    return (*poly_bwd_op(do, q, k1, k2, v1, v2, o, saved, *ctx.cfg), None, None, None, None, None, None)
+    q, k1, k2, v1, v2, o, chunks, *saved = ctx.saved_tensors
+    return (*poly_bwd_op(do, q, k1, k2, v1, v2, o, saved, *ctx.cfg, chunks), *([None] * 7))
 
 
 poly_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -236,7 +254,8 @@ def poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False
             the shared states: to every row on the torch backend, to its chunk and later ones on Triton.
         cu_seqlens: packed documents (:mod:`tensorattn.packing`): inputs ``[1, total, H, D]`` and an int32
             tensor of document starts with a leading 0 and ``total`` at the end; the pairs (and the causal
-            state) stay inside each document. Runs the op once per document for now.
+            state) stay inside each document. The fused Triton kernels take the whole packed row in one set of
+            launches (the states restart at each document inside them); the torch backend runs once per document.
         max_seqlen: with ``cu_seqlens``, optionally the longest document's length (checked).
 
     Returns:
@@ -250,18 +269,21 @@ def poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False
         raise TypeError(f"backend must be a str ('auto', 'triton' or 'torch'), got {type(backend).__name__}")
     _check_rank(D, degree, "q.shape[3]")
     check_no_max_seqlen(cu_seqlens, max_seqlen)
-    if cu_seqlens is not None:
-        bounds = check_cu_seqlens(cu_seqlens, max_seqlen, B=B, T=T, S1=S1, S2=S2, device=q.device)
-        if len(bounds) > 2:
-            o = run_per_document(lambda *xs: poly_tensor_attn(*xs, degree=degree, causal=causal, scale=scale,
-                                                              backend=backend, check_finite=False), bounds,
-                                 q, k1, k2, v1, v2)
-            return _check_output(o, check_finite, degree, scale)
+    bounds = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, max_seqlen, B=B, T=T, S1=S1, S2=S2,
+                                                                   device=q.device)
     be = choose(list(BACKENDS.values()), backend, dict(device=q.device, dtype=q.dtype, degree=degree, causal=causal,
                                          head_dim=D, value_dim=Dv), op="poly_tensor_attn")
+    packed = bounds is not None and len(bounds) > 2
+    if packed and be.name != "triton":  # the torch backend runs once per document
+        o = run_per_document(lambda *xs: poly_tensor_attn(*xs, degree=degree, causal=causal, scale=scale,
+                                                          backend=backend, check_finite=False), bounds,
+                             q, k1, k2, v1, v2)
+        return _check_output(o, check_finite, degree, scale)
     if B == 0 or T == 0:  # nothing to attend from: an empty output, still connected to the inputs' graph
         return q.new_zeros(B, T, Hq, Dv) + 0 * q.sum() + 0 * (k1.sum() + k2.sum() + v1.sum() + v2.sum())
     save = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k1, k2, v1, v2))
     plan = be.plan(q, k1, v1, degree=degree, causal=causal)
-    o, _ = poly_fwd_op(q, k1, k2, v1, v2, degree, causal, float(scale), be.name, plan, save)
+    # the fused kernels: one launch per kernel for the whole packed row, the states restarting at every document
+    chunks = be.chunk_table(cu_seqlens, T, plan) if packed else None
+    o, _ = poly_fwd_op(q, k1, k2, v1, v2, degree, causal, float(scale), be.name, plan, save, chunks)
     return _check_output(o, check_finite, degree, scale)

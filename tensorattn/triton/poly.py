@@ -40,6 +40,13 @@ Parallel over the sequence, in three levels:
   ``O(k Dv)`` CUDA-core work per row where the forward's pair products do ``O(C k Dv)`` on tensor cores: in
   the backward, pair products cost more in layout conversions and spills than the walk does in FLOPs.
 
+Packed documents (``cu_seqlens``, batch 1): :func:`chunk_table` cuts every document into its own chunks of ``F``
+rows (its last one shorter), so no chunk, and no sub-chunk, straddles a boundary; the state, forward and walk
+kernels read each chunk's rows from the table (``VARLEN``), the chunk scans restart at a document's first chunk
+(forward) and at its last (the backward's suffixes), and a segment's buffers hold its rows contiguously from its
+first one, as without documents. The chunk count is bounded from the shapes (``T // F + documents``), so the
+grids and the saved states do not depend on the lengths.
+
 Measured figures, the FLOP and byte counts and what limits the kernels: ``benchmarks/NOTES_poly.md``.
 
 Accumulation: states, suffix states, outputs and gradients in float32; the backward computes in float32
@@ -51,6 +58,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -80,21 +88,47 @@ for _k in list(TUNE):  # TENSORATTN_POLY_<KEY> overrides a default (benchmark sw
 _TABLES = {}
 
 
-def _chunk_cumsum_(x: torch.Tensor) -> torch.Tensor:
+def _chunk_cumsum_(x: torch.Tensor, flags: Optional[torch.Tensor] = None, seg: int = 0) -> torch.Tensor:
     """``x.cumsum_(1)`` for a contiguous float32 ``[BH, N, ...]`` (the chunk states) with :func:`_scan_kernel`:
     every element read and written once, ``U`` chunks of loads in flight per program (``TUNE["SCAN_U"]``,
-    ``TUNE["SCAN_BW"]``)."""
+    ``TUNE["SCAN_BW"]``). With ``flags`` (int32 ``[N]``, packed documents) the sum restarts where they are
+    nonzero: at zero (``seg=1``) or at the slot's own value (``seg=2``); segmented scans always take the kernel
+    (``SCAN_U=0`` then means 8)."""
     U, BW = int(TUNE["SCAN_U"]), int(TUNE["SCAN_BW"])
-    if U == 0:  # the sweeps' baseline
+    if U == 0 and flags is None:  # the sweeps' baseline
         return x.cumsum_(1)
+    U = U or 8
     if U & (U - 1) or BW < 16 or BW & (BW - 1):
         raise ValueError(f"TUNE['SCAN_U'] must be 0 or a power of two and TUNE['SCAN_BW'] a power of two >= 16, got "
                          f"{U} and {BW}")
     BH, N = x.shape[0], x.shape[1]
     W = x.numel() // max(1, BH * N)
     BW = min(BW, max(16, triton.next_power_of_2(W)))
-    _scan_kernel[(BH, triton.cdiv(W, BW))](x, N, W, U=U, BW=BW, num_warps=4)
+    _scan_kernel[(BH, triton.cdiv(W, BW))](x, x if flags is None else flags, N, W, U=U, BW=BW,
+                                           SEG=0 if flags is None else seg, num_warps=4)
     return x
+
+
+def chunk_table(cu_seqlens: torch.Tensor, T: int, F: int) -> torch.Tensor:
+    """The state chunks of packed documents (``cu_seqlens``, checked): int32 ``[3, NF]``, each chunk's first row,
+    its end (one past its last row) and its document, every document cut into chunks of ``F`` rows from its start
+    (its last one shorter), so that no chunk straddles a boundary. ``NF = T // F + documents`` (a bound on the
+    chunks the documents need, from the shapes alone: the kernels' grids and saved states do not depend on the
+    lengths); the chunks past the last document are empty (first row = end = T), each its own document.
+    On cu_seqlens' device, no host synchronisation."""
+    cu = cu_seqlens.to(torch.int64)
+    nd = cu.numel() - 1
+    nch = (cu[1:] - cu[:-1] + F - 1) // F  # chunks per document
+    past = torch.cumsum(nch, 0)  # one past each document's last chunk
+    c = torch.arange(T // F + nd, device=cu.device)
+    doc = torch.searchsorted(past, c, right=True)
+    d = doc.clamp(max=nd - 1)
+    start = cu[d] + (c - (past[d] - nch[d])) * F
+    end = torch.minimum(cu[d + 1], start + F)
+    pad = doc >= nd
+    tail = torch.full_like(start, T)
+    return torch.stack([torch.where(pad, tail, start), torch.where(pad, tail, end),
+                        torch.where(pad, nd + c, doc)]).to(torch.int32).contiguous()
 
 
 def _tables(D: int, device):
@@ -121,7 +155,7 @@ def _tables(D: int, device):
 class _Cfg:
     """Shapes, block sizes and product precision of one call."""
 
-    def __init__(self, q, k1, v1, F: int, seg_bytes: int):
+    def __init__(self, q, k1, v1, F: int, seg_bytes: int, chunks: Optional[torch.Tensor] = None):
         self.B, self.T, self.HQ, self.D = q.shape
         self.HK, self.DV = k1.shape[2], v1.shape[3]
         self.G = self.HQ // self.HK
@@ -132,14 +166,32 @@ class _Cfg:
         if self.F % C or self.F < C or self.F & (self.F - 1):
             raise ValueError(f"TUNE['F'] must be a power of two >= {C}, got {self.F}")
         self.EBF = min(self.DVP, int(TUNE["EB_FWD"]))
-        self.NF = -(-self.T // self.F)
+        # packed documents: the chunk table (chunk_table) and the restart flags of the chunk scans, forward (a
+        # document's first chunk, slots 0..NF: the state before each chunk) and backward (its last chunk)
+        self.ct = chunks
+        if chunks is None:
+            self.NF = -(-self.T // self.F)
+            self.ct_arg = self.ia  # any pointer: the kernels do not read it
+        else:
+            if chunks.dtype != torch.int32 or chunks.dim() != 2 or chunks.shape[0] != 3 or chunks.device != q.device:
+                raise ValueError(f"poly_tensor_attn (triton): chunks must be an int32 [3, NF] chunk table on "
+                                 f"{q.device}, got {chunks.dtype} {tuple(chunks.shape)} on {chunks.device}")
+            self.NF = chunks.shape[1]
+            self.ct_arg = chunks.contiguous()
+            doc = self.ct_arg[2]
+            new = torch.ones_like(doc)
+            new[1:] = (doc[1:] != doc[:-1]).to(torch.int32)
+            self.first = torch.cat([new, new.new_zeros(1)])
+            self.last = torch.cat([new[1:], new.new_ones(1)])
+        self.varlen = chunks is not None
         if q.dtype == torch.float32:
             self.DT = tl.float32
             tf32 = q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
             self.PREC = "tf32" if tf32 else "ieee"
         else:  # bf16 operands for bf16 and fp16 inputs: the states outgrow fp16's range
             self.DT, self.PREC = tl.bfloat16, "ieee"
-        self.kw = dict(D=self.D, DV=self.DV, DVP=self.DVP, F=self.F, BK=BK, DT=self.DT, PREC=self.PREC)
+        self.kw = dict(D=self.D, DV=self.DV, DVP=self.DVP, F=self.F, BK=BK, DT=self.DT, PREC=self.PREC,
+                       VARLEN=self.varlen)
         self.walk = []  # (feature blocks, kernel keywords) of the walk's passes 1 and 2
         for key, warps, extra in (("BK_BWD1", "WARPS_BWD1", {}),
                                   ("BK_BWD", "WARPS_BWD", {"maxnreg": TUNE["MAXNREG_BWD"]})):
@@ -150,6 +202,16 @@ class _Cfg:
             kw = dict(DV=self.DV, DVP=self.DVP, F=self.F, BK=bkb, num_warps=int(TUNE[warps]))
             kw.update({k: int(v) for k, v in extra.items() if v})
             self.walk.append((self.KP // bkb, kw))
+
+    def flags(self, c0: int, nf: int, backward: bool):
+        """The restart flags of a segment's chunk scans (``None`` without packed documents): forward slots
+        ``0..nf`` are the states before chunks ``c0..c0 + nf``; backward slot ``nf - n`` is the suffix from chunk
+        ``c0 + n`` and slot 0 the carry from the later segments."""
+        if not self.varlen:
+            return None
+        if not backward:
+            return self.first[c0:c0 + nf + 1].contiguous()
+        return torch.cat([self.last.new_zeros(1), self.last[c0:c0 + nf].flip(0)])
 
     def seg_chunks(self, backward: bool) -> int:
         return _seg_chunks(self.B, self.HQ, self.HK, self.KP, self.DVP, self.DV, self.F, self.NF, backward,
@@ -174,11 +236,13 @@ def _seg_chunks(B: int, HQ: int, HK: int, KP: int, DVP: int, DV: int, F: int, NF
     return max(1, min(NF, seg_bytes // per_chunk))
 
 
-def _saved_ranges(B: int, T: int, HQ: int, HK: int, D: int, DV: int, F: int, seg_bytes: int) -> list:
+def _saved_ranges(B: int, T: int, HQ: int, HK: int, D: int, DV: int, F: int, seg_bytes: int,
+                  NF: Optional[int] = None) -> list:
     """``(first chunk, chunks)`` of each backward segment, the forward's segments cut to the backward's length
-    (pure ints: the fake implementation of the forward op sizes its outputs with it)."""
+    (pure ints: the fake implementation of the forward op sizes its outputs with it). ``NF``: the chunks (default
+    ``ceil(T / F)``; packed documents: their chunk table's)."""
     KP, DVP = padded_dims(D, DV)
-    NF = -(-T // F)
+    NF = -(-T // F) if NF is None else NF
     seg = _seg_chunks(B, HQ, HK, KP, DVP, DV, F, NF, False, seg_bytes)
     segb = _seg_chunks(B, HQ, HK, KP, DVP, DV, F, NF, True, seg_bytes)
     return [(c0 + j, min(segb, min(seg, NF - c0) - j)) for c0 in range(0, NF, seg)
@@ -192,20 +256,24 @@ def _segment_states(cfg: _Cfg, k1, k2, v1, v2, c0: int, nf: int, prefix, prefd):
     sd = torch.empty(cfg.B * cfg.HK, nf + 1, 2, cfg.KP, dtype=torch.float32, device=dev)
     st[:, 0] = prefix
     sd[:, 0] = prefd
-    _state_kernel[(nf, cfg.B * cfg.HK, cfg.NKB)](k1, k2, v1, v2, st, sd, cfg.ia, cfg.ib, cfg.T, c0 * cfg.F, nf + 1,
-                                                 cfg.HK, cfg.KP, num_warps=TUNE["WARPS_STATE"], **cfg.kw)
-    _chunk_cumsum_(st)
-    _chunk_cumsum_(sd)
+    _state_kernel[(nf, cfg.B * cfg.HK, cfg.NKB)](k1, k2, v1, v2, st, sd, cfg.ia, cfg.ib, cfg.ct_arg, cfg.T,
+                                                 c0 * cfg.F, c0, cfg.NF, nf + 1, cfg.HK, cfg.KP,
+                                                 num_warps=TUNE["WARPS_STATE"], **cfg.kw)
+    flags = cfg.flags(c0, nf, backward=False)
+    _chunk_cumsum_(st, flags, 1)
+    _chunk_cumsum_(sd, flags, 1)
     return st, sd
 
 
-def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: bool = True, prefix=None):
+def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: bool = True, prefix=None,
+             chunks: Optional[torch.Tensor] = None):
     """Forward: ``o`` ``[B, T, Hq, Dv]`` in q's dtype, the normaliser ``den`` float32 ``[B, T, Hq]``, and (when
     ``save``) the state at each segment's start with the segment's chunk range, for the backward. ``F``: the state
     chunk length (:data:`TUNE`), ``seg_bytes``: the segments' budget (:data:`SEG_BYTES`). ``prefix``: ``(states
     [B * Hkv, 2, KP, DVP], vector sums [B * Hkv, 2, KP])`` float32 before the first position (default zero; context
-    parallelism passes the earlier ranks' sums), in this module's feature order."""
-    cfg = _Cfg(q, k1, v1, F, seg_bytes)
+    parallelism passes the earlier ranks' sums), in this module's feature order. ``chunks``: packed documents'
+    chunk table (:func:`chunk_table`; batch 1): the states restart at every document, inside the kernels."""
+    cfg = _Cfg(q, k1, v1, F, seg_bytes, chunks)
     dev = q.device
     o = torch.empty(cfg.B, cfg.T, cfg.HQ, cfg.DV, dtype=q.dtype, device=dev)
     den = torch.empty(cfg.B, cfg.T, cfg.HQ, dtype=torch.float32, device=dev)
@@ -225,7 +293,8 @@ def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: b
             for j in range(0, nf, segb):
                 saved.append((c0 + j, min(segb, nf - j), st[:, j].clone(), sd[:, j].clone()))
         grid = (nf, cfg.B * cfg.HQ, NE)
-        args = (cfg.ia, cfg.ib, cfg.wq, cfg.T, c0 * cfg.F, nf + 1, cfg.HQ, cfg.G, cfg.KP, cfg.NKB, scale)
+        args = (cfg.ia, cfg.ib, cfg.wq, cfg.ct_arg, cfg.T, c0 * cfg.F, c0, cfg.NF, nf + 1, cfg.HQ, cfg.G, cfg.KP,
+                cfg.NKB, scale)
         kw = dict(C=C, EB=cfg.EBF, num_warps=TUNE["WARPS_FWD"], **cfg.kw)
         sc = torch.empty(nf * cfg.B * cfg.HQ * NE * (cfg.NKB * 2 * BK * cfg.EBF + 2 * cfg.KP), dtype=torch.float32,
                          device=dev)
@@ -236,37 +305,40 @@ def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: b
     return o, den, saved
 
 
-def poly_fwd_saved(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: bool = True, prefix=None):
+def poly_fwd_saved(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: bool = True, prefix=None,
+                   chunks: Optional[torch.Tensor] = None):
     """:func:`poly_fwd` on contiguous inputs with what the backward needs as one flat list: ``(o, [den, then the
     two states of each backward segment (when save)])``, the form :func:`poly_bwd_saved` takes back."""
     o, den, states = poly_fwd(*(x.contiguous() for x in (q, k1, k2, v1, v2)), scale, F, seg_bytes, save=save,
-                              prefix=prefix)
+                              prefix=prefix, chunks=chunks)
     return o, [den] + [t for _, _, p, pd in states for t in (p, pd)]
 
 
 def poly_bwd_saved(do, q, k1, k2, v1, v2, o, saved, scale: float, F: int, seg_bytes: int, *,
-                   prefix_grad: bool = False):
+                   prefix_grad: bool = False, chunks: Optional[torch.Tensor] = None):
     """:func:`poly_bwd` from :func:`poly_fwd_saved`'s list and output ``o`` (the segment ranges follow from the
     shapes and the forward's ``F``, ``seg_bytes``; ``<dO, o>`` is computed here)."""
     q, k1, k2, v1, v2, do = (x.contiguous() for x in (q, k1, k2, v1, v2, do))
     den, states = saved[0], saved[1:]
     B, T, HQ, D = q.shape
-    ranges = _saved_ranges(B, T, HQ, k1.shape[2], D, v1.shape[3], F, seg_bytes)
+    ranges = _saved_ranges(B, T, HQ, k1.shape[2], D, v1.shape[3], F, seg_bytes,
+                           None if chunks is None else chunks.shape[1])
     if len(states) != 2 * len(ranges):
         raise ValueError(f"poly_tensor_attn (triton): {len(states)} saved states for {len(ranges)} backward "
                          f"segments (expected {2 * len(ranges)})")
     segs = [(c0, nf, states[2 * i], states[2 * i + 1]) for i, (c0, nf) in enumerate(ranges)]
     delta = (do.float() * o.float()).sum(-1).contiguous()  # <dO, o> per row: [B, T, Hq]
-    return poly_bwd(q, k1, k2, v1, v2, do, den, delta, segs, scale, F, seg_bytes, prefix_grad=prefix_grad)
+    return poly_bwd(q, k1, k2, v1, v2, do, den, delta, segs, scale, F, seg_bytes, prefix_grad=prefix_grad,
+                    chunks=chunks)
 
 
 def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg_bytes: int, *,
-             prefix_grad: bool = False):
+             prefix_grad: bool = False, chunks: Optional[torch.Tensor] = None):
     """Backward: gradients of q, k1, k2, v1, v2 in their dtypes (k/v gradients summed over GQA groups); with
     ``prefix_grad`` also the gradient of the states before the first position (``prefix`` of :func:`poly_fwd`),
     ``([B * Hkv, 2, KP, DVP], [B * Hkv, 2, KP])`` float32: the suffix sums of the state gradients over the
-    whole sequence, summed over each kv head's query heads."""
-    cfg = _Cfg(q, k1, v1, F, seg_bytes)
+    whole sequence, summed over each kv head's query heads. ``chunks``: as for :func:`poly_fwd`."""
+    cfg = _Cfg(q, k1, v1, F, seg_bytes, chunks)
     dev = q.device
     B, T, HQ, HK, D, DV, F, KP = cfg.B, cfg.T, cfg.HQ, cfg.HK, cfg.D, cfg.DV, cfg.F, cfg.KP
     dq = torch.empty_like(q)
@@ -276,36 +348,43 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg
     carryd = torch.zeros(B * HQ, 2, KP, dtype=torch.float32, device=dev)
     f32 = dict(dtype=torch.float32, device=dev)
     RF, RP = int(TUNE["R_FEAT"]), int(TUNE["R_PROJ"])  # rows per program of the feature and projection kernels
+    # packed documents: each segment's chunks cover the rows [t0, r1) (read once from the table: one host sync)
+    ct_host = cfg.ct.cpu().tolist() if cfg.varlen else None
     for c0, nf, prefix, prefd in reversed(saved):
         st, sd = _segment_states(cfg, k1, k2, v1, v2, c0, nf, prefix, prefd)
-        TS, t0 = nf * F, c0 * F
-        r1 = min(T, t0 + TS)
+        TS = nf * F
+        if ct_host is None:
+            t0 = c0 * F
+            r1 = min(T, t0 + TS)
+        else:
+            t0, r1 = ct_host[0][c0], ct_host[1][c0 + nf - 1]
         feats = []
         for x, h, qw, sc in ((q, HQ, 1, scale), (k1, HK, 0, 1.0), (k2, HK, 0, 1.0)):
             u = torch.empty(B, TS, h, KP, **f32)
-            _feat_kernel[(-(-TS // RF), B * h, cfg.NKB)](x, u, cfg.ia, cfg.ib, cfg.wq, T, t0, TS, h, KP, sc, D=D, R=RF,
-                                                         BK=BK, QW=qw, num_warps=TUNE["WARPS_FEAT"])
+            _feat_kernel[(-(-TS // RF), B * h, cfg.NKB)](x, u, cfg.ia, cfg.ib, cfg.wq, T, t0, r1, TS, h, KP, sc, D=D,
+                                                         R=RF, BK=BK, QW=qw, num_warps=TUNE["WARPS_FEAT"])
             feats.append(u)
         rs = torch.empty(B * HQ, nf + 1, 2, KP, cfg.DVP, **f32)
         rd = torch.empty(B * HQ, nf + 1, 2, KP, **f32)
         rs[:, 0] = carry
         rd[:, 0] = carryd
-        args = (T, t0, nf + 1, HQ, cfg.G, KP)
+        args = (cfg.ct_arg, T, t0, c0, cfg.NF, nf + 1, HQ, cfg.G, KP)
         (nb1, kw1), (nb2, kw2) = cfg.walk
         _bwd_kernel[(nf, B * HQ, nb1)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, rs, rs, rs, rs, 0, *args, MODE=1,
-                                       **kw1)
-        _chunk_cumsum_(rs)
-        _chunk_cumsum_(rd)
+                                       VARLEN=cfg.varlen, **kw1)
+        flags = cfg.flags(c0, nf, backward=True)
+        _chunk_cumsum_(rs, flags, 2)
+        _chunk_cumsum_(rd, flags, 2)
         dus = [torch.empty(B, TS, HQ, KP, **f32) for _ in range(3)]
         gv = torch.zeros(2, B, TS, HQ, DV, **f32)
         _bwd_kernel[(nf, B * HQ, nb2)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, *dus, gv, gv[0].numel(), *args,
-                                       MODE=2, **kw2)
+                                       MODE=2, VARLEN=cfg.varlen, **kw2)
         carry, carryd = rs[:, nf].clone(), rd[:, nf].clone()
         del st, sd, rs, rd, feats
         for x, du, dx, h, g, qw, sc in ((q, dus[0], dq, HQ, 1, 1, scale), (k1, dus[1], dk1, HK, cfg.G, 0, 1.0),
                                         (k2, dus[2], dk2, HK, cfg.G, 0, 1.0)):
-            _proj_kernel[(-(-TS // RP), B * h)](x, du, dx, cfg.ia, cfg.ib, cfg.wq, T, t0, TS, h, HQ, g, KP, cfg.NKB, sc,
-                                               D=D, R=RP, BK=BK, QW=qw, num_warps=TUNE["WARPS_PROJ"])
+            _proj_kernel[(-(-TS // RP), B * h)](x, du, dx, cfg.ia, cfg.ib, cfg.wq, T, t0, r1, TS, h, HQ, g, KP,
+                                               cfg.NKB, sc, D=D, R=RP, BK=BK, QW=qw, num_warps=TUNE["WARPS_PROJ"])
         del dus
         n = r1 - t0
         for dst, src in ((dv1, gv[0]), (dv2, gv[1])):

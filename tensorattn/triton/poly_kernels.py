@@ -59,6 +59,20 @@ def _row(ptr, cols, DV: tl.constexpr, DVP: tl.constexpr):
 
 
 @triton.jit
+def _chunk_rows(ct_ptr, NFT, c0, n, t0, T, F: tl.constexpr, VARLEN: tl.constexpr):
+    """First row (int64: T * H * D may pass 2^31) and end (one past its last row) of the segment's chunk ``n``:
+    ``t0 + n F`` and T, or with packed documents (``VARLEN``) row 0 and 1 of the chunk table ``ct [3, NFT]`` at
+    chunk ``c0 + n`` (no chunk straddles a document)."""
+    if VARLEN:
+        r0 = tl.load(ct_ptr + c0 + n).to(tl.int64)
+        r1 = tl.load(ct_ptr + NFT + c0 + n).to(tl.int64)
+    else:
+        r0 = (t0 + n * F).to(tl.int64)
+        r1 = T
+    return r0, r1
+
+
+@triton.jit
 def _mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
     return tl.dot(a.to(DT), b.to(DT), input_precision=PREC)
 
@@ -122,10 +136,11 @@ def _ww_fwd(qt, k1t, k2t, v1c, v2c, scale, m3, D: tl.constexpr, C: tl.constexpr,
 # Kernels
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _state_kernel(k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, ia_ptr, ib_ptr, T, t0, NS1, HK, KP,
+def _state_kernel(k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, ia_ptr, ib_ptr, ct_ptr, T, t0, c0, NFT, NS1, HK, KP,
                   D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, BK: tl.constexpr,
-                  DT: tl.constexpr, PREC: tl.constexpr):
-    """Chunk n's contributions ``U2_n^T v1_n``, ``U3_n^T v2_n`` and ``Σ U2_n``, ``Σ U3_n`` -> slot n + 1."""
+                  DT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
+    """Chunk n's contributions ``U2_n^T v1_n``, ``U3_n^T v2_n`` and ``Σ U2_n``, ``Σ U3_n`` -> slot n + 1 (rows of
+    the chunk: :func:`_chunk_rows`)."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kb = tl.program_id(2)
@@ -133,8 +148,9 @@ def _state_kernel(k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, ia_ptr, ib_ptr
     hk = bh % HK
     sk = HK * D
     sv = HK * DV
-    rows = (t0 + n * F).to(tl.int64) + tl.arange(0, F)  # int64: T * H * D may pass 2^31
-    rmask = rows < T
+    r0, r1 = _chunk_rows(ct_ptr, NFT, c0, n, t0, T, F, VARLEN)
+    rows = r0 + tl.arange(0, F)
+    rmask = rows < r1
     m = kb * BK + tl.arange(0, BK)
     ia = tl.load(ia_ptr + m)
     ib = tl.load(ib_ptr + m)
@@ -160,9 +176,9 @@ def _state_one(kp, vp, st_out, sd_out, rows, rmask, sk, sv, ia, ib, cols, D: tl.
 
 @triton.jit
 def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o_ptr, den_ptr, ia_ptr, ib_ptr,
-                wq_ptr, T, t0, NS1, HQ, GROUPS, KP, NKB, scale,
+                wq_ptr, ct_ptr, T, t0, c0, NFT, NS1, HQ, GROUPS, KP, NKB, scale,
                 D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
-                BK: tl.constexpr, EB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+                BK: tl.constexpr, EB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
     """Output rows of chunk n for one query head and value block: sub-chunks outside, feature blocks inside, so
     that the pair products of all feature blocks add up in the product accumulators before one reduction per
     sub-chunk. The running state of each feature block passes from one sub-chunk to the next through this
@@ -184,10 +200,10 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
     m2 = (ci[None, :] <= ci[:, None]).to(tl.float32)
     m3 = (pj[:, None] <= pi[:, None]) & (ci[None, :] <= pi[:, None])
     se = tl.arange(0, BK)[:, None] * EB + tl.arange(0, EB)[None, :]
-    r0 = (t0 + n * F).to(tl.int64)  # int64 row offsets: T * H * D may pass 2^31
+    r0, r1 = _chunk_rows(ct_ptr, NFT, c0, n, t0, T, F, VARLEN)
     for s in range(NSUB):
         rows = r0 + s * C + ci
-        rmask = rows < T
+        rmask = rows < r1
         v1c = _rows(v1b, rows, rmask, sv, cols, DV)
         v2c = _rows(v2b, rows, rmask, sv, cols, DV)
         qt = _tile(qb, rows, rmask, sq, D)
@@ -241,10 +257,11 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
 # Backward: one position at a time inside a chunk, the states of one feature block in registers
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _feat_kernel(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TS, H, KP, scale, D: tl.constexpr, R: tl.constexpr,
-                 BK: tl.constexpr, QW: tl.constexpr):
+def _feat_kernel(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, H, KP, scale, D: tl.constexpr,
+                 R: tl.constexpr, BK: tl.constexpr, QW: tl.constexpr):
     """Features ``ya yb`` (times the query weights when ``QW``) of the segment's rows ``t0 + [0, TS)`` of
-    ``x [B, T, H, D]`` -> ``u [B, TS, H, KP]`` float32, zero past T: one ``[R, BK]`` block per program."""
+    ``x [B, T, H, D]`` -> ``u [B, TS, H, KP]`` float32, zero from row TE (the segment's end) on: one ``[R, BK]``
+    block per program."""
     rb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kb = tl.program_id(2)
@@ -252,7 +269,7 @@ def _feat_kernel(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TS, H, KP, scale, 
     h = bh % H
     rl = rb * R + tl.arange(0, R)
     rows = rl.to(tl.int64) + t0  # int64: T * H * D may pass 2^31
-    rmask = (rows < T) & (rl < TS)
+    rmask = (rows < TE) & (rl < TS)
     m = kb * BK + tl.arange(0, BK)
     u = _feature(_tile(x_ptr + b * T * H * D + h * D, rows, rmask, H * D, D), rmask, tl.load(ia_ptr + m),
                  tl.load(ib_ptr + m), D, scale)
@@ -262,10 +279,11 @@ def _feat_kernel(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TS, H, KP, scale, 
 
 
 @triton.jit
-def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TS, HX, HQ, GROUPS, KP, NKB, scale,
+def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, HX, HQ, GROUPS, KP, NKB, scale,
                  D: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, QW: tl.constexpr):
     """Chain rule through the features: ``dx = Σ_m du[m] (yb[m] e_ia[m] + ya[m] e_ib[m])`` (times the query
-    weights and the scale when ``QW``) for ``R`` rows of one head ``hx`` of ``x [B, T, HX, D]``, the feature
+    weights and the scale when ``QW``) for ``R`` of the segment's rows ``t0 + [0, TS)`` before ``TE`` (the
+    segment's end) of one head ``hx`` of ``x [B, T, HX, D]``, the feature
     gradients ``du [B, TS, HQ, KP]`` summed over the ``GROUPS`` query heads of ``hx`` first; written into ``dx``
     (x's layout and dtype). One-hot products in float32 (``ieee``; tf32x3 measured slower)."""
     rb = tl.program_id(0)
@@ -274,7 +292,7 @@ def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TS, HX, H
     hx = bh % HX
     rl = rb * R + tl.arange(0, R)
     rows = rl.to(tl.int64) + t0  # int64: T * H * D may pass 2^31
-    rmask = (rows < T) & (rl < TS)
+    rmask = (rows < TE) & (rl < TS)
     dk = tl.arange(0, D)
     xt = _tile(x_ptr + b * T * HX * D + hx * D, rows, rmask, HX * D, D)
     acc = tl.zeros((R, D), tl.float32)
@@ -299,8 +317,9 @@ def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TS, HX, H
 
 @triton.jit
 def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_ptr, st_ptr, sd_ptr, rs_ptr, rd_ptr,
-                du1_ptr, du2_ptr, du3_ptr, gv_ptr, GV2, T, t0, NS1, HQ, GROUPS, KP,
-                DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr):
+                du1_ptr, du2_ptr, du3_ptr, gv_ptr, GV2, ct_ptr, T, t0, c0, NFT, NS1, HQ, GROUPS, KP,
+                DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr,
+                VARLEN: tl.constexpr):
     """One chunk n, one query head, one feature block of ``BK`` features: the states ``[BK, DVP]`` in registers
     (float32, CUDA cores), one position per step (forward states ``L += u ⊗ v`` by addition from the chunk's
     start); the features come from the segment's buffers ``u1 [B, TS, Hq, KP]``, ``u2``, ``u3 [B, TS, Hkv, KP]``.
@@ -314,8 +333,10 @@ def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_p
       by atomics (feature blocks add up; the launcher sums GQA groups). With one warp per program (the default
       of this pass) every reduction stays inside the warp: no exchange through shared memory per row.
 
-    Only the chunk's rows before T are walked: past T nothing is read or written (their features are zero and
-    their gradients are never read), so the loop body has no row masks."""
+    Only the chunk's rows (:func:`_chunk_rows`) are walked: past its end nothing is read or written (their
+    features are zero and their gradients are never read), so the loop body has no row masks. The segment's
+    buffers hold its rows from ``t0`` (its first row) on, so chunk n starts at buffer row ``r0 - t0`` (``n F``
+    without packed documents)."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kb = tl.program_id(2)
@@ -347,14 +368,18 @@ def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_p
     v2b = v2_ptr + b * T * sv + hk * DV
     dob = do_ptr + b * T * so + h * DV
     rb = b * T * HQ + h
-    tq = n * F  # this chunk's first row in the segment
+    r0, r1 = _chunk_rows(ct_ptr, NFT, c0, n, t0, T, F, VARLEN)
+    if VARLEN:  # this chunk's first row in the segment's buffers, and its row count
+        tq = (r0 - t0).to(tl.int32)
+        nt = (r1 - r0).to(tl.int32)
+    else:
+        tq = n * F
+        nt = tl.minimum(T - t0 - n * F, F)  # rows before T
     u1b = u1_ptr + ((b * TS + tq) * HQ + h) * KP + m
     u2b = u2_ptr + ((b * TS + tq) * HK + hk) * KP + m
     u3b = u3_ptr + ((b * TS + tq) * HK + hk) * KP + m
     gub = ((b * TS + tq) * HQ + h) * KP + m
     gvb = ((b * TS + tq) * HQ + h) * DV + cols
-    r0 = (t0 + n * F).to(tl.int64)
-    nt = tl.minimum(T - t0 - n * F, F)  # rows of this chunk before T
     for t in range(nt):
         i = r0 + t
         u1 = tl.load(u1b + t * HQ * KP)
@@ -395,10 +420,20 @@ def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_p
 
 
 @triton.jit
-def _scan_kernel(x_ptr, N, W, U: tl.constexpr, BW: tl.constexpr):
+def _seg_add(a, fa, b, fb):
+    """Combine of a segmented sum: ``b`` alone where it starts a segment (flag ``fb``), else ``a + b``."""
+    return tl.where(fb != 0, b, a + b), fa | fb
+
+
+@triton.jit
+def _scan_kernel(x_ptr, f_ptr, N, W, U: tl.constexpr, BW: tl.constexpr, SEG: tl.constexpr):
     """In place, the inclusive prefix sum over the chunk axis of ``x [BH, N, W]`` (float32) for ``BW`` columns of
     one ``bh``: ``U`` chunks per step as one ``[U, BW]`` tile (``U * BW`` loads in flight, a scan inside the
-    tile), the running sum carried in registers from one step to the next."""
+    tile), the running sum carried in registers from one step to the next.
+
+    Segmented (packed documents): where ``f [N]`` (int32) is nonzero the sum restarts, at zero (``SEG == 1``:
+    the slot becomes 0, the forward states before a document's first chunk) or at the slot's own value
+    (``SEG == 2``: the backward's suffixes at a document's last chunk)."""
     bh = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BW + tl.arange(0, BW)
     cm = cols < W
@@ -409,6 +444,14 @@ def _scan_kernel(x_ptr, N, W, U: tl.constexpr, BW: tl.constexpr):
         rows = n0 + r
         msk = (rows < N)[:, None] & cm[None, :]
         ptr = base + rows.to(tl.int64)[:, None] * W
-        cs = tl.cumsum(tl.load(ptr, mask=msk, other=0.0), axis=0) + acc[None, :]
+        x = tl.load(ptr, mask=msk, other=0.0)
+        if SEG == 0:
+            cs = tl.cumsum(x, axis=0) + acc[None, :]
+        else:
+            f = tl.broadcast_to(tl.load(f_ptr + rows, mask=rows < N, other=0)[:, None], (U, BW))
+            if SEG == 1:
+                x = tl.where(f != 0, 0.0, x)
+            cs, fs = tl.associative_scan((x, f), 0, _seg_add)
+            cs = tl.where(fs != 0, cs, cs + acc[None, :])  # the carry reaches the rows before the tile's first restart
         tl.store(ptr, cs, mask=msk)
         acc = tl.sum(tl.where(r[:, None] == U - 1, cs, 0.0), axis=0)  # the tile's last row (zero rows past N)
