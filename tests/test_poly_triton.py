@@ -174,8 +174,29 @@ _PREFIX_SCRIPT = textwrap.dedent("""
     o2, g2 = run(lambda *a: _scan_attn(*a, 2, 0.25, 7), xs + [prefix])
     o3, g3 = run(lambda *a: td.cp_poly_tensor_attn(*a, causal=True, scale=0.25, backend="triton"), xs)
     o4, g4 = run(lambda *a: naive_poly_tensor_attn(*a, causal=True, scale=0.25), xs)
+    # a shard's totals (what it sends to the later ranks) on the state kernel against the torch chunks
+    from tensorattn.distributed.context_parallel import _ShardTotals
+    from tensorattn.poly.common import _Feat
+    from tensorattn.poly.fused import fused_shard_totals
+    kv = xs[1:]
+    wt = torch.randn(B, Hkv, rank(D, 2), 2 * Dv + 2, generator=g).to(dev)
+    def run_t(fn):
+        a = [x.clone().requires_grad_() for x in kv]
+        t = fn(*a)
+        return t, torch.autograd.grad((t * wt).sum(), a)
+    t1, h1 = run_t(fused_shard_totals)
+    t2, h2 = run_t(lambda *a: _ShardTotals.apply(*a, _Feat(D, 2, 0.25, torch.float32, dev), 7))
+    # two ranks in one process: the second shard's rows started from the first's totals, against the reference
+    def two_ranks(q, k1, k2, v1, v2, cut=17):
+        s0 = [x[:, :cut] for x in (q, k1, k2, v1, v2)]
+        s1 = [x[:, cut:] for x in (q, k1, k2, v1, v2)]
+        o0 = fused_attn_from_prefix(*s0, torch.zeros_like(wt), 0.25)
+        return torch.cat([o0, fused_attn_from_prefix(*s1, fused_shard_totals(*s0[1:]), 0.25)], 1)
+    o5, g5 = run(two_ranks, xs)
     print(json.dumps({"prefix": [rel(o1, o2)] + [rel(a, b) for a, b in zip(g1, g2)],
-                      "cp": [rel(o3, o4)] + [rel(a, b) for a, b in zip(g3, g4)]}))
+                      "cp": [rel(o3, o4)] + [rel(a, b) for a, b in zip(g3, g4)],
+                      "totals": [rel(t1, t2)] + [rel(a, b) for a, b in zip(h1, h2)],
+                      "two_ranks": [rel(o5, o4)] + [rel(a, b) for a, b in zip(g5, g4)]}))
 """)
 
 
@@ -183,7 +204,11 @@ _PREFIX_SCRIPT = textwrap.dedent("""
 def test_fused_kernels_start_from_a_prefix_state(where):
     """Context parallelism's local part on the fused kernels: started from a packed prefix state (the torch
     scan's layout and feature order), output and gradients (the five inputs and the prefix) equal the scan's;
-    cp_poly_tensor_attn(backend="triton") without a process group equals the reference."""
+    cp_poly_tensor_attn(backend="triton") without a process group equals the reference; a shard's totals from the
+    fused state kernel (and their gradients) equal the torch chunks'; two shards joined through them (the causal
+    path of two ranks, in one process) equal the reference."""
     res = json.loads(run_script(where, _PREFIX_SCRIPT).strip().splitlines()[-1])
     assert len(res["prefix"]) == 7 and max(res["prefix"]) < 1e-5, res
     assert len(res["cp"]) == 6 and max(res["cp"]) < 1e-5, res
+    assert len(res["totals"]) == 5 and max(res["totals"]) < 1e-5, res
+    assert len(res["two_ranks"]) == 6 and max(res["two_ranks"]) < 1e-5, res

@@ -14,7 +14,7 @@ from ..exact import tensor_attn
 from ..poly import BACKENDS as POLY_BACKENDS
 from ..poly import poly_tensor_attn
 from ..poly.common import EPS, _check_degree, _chunk_grads, _Feat
-from ..poly.fused import fused_attn_from_prefix
+from ..poly.fused import fused_attn_from_prefix, fused_shard_totals
 from ..poly.scan import _scan_attn, _scan_chunk, _unpack
 from .collectives import _all_lengths, all_gather_stack, all_reduce_sum
 from .process_group import _active, get_rank, get_world_size
@@ -187,12 +187,13 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
         scale: score scale, default ``1 / sqrt(D)``.
         group: the process group the sequence is split over (default: the world).
         chunk_size: features and running sums are formed ``chunk_size`` positions at a time, and the backward
-            recomputes each chunk (a memory knob; the result does not depend on it). ``None``: causal, as many
-            positions as keep one ``[B, chunk, Hkv, k, Dv]`` running sum under 2^26 entries; non-causal, one
-            ``[B, chunk, Hq, k]`` feature block under 2^24.
-        backend: causal only, the local computation: ``"triton"`` (the fused kernels started from the earlier
-            ranks' state: degree 2, Dk a power of two in [16, 64], Dv <= 128, float32/bf16/fp16, CUDA or the
-            interpreter), ``"torch"`` (the scan, any shape and dtype) or ``"auto"`` (the first that can run it).
+            recomputes each chunk (a memory knob of the torch paths; the result does not depend on it). ``None``:
+            causal, as many positions as keep one ``[B, chunk, Hkv, k, Dv]`` running sum under 2^26 entries;
+            non-causal, one ``[B, chunk, Hq, k]`` feature block under 2^24.
+        backend: causal only, the local computation: ``"triton"`` (the shard's totals from the fused state
+            kernel, the rows from the fused kernels started from the earlier ranks' state: degree 2, Dk a power
+            of two in [16, 64], Dv <= 128, float32/bf16/fp16, CUDA or the interpreter; ``chunk_size`` has no
+            effect there), ``"torch"`` (the scan, any shape and dtype) or ``"auto"`` (the first that can run it).
         check_finite: refuse NaN/Inf inputs with a ``ValueError``, as :func:`tensorattn.poly.poly_tensor_attn`
             does: ``None`` (default) checks CPU inputs only (on a GPU the check costs a synchronisation),
             ``True`` always, ``False`` never. Under a process group the ranks decide together (one small
@@ -232,11 +233,12 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
         be = choose(list(POLY_BACKENDS.values()), backend, dict(device=q.device, dtype=q.dtype, degree=degree,
                                                                  causal=True, head_dim=D, value_dim=Dv),
                     op="cp_poly_tensor_attn")
+        if be.name == "triton":  # the shard's totals from the fused state kernel, the rows from the earlier ranks'
+            prefix = _combine_states(fused_shard_totals(k1, k2, v1, v2), True, group)
+            return fused_attn_from_prefix(q, k1, k2, v1, v2, prefix, scale)
         chunk = chunk_size or _scan_chunk(T, B, Hkv, k, Dv)
         totals = _ShardTotals.apply(k1, k2, v1, v2, feat, chunk)  # [B, Hkv, k, 2Dv+2]
         prefix = _combine_states(totals, True, group)
-        if be.name == "triton":
-            return fused_attn_from_prefix(q, k1, k2, v1, v2, prefix, scale)
         return _scan_attn(q, k1, k2, v1, v2, prefix, degree, scale, chunk)
     # non-causal: the shard's totals and the readout chunk by chunk (one [B, chunk, H, k] feature block at a time)
     chunk = chunk_size or max(1, min(T, _READOUT_ELEMS // max(1, B * Hq * k)))

@@ -2,7 +2,8 @@
 (:func:`tensorattn.distributed.cp_poly_tensor_attn`), where the earlier ranks' sums come in the torch paths'
 packed layout ``[B, Hkv, k, 2 Dv + 2]`` (``[S2 | S3 | z2 | z3]``, features in :class:`~.common._Feat`'s order)
 and the kernels keep ``[B * Hkv, 2, KP, DVP]`` states in their own order (``KP``: the rank padded to the
-kernels' block). :func:`fused_attn_from_prefix` converts both ways and is differentiable in the prefix."""
+kernels' block). :func:`fused_attn_from_prefix` converts both ways and is differentiable in the prefix;
+:func:`fused_shard_totals` gives a shard's own totals (what it sends to the later ranks) in the packed layout."""
 from __future__ import annotations
 
 import torch
@@ -84,6 +85,37 @@ class _FusedFromPrefix(torch.autograd.Function):
         *grads, gst, gsd = tp.poly_bwd_saved(do, q, k1, k2, v1, v2, o, saved, scale, F, seg, prefix_grad=True)
         B, Hkv = k1.shape[0], k1.shape[2]
         return (*grads, _from_fused(gst, gsd, B, Hkv, q.shape[3], v1.shape[3], pdtype), None)
+
+
+class _FusedShardTotals(torch.autograd.Function):
+    """A shard's packed totals ``[B, Hkv, k, 2 Dv + 2]`` float32 on the fused kernels; differentiable once."""
+
+    @staticmethod
+    @no_autocast
+    def forward(ctx, k1, k2, v1, v2):
+        from ..triton import poly as tp
+
+        st, sd = tp.poly_totals(k1, k2, v1, v2, int(tp.TUNE["F"]), int(tp.SEG_BYTES))
+        ctx.save_for_backward(k1, k2, v1, v2)
+        return _from_fused(st, sd, k1.shape[0], k1.shape[2], k1.shape[3], v1.shape[3], torch.float32)
+
+    @staticmethod
+    @refuse_double_backward("cp_poly_tensor_attn")
+    @no_autocast
+    def backward(ctx, g):
+        from ..triton import poly as tp
+
+        k1, k2, v1, v2 = ctx.saved_tensors
+        D, Dv = k1.shape[3], v1.shape[3]
+        return tp.poly_totals_bwd(k1, k2, v1, v2, *_to_fused(g, D, *tp.padded_dims(D, Dv)))
+
+
+def fused_shard_totals(k1, k2, v1, v2) -> torch.Tensor:
+    """The totals of a shard's keys in the packed layout ``[B, Hkv, k, 2 Dv + 2]`` (``[S2 | S3 | z2 | z3]``, as
+    the torch paths' ``_ShardTotals``; float32) on the fused kernels' state kernel; differentiable in the four
+    inputs. Context parallelism's causal path exchanges them and starts :func:`fused_attn_from_prefix` from the
+    earlier ranks' sum."""
+    return _FusedShardTotals.apply(k1, k2, v1, v2)
 
 
 def fused_attn_from_prefix(q, k1, k2, v1, v2, prefix, scale: float) -> torch.Tensor:

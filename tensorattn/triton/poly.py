@@ -65,7 +65,8 @@ import triton
 import triton.language as tl
 
 from ..features import multi_indices
-from .poly_kernels import _bwd_kernel, _feat_kernel, _fwd_kernel, _proj_kernel, _scan_kernel, _state_kernel
+from .poly_kernels import (_bwd_kernel, _feat_kernel, _fwd_kernel, _proj_kernel, _scan_kernel, _state_kernel,
+                           _totals_bwd_kernel)
 
 C = 16  # queries per sub-chunk (the pair products have C² = 256 rows)
 BK = 32  # features per block
@@ -263,6 +264,46 @@ def _segment_states(cfg: _Cfg, k1, k2, v1, v2, c0: int, nf: int, prefix, prefd):
     _chunk_cumsum_(st, flags, 1)
     _chunk_cumsum_(sd, flags, 1)
     return st, sd
+
+
+def poly_totals(k1, k2, v1, v2, F: int, seg_bytes: int):
+    """The totals of all rows' keys (a context-parallel shard's contribution to the later ranks' prefix):
+    ``([B * Hkv, 2, KP, DVP], [B * Hkv, 2, KP])`` float32, ``Σ_j U2[j] ⊗ v1[j]`` and ``Σ_j U2[j]`` (then the
+    same of k2, v2), the layout of :func:`poly_fwd`'s ``prefix``: the state kernel's chunk contributions summed
+    over chunks, segment by segment (:func:`_seg_chunks`)."""
+    k1, k2, v1, v2 = (x.contiguous() for x in (k1, k2, v1, v2))
+    cfg = _Cfg(k1, k1, v1, F, seg_bytes)
+    tot = torch.zeros(cfg.B * cfg.HK, 2, cfg.KP, cfg.DVP, dtype=torch.float32, device=k1.device)
+    totd = torch.zeros(cfg.B * cfg.HK, 2, cfg.KP, dtype=torch.float32, device=k1.device)
+    seg = cfg.seg_chunks(backward=False)
+    for c0 in range(0, cfg.NF, seg):
+        nf = min(seg, cfg.NF - c0)
+        st = torch.empty(cfg.B * cfg.HK, nf + 1, 2, cfg.KP, cfg.DVP, dtype=torch.float32, device=k1.device)
+        sd = torch.empty(cfg.B * cfg.HK, nf + 1, 2, cfg.KP, dtype=torch.float32, device=k1.device)
+        _state_kernel[(nf, cfg.B * cfg.HK, cfg.NKB)](k1, k2, v1, v2, st, sd, cfg.ia, cfg.ib, cfg.ct_arg, cfg.T,
+                                                     c0 * cfg.F, c0, cfg.NF, nf + 1, cfg.HK, cfg.KP,
+                                                     num_warps=TUNE["WARPS_STATE"], **cfg.kw)
+        tot += st[:, 1:].sum(1)  # slot 0 (the state before the segment) is not written
+        totd += sd[:, 1:].sum(1)
+    return tot, totd
+
+
+def poly_totals_bwd(k1, k2, v1, v2, gst, gsd):
+    """Gradients of k1, k2, v1, v2 (their dtypes) from the gradients of :func:`poly_totals`' two outputs
+    (:func:`_totals_bwd_kernel`, once per stream; nothing of size rows x features is formed)."""
+    k1, k2, v1, v2 = (x.contiguous() for x in (k1, k2, v1, v2))
+    cfg = _Cfg(k1, k1, v1, int(TUNE["F"]), SEG_BYTES)
+    R = int(TUNE["R_PROJ"])
+    out = []
+    for s, (k, v) in enumerate(((k1, v1), (k2, v2))):
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        _totals_bwd_kernel[(-(-cfg.T // R), cfg.B * cfg.HK)](
+            k, v, gst[:, s].float().contiguous(), gsd[:, s].float().contiguous(), dk, dv, cfg.ia, cfg.ib, cfg.T,
+            cfg.HK, cfg.KP, cfg.NKB, D=cfg.D, DV=cfg.DV, DVP=cfg.DVP, R=R, BK=BK, DT=cfg.DT, PREC=cfg.PREC,
+            num_warps=TUNE["WARPS_PROJ"])
+        out.append((dk, dv))
+    (dk1, dv1), (dk2, dv2) = out
+    return dk1, dk2, dv1, dv2
 
 
 def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: bool = True, prefix=None,

@@ -316,6 +316,45 @@ def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, H
 
 
 @triton.jit
+def _totals_bwd_kernel(k_ptr, v_ptr, gs_ptr, gd_ptr, dk_ptr, dv_ptr, ia_ptr, ib_ptr, T, HK, KP, NKB,
+                       D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
+                       DT: tl.constexpr, PREC: tl.constexpr):
+    """Gradient of one stream's totals ``S = Σ_j U[j] ⊗ v[j]``, ``z = Σ_j U[j]`` over all rows of
+    ``k, v [B, T, HK, *]`` (``U``: the degree-2 features of k), given ``gS [B * HK, KP, DVP]`` and ``gz [B * HK,
+    KP]``, for ``R`` rows of one kv head: ``dv[j] = Σ_m U[j, m] gS[m]`` and ``dU[j, m] = <v[j], gS[m]> + gz[m]``
+    taken through the monomials to dk (one-hot products, as :func:`_proj_kernel`); written in k's and v's dtypes.
+    Nothing per (row, feature) is stored."""
+    rb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // HK
+    hk = bh % HK
+    rows = rb * R + tl.arange(0, R).to(tl.int64)  # int64: T * H * D may pass 2^31
+    rmask = rows < T
+    dk = tl.arange(0, D)
+    cols = tl.arange(0, DVP)
+    xt = _tile(k_ptr + b * T * HK * D + hk * D, rows, rmask, HK * D, D)
+    v = _rows(v_ptr + b * T * HK * DV + hk * DV, rows, rmask, HK * DV, cols, DV)  # [R, DVP] float32
+    accx = tl.zeros((R, D), tl.float32)
+    accv = tl.zeros((R, DVP), tl.float32)
+    for kb in range(NKB):
+        m = kb * BK + tl.arange(0, BK)
+        ia = tl.load(ia_ptr + m)
+        ib = tl.load(ib_ptr + m)
+        ya, yb = _gather(xt, ia, ib, D, 1.0)
+        gs = tl.load(gs_ptr + (bh * KP + m)[:, None] * DVP + cols[None, :])  # [BK, DVP]
+        du = _mm(v, tl.trans(gs), DT, PREC) + tl.load(gd_ptr + bh * KP + m)[None, :]  # [R, BK]
+        accv = tl.dot((ya * yb).to(DT), gs.to(DT), accv, input_precision=PREC)
+        ea = (ia[:, None] == dk[None, :]).to(tl.float32)
+        eb = (ib[:, None] == dk[None, :]).to(tl.float32)
+        accx = tl.dot(du * yb, ea, accx, input_precision="ieee")
+        accx = tl.dot(du * ya, eb, accx, input_precision="ieee")
+    tl.store(dk_ptr + (b * T + rows)[:, None] * HK * D + hk * D + dk[None, :], accx.to(dk_ptr.dtype.element_ty),
+             mask=rmask[:, None])
+    tl.store(dv_ptr + (b * T + rows)[:, None] * HK * DV + hk * DV + cols[None, :], accv.to(dv_ptr.dtype.element_ty),
+             mask=rmask[:, None] & (cols[None, :] < DV))
+
+
+@triton.jit
 def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_ptr, st_ptr, sd_ptr, rs_ptr, rd_ptr,
                 du1_ptr, du2_ptr, du3_ptr, gv_ptr, GV2, ct_ptr, T, t0, c0, NFT, NS1, HQ, GROUPS, KP,
                 DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr,
