@@ -1,8 +1,12 @@
 """The CPU-runnable benchmark scripts run end to end at tiny sizes and write their reports (no timing asserted)."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,3 +229,73 @@ def test_bench_decode_writes_rows_and_the_fast_cache_stays_flat(tmp_path):
     assert by[("window-tensor", 48)]["cache_mib"] == by[("window-tensor", 16)]["cache_mib"]  # the last w only
     assert by[("fast-tensor", 48)]["cache_mib"] == by[("fast-tensor", 16)]["cache_mib"]  # a fixed-size state
     assert "device" in (tmp_path / "bench_decode.md").read_text()
+
+
+_FBGEMM_STUB = '''
+import torch
+from tensorattn import naive_tensor_attn
+
+SCALE = {scale}
+
+
+def triton_fwd(q, k1, k2, v1, v2, w1, w2):
+    o = naive_tensor_attn(q, k1, k2, v1, v2, causal=True, window=(w1, w2), scale=SCALE * q.shape[3] ** -0.5)
+    return o, torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+'''
+
+_FBGEMM_BWD_STUB = '''
+import torch
+from tensorattn import naive_tensor_attn
+
+
+def triton_bwd(q, k1, k2, v1, v2, o, dO, m, w1, w2):
+    assert k1.shape[2] == q.shape[2], "the peer's backward takes k, v with the query heads"
+    xs = [x.detach().float().requires_grad_() for x in (q, k1, k2, v1, v2)]
+    out = naive_tensor_attn(*xs, causal=True, window=(w1, w2))
+    return torch.autograd.grad(out, xs, dO.float())
+'''
+
+
+def test_fbgemm_peer_adapter(tmp_path):
+    """The optional FBGEMM row: a missing folder is a FileNotFoundError naming the file; with stand-ins of the
+    peer's two entry points (the naive reference in its calling convention) the row carries the times from
+    ``measure`` and errors against tensorattn's results near zero, a stand-in with another scale shows a large
+    error, and the backward is skipped with a note unless w2 == 32 (the peer asserts it)."""
+    from tensorattn import naive_tensor_attn
+    from tensorattn.bench import fbgemm
+
+    with pytest.raises(FileNotFoundError, match="fwd.py"):
+        fbgemm.load(str(tmp_path / "none"))
+    g = torch.Generator().manual_seed(0)
+    B, T, Hq, D = 1, 12, 4, 8
+    xs = [torch.randn(B, T, Hq if i == 0 else 1, D, generator=g).to(torch.bfloat16) for i in range(5)]
+    do = torch.randn(B, T, Hq, D, generator=g).to(torch.bfloat16)
+    measure = lambda f, b, fb: dict(fwd_ms=1.0, bwd_ms=2.0 if b else float("nan"), fwdbwd_ms=3.0, peak_gib=0.1)
+
+    def ours(window):
+        a = [x.float().requires_grad_() for x in xs]
+        o = naive_tensor_attn(*a, causal=True, window=window)
+        return o, torch.autograd.grad(o, a, do.float())
+
+    for scale, window in ((1.0, (4, 32)), (3.0, (4, 32)), (1.0, (32, 4))):
+        d = tmp_path / f"s{scale}-{window[1]}"
+        d.mkdir()
+        (d / "fwd.py").write_text(_FBGEMM_STUB.format(scale=scale))
+        (d / "bwd.py").write_text(_FBGEMM_BWD_STUB)
+        o, grads = ours(window)
+        row = fbgemm.peer_row({}, xs, do, window, o, grads, measure, str(d))
+        assert row["fwd_ms"] == 1.0
+        if scale == 1.0:
+            assert row["err_o"] < 1e-2
+        else:
+            assert row["err_o"] > 0.1
+        if window[1] == 32:
+            assert row["bwd_ms"] == 2.0 and row["fwdbwd_ms"] == 3.0 and "expanded" in row["note"]
+            assert scale != 1.0 or row["err_grads"] < 2e-2
+        else:
+            assert math.isnan(row["bwd_ms"]) and math.isnan(row["fwdbwd_ms"]) and "w2 == 32" in row["note"]
+    with pytest.raises(RuntimeError, match="one kv head"):
+        fbgemm.peer_row({}, [xs[0]] + [x.expand(-1, -1, 2, -1) for x in xs[1:]], do, (4, 32), o, grads, measure,
+                        str(d))
+    with pytest.raises(RuntimeError, match="bf16 only"):
+        fbgemm.peer_row({}, [x.float() for x in xs], do, (4, 32), o, grads, measure, str(d))
