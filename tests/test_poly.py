@@ -157,10 +157,17 @@ def test_auto_backend_on_cpu_falls_back_to_torch(gen, monkeypatch):
 
 def test_triton_backend_states_its_limits(gen):
     xs = _inputs(gen, 1, 5, 1, 1, 2, 2)
-    with pytest.raises(ValueError, match="degree 2 only"):
-        poly_tensor_attn(*xs, degree=4, causal=True, backend="triton")
+    with pytest.raises(ValueError, match="degrees 2 and 4"):
+        poly_tensor_attn(*xs, degree=6, causal=True, backend="triton")
     with pytest.raises(ValueError, match="causal only"):
         poly_tensor_attn(*xs, causal=False, backend="triton")
+    from tensorattn.poly.op import BACKENDS
+
+    p = dict(device=torch.device("cuda"), dtype=torch.bfloat16, causal=True, value_dim=64)
+    be = BACKENDS["triton"]
+    assert not [r for r in be.not_supported_reasons(degree=4, head_dim=16, **p) if "degree" in r]
+    assert any("needs Dk = 16" in r for r in be.not_supported_reasons(degree=4, head_dim=32, **p))
+    assert any("degree 2 only" in r for r in be.not_supported_reasons(degree=4, head_dim=16, from_prefix=True, **p))
 
 
 @pytest.mark.parametrize("degree,err,match", [(3, ValueError, "even"), (1, ValueError, "even"), (0, ValueError, "even"),

@@ -21,10 +21,10 @@ def _order(D: int, device) -> torch.Tensor:
     if key not in _ORDERS:
         from ..triton import poly as tp
 
-        ia, ib, _ = tp._tables(D, "cpu")
+        ix, _ = tp._tables(D, "cpu", 2)
         x = torch.randn(64, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 2.0
         xe = torch.cat([x, torch.ones(64, 1, dtype=torch.float64)], 1)
-        fused = xe[:, ia.long()] * xe[:, ib.long()]  # [64, KP]
+        fused = xe[:, ix[0].long()] * xe[:, ix[1].long()]  # [64, KP]
         ref = _Feat(D, 2, 1.0, torch.float64, "cpu").k(x)  # [64, k]
         close = (ref.T[:, None, :] - fused.T[None, :, :]).abs().amax(-1) <= 1e-12 * ref.abs().amax()  # [k, KP]
         if not bool((close.sum(1) >= 1).all()):

@@ -97,17 +97,22 @@ class _TorchBackend(Backend):
 
 
 class _TritonBackend(Backend):
-    """The fused Triton kernels (:mod:`tensorattn.triton.poly`): causal, degree 2. ``plan``: ``[F, segment
-    bytes]`` (the state-chunk length and the segments' memory budget at the forward)."""
+    """The fused Triton kernels (:mod:`tensorattn.triton.poly`): causal, degree 2 (degree 4 at Dk = 16). ``plan``:
+    ``[F, segment bytes]`` (the state-chunk length and the segments' memory budget at the forward)."""
 
     name = "triton"
 
-    def not_supported_reasons(self, *, device, dtype, degree, causal, head_dim, value_dim, **_) -> List[str]:
+    def not_supported_reasons(self, *, device, dtype, degree, causal, head_dim, value_dim, from_prefix=False,
+                              **_) -> List[str]:
         r = triton_device_reasons(device, dtype)  # with the interpreter's float32-only rule
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             r.append(f"dtype {dtype} is not supported (float16, bfloat16, float32)")
-        if degree != 2:
-            r.append(f"the fused kernels implement degree 2 only, got degree {degree}")
+        if degree not in (2, 4):
+            r.append(f"the fused kernels implement degrees 2 and 4, got degree {degree}")
+        elif degree == 4 and head_dim != 16:
+            r.append(f"degree 4 on the fused kernels needs Dk = 16 (rank C(20, 4) = 4845), got Dk = {head_dim}")
+        elif degree != 2 and from_prefix:
+            r.append(f"context parallelism's fused path (a prefix state) is degree 2 only, got degree {degree}")
         if not causal:
             r.append("the fused kernels are causal only (the non-causal op is two matrix products: torch backend)")
         if head_dim > 64 or head_dim < 16 or head_dim & (head_dim - 1):
@@ -130,15 +135,17 @@ class _TritonBackend(Backend):
     def fwd(self, q, k1, k2, v1, v2, *, degree, causal, scale, plan, save, chunks=None):
         """saved = (the normaliser, then two states per backward segment when ``save``). ``chunks``: packed
         documents' chunk table (:func:`tensorattn.triton.poly.chunk_table`)."""
-        return self._mod().poly_fwd_saved(q, k1, k2, v1, v2, scale, plan[0], plan[1], save=save, chunks=chunks)
+        return self._mod().poly_fwd_saved(q, k1, k2, v1, v2, scale, plan[0], plan[1], save=save, chunks=chunks,
+                                          degree=degree)
 
     def fake_fwd(self, q, k1, k2, v1, v2, *, degree, causal, plan, save, chunks=None):
         tp = self._mod()
         B, T, HQ, D = q.shape
         HK, DV = k1.shape[2], v1.shape[3]
-        KP, DVP = tp.padded_dims(int(D), int(DV))
+        KP, DVP = tp.padded_dims(int(D), int(DV), degree)
         NF = None if chunks is None else int(chunks.shape[1])
-        n = len(tp._saved_ranges(int(B), int(T), int(HQ), int(HK), int(D), int(DV), plan[0], plan[1], NF)) if save else 0
+        n = len(tp._saved_ranges(int(B), int(T), int(HQ), int(HK), int(D), int(DV), plan[0], plan[1], NF,
+                                 degree)) if save else 0
         f32 = dict(dtype=torch.float32)
         states = [t for _ in range(n) for t in (q.new_empty(B * HK, 2, KP, DVP, **f32), q.new_empty(B * HK, 2, KP, **f32))]
         return q.new_empty(B, T, HQ, DV), [q.new_empty(B, T, HQ, **f32)] + states
@@ -148,7 +155,8 @@ class _TritonBackend(Backend):
         return self._mod().chunk_table(cu_seqlens, T, plan[0])
 
     def bwd(self, do, q, k1, k2, v1, v2, o, saved, *, degree, causal, scale, plan, chunks=None):
-        return self._mod().poly_bwd_saved(do, q, k1, k2, v1, v2, o, saved, scale, plan[0], plan[1], chunks=chunks)
+        return self._mod().poly_bwd_saved(do, q, k1, k2, v1, v2, o, saved, scale, plan[0], plan[1], chunks=chunks,
+                                          degree=degree)
 
 
 def _no_chunks(backend: Backend, chunks) -> None:

@@ -1,8 +1,10 @@
-"""Chunk-parallel Triton kernels for causal polynomial tensor attention (degree 2), forward and backward: the design,
-the tunables and the launchers (the ``@triton.jit`` code itself is in :mod:`tensorattn.triton.poly_kernels`).
+"""Chunk-parallel Triton kernels for causal polynomial tensor attention (degree 2, and degree 4 at Dk = 16), forward
+and backward: the design, the tunables and the launchers (the ``@triton.jit`` code itself is in
+:mod:`tensorattn.triton.poly_kernels`).
 
 Math (see :mod:`tensorattn.poly` for the op): with features ``U1 = φ(scale q) / β!``, ``U2 = φ(k1)``,
-``U3 = φ(k2)`` (exact degree-2 monomials, rank ``k = C(Dk + 2, 2)``), the causal numerator of query ``i`` is
+``U3 = φ(k2)`` (exact monomials of degree <= g, rank ``k = C(Dk + g, g)``; each a product of g factors from the
+index table of :func:`_tables`, the constant 1 among them), the causal numerator of query ``i`` is
 ``num_i = U1[i] · (L2_i ∘ L3_i)`` with prefix states ``L2_i = Σ_{j <= i} U2[j] ⊗ v1[j]`` (likewise ``L3``),
 and the normaliser ``den_i = U1[i] · (l2_i ∘ l3_i)`` with ``l2_i = Σ_{j <= i} U2[j]`` (vectors).
 
@@ -132,36 +134,40 @@ def chunk_table(cu_seqlens: torch.Tensor, T: int, F: int) -> torch.Tensor:
                         torch.where(pad, nd + c, doc)]).to(torch.int32).contiguous()
 
 
-def _tables(D: int, device):
-    """index_a, index_b (coordinate D = the constant 1) and query weights 1/β! of the degree-2 monomials,
-    padded to the kernels' feature count (:func:`padded_dims`; padded features: query weight 0, finite key
-    features, so they add nothing)."""
-    key = (D, str(device))
+def _tables(D: int, device, degree: int = 2):
+    """The index table ``ix`` int32 ``[degree, KP]`` (row t: the coordinate of each monomial's t-th factor, D for
+    the constant 1) and the query weights ``1/β!`` of the monomials of degree <= ``degree``, padded to the
+    kernels' feature count (:func:`padded_dims`; padded features: query weight 0, finite key features, so they
+    add nothing)."""
+    key = (D, str(device), degree)
     if key not in _TABLES:
-        beta = multi_indices(D, 2)  # [K, D]
+        beta = multi_indices(D, degree)  # [K, D]
         K = beta.shape[0]
-        KP = padded_dims(D, 1)[0]
-        ia = torch.full((KP,), D, dtype=torch.int32)
-        ib = torch.full((KP,), D, dtype=torch.int32)
+        KP = padded_dims(D, 1, degree)[0]
+        ix = torch.full((degree, KP), D, dtype=torch.int32)
         wq = torch.zeros(KP, dtype=torch.float32)
         for m in range(K):
             idx = [d for d in range(D) for _ in range(int(beta[m, d]))]
-            idx += [D] * (2 - len(idx))
-            ia[m], ib[m] = idx[0], idx[1]
+            ix[:len(idx), m] = torch.tensor(idx, dtype=torch.int32)
             wq[m] = 1.0 / math.prod(math.factorial(int(x)) for x in beta[m].tolist())
-        _TABLES[key] = (ia.to(device), ib.to(device), wq.to(device))
+        _TABLES[key] = (ix.to(device), wq.to(device))
     return _TABLES[key]
 
 
 class _Cfg:
     """Shapes, block sizes and product precision of one call."""
 
-    def __init__(self, q, k1, v1, F: int, seg_bytes: int, chunks: Optional[torch.Tensor] = None):
+    def __init__(self, q, k1, v1, F: int, seg_bytes: int, chunks: Optional[torch.Tensor] = None, degree: int = 2):
         self.B, self.T, self.HQ, self.D = q.shape
         self.HK, self.DV = k1.shape[2], v1.shape[3]
         self.G = self.HQ // self.HK
-        self.ia, self.ib, self.wq = _tables(self.D, q.device)
-        self.KP, self.DVP = padded_dims(self.D, self.DV)
+        if degree not in (2, 4):
+            raise ValueError(f"poly_tensor_attn (triton): degree must be 2 or 4, got {degree}")
+        self.degree = degree
+        # the kernels take the index table's rows 0 and 1 (and, at degree 4, read rows 2 and 3 after them)
+        self.ix, self.wq = _tables(self.D, q.device, degree)
+        self.ia, self.ib = self.ix[0], self.ix[1]
+        self.KP, self.DVP = padded_dims(self.D, self.DV, degree)
         self.NKB = self.KP // BK
         self.F, self.seg_bytes = int(F), int(seg_bytes)
         if self.F % C or self.F < C or self.F & (self.F - 1):
@@ -192,7 +198,7 @@ class _Cfg:
         else:  # bf16 operands for bf16 and fp16 inputs: the states outgrow fp16's range
             self.DT, self.PREC = tl.bfloat16, "ieee"
         self.kw = dict(D=self.D, DV=self.DV, DVP=self.DVP, F=self.F, BK=BK, DT=self.DT, PREC=self.PREC,
-                       VARLEN=self.varlen)
+                       VARLEN=self.varlen, DEG=degree)
         self.walk = []  # (feature blocks, kernel keywords) of the walk's passes 1 and 2
         for key, warps, extra in (("BK_BWD1", "WARPS_BWD1", {}),
                                   ("BK_BWD", "WARPS_BWD", {"maxnreg": TUNE["MAXNREG_BWD"]})):
@@ -219,10 +225,10 @@ class _Cfg:
                            self.seg_bytes)
 
 
-def padded_dims(D: int, DV: int):
-    """``(KP, DVP)``: the kernels' feature count (the degree-2 rank ``C(D + 2, 2)`` padded to a multiple of BK) and
+def padded_dims(D: int, DV: int, degree: int = 2):
+    """``(KP, DVP)``: the kernels' feature count (the rank ``C(D + degree, degree)`` padded to a multiple of BK) and
     value width (``Dv`` padded to a power of two >= 16); the layout of their state buffers."""
-    return -(-math.comb(D + 2, 2) // BK) * BK, max(16, triton.next_power_of_2(DV))
+    return -(-math.comb(D + degree, degree) // BK) * BK, max(16, triton.next_power_of_2(DV))
 
 
 def _seg_chunks(B: int, HQ: int, HK: int, KP: int, DVP: int, DV: int, F: int, NF: int, backward: bool,
@@ -238,11 +244,11 @@ def _seg_chunks(B: int, HQ: int, HK: int, KP: int, DVP: int, DV: int, F: int, NF
 
 
 def _saved_ranges(B: int, T: int, HQ: int, HK: int, D: int, DV: int, F: int, seg_bytes: int,
-                  NF: Optional[int] = None) -> list:
+                  NF: Optional[int] = None, degree: int = 2) -> list:
     """``(first chunk, chunks)`` of each backward segment, the forward's segments cut to the backward's length
     (pure ints: the fake implementation of the forward op sizes its outputs with it). ``NF``: the chunks (default
     ``ceil(T / F)``; packed documents: their chunk table's)."""
-    KP, DVP = padded_dims(D, DV)
+    KP, DVP = padded_dims(D, DV, degree)
     NF = -(-T // F) if NF is None else NF
     seg = _seg_chunks(B, HQ, HK, KP, DVP, DV, F, NF, False, seg_bytes)
     segb = _seg_chunks(B, HQ, HK, KP, DVP, DV, F, NF, True, seg_bytes)
@@ -307,14 +313,15 @@ def poly_totals_bwd(k1, k2, v1, v2, gst, gsd):
 
 
 def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: bool = True, prefix=None,
-             chunks: Optional[torch.Tensor] = None):
+             chunks: Optional[torch.Tensor] = None, degree: int = 2):
     """Forward: ``o`` ``[B, T, Hq, Dv]`` in q's dtype, the normaliser ``den`` float32 ``[B, T, Hq]``, and (when
     ``save``) the state at each segment's start with the segment's chunk range, for the backward. ``F``: the state
     chunk length (:data:`TUNE`), ``seg_bytes``: the segments' budget (:data:`SEG_BYTES`). ``prefix``: ``(states
     [B * Hkv, 2, KP, DVP], vector sums [B * Hkv, 2, KP])`` float32 before the first position (default zero; context
     parallelism passes the earlier ranks' sums), in this module's feature order. ``chunks``: packed documents'
-    chunk table (:func:`chunk_table`; batch 1): the states restart at every document, inside the kernels."""
-    cfg = _Cfg(q, k1, v1, F, seg_bytes, chunks)
+    chunk table (:func:`chunk_table`; batch 1): the states restart at every document, inside the kernels.
+    ``degree``: 2 or 4 (the polynomial of exp; degree 4 has rank ``C(Dk + 4, 4)``)."""
+    cfg = _Cfg(q, k1, v1, F, seg_bytes, chunks, degree)
     dev = q.device
     o = torch.empty(cfg.B, cfg.T, cfg.HQ, cfg.DV, dtype=q.dtype, device=dev)
     den = torch.empty(cfg.B, cfg.T, cfg.HQ, dtype=torch.float32, device=dev)
@@ -347,39 +354,39 @@ def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: b
 
 
 def poly_fwd_saved(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: bool = True, prefix=None,
-                   chunks: Optional[torch.Tensor] = None):
+                   chunks: Optional[torch.Tensor] = None, degree: int = 2):
     """:func:`poly_fwd` on contiguous inputs with what the backward needs as one flat list: ``(o, [den, then the
     two states of each backward segment (when save)])``, the form :func:`poly_bwd_saved` takes back."""
     o, den, states = poly_fwd(*(x.contiguous() for x in (q, k1, k2, v1, v2)), scale, F, seg_bytes, save=save,
-                              prefix=prefix, chunks=chunks)
+                              prefix=prefix, chunks=chunks, degree=degree)
     return o, [den] + [t for _, _, p, pd in states for t in (p, pd)]
 
 
 def poly_bwd_saved(do, q, k1, k2, v1, v2, o, saved, scale: float, F: int, seg_bytes: int, *,
-                   prefix_grad: bool = False, chunks: Optional[torch.Tensor] = None):
+                   prefix_grad: bool = False, chunks: Optional[torch.Tensor] = None, degree: int = 2):
     """:func:`poly_bwd` from :func:`poly_fwd_saved`'s list and output ``o`` (the segment ranges follow from the
     shapes and the forward's ``F``, ``seg_bytes``; ``<dO, o>`` is computed here)."""
     q, k1, k2, v1, v2, do = (x.contiguous() for x in (q, k1, k2, v1, v2, do))
     den, states = saved[0], saved[1:]
     B, T, HQ, D = q.shape
     ranges = _saved_ranges(B, T, HQ, k1.shape[2], D, v1.shape[3], F, seg_bytes,
-                           None if chunks is None else chunks.shape[1])
+                           None if chunks is None else chunks.shape[1], degree)
     if len(states) != 2 * len(ranges):
         raise ValueError(f"poly_tensor_attn (triton): {len(states)} saved states for {len(ranges)} backward "
                          f"segments (expected {2 * len(ranges)})")
     segs = [(c0, nf, states[2 * i], states[2 * i + 1]) for i, (c0, nf) in enumerate(ranges)]
     delta = (do.float() * o.float()).sum(-1).contiguous()  # <dO, o> per row: [B, T, Hq]
     return poly_bwd(q, k1, k2, v1, v2, do, den, delta, segs, scale, F, seg_bytes, prefix_grad=prefix_grad,
-                    chunks=chunks)
+                    chunks=chunks, degree=degree)
 
 
 def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg_bytes: int, *,
-             prefix_grad: bool = False, chunks: Optional[torch.Tensor] = None):
+             prefix_grad: bool = False, chunks: Optional[torch.Tensor] = None, degree: int = 2):
     """Backward: gradients of q, k1, k2, v1, v2 in their dtypes (k/v gradients summed over GQA groups); with
     ``prefix_grad`` also the gradient of the states before the first position (``prefix`` of :func:`poly_fwd`),
     ``([B * Hkv, 2, KP, DVP], [B * Hkv, 2, KP])`` float32: the suffix sums of the state gradients over the
-    whole sequence, summed over each kv head's query heads. ``chunks``: as for :func:`poly_fwd`."""
-    cfg = _Cfg(q, k1, v1, F, seg_bytes, chunks)
+    whole sequence, summed over each kv head's query heads. ``chunks``, ``degree``: as for :func:`poly_fwd`."""
+    cfg = _Cfg(q, k1, v1, F, seg_bytes, chunks, degree)
     dev = q.device
     B, T, HQ, HK, D, DV, F, KP = cfg.B, cfg.T, cfg.HQ, cfg.HK, cfg.D, cfg.DV, cfg.F, cfg.KP
     dq = torch.empty_like(q)
@@ -403,7 +410,7 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg
         for x, h, qw, sc in ((q, HQ, 1, scale), (k1, HK, 0, 1.0), (k2, HK, 0, 1.0)):
             u = torch.empty(B, TS, h, KP, **f32)
             _feat_kernel[(-(-TS // RF), B * h, cfg.NKB)](x, u, cfg.ia, cfg.ib, cfg.wq, T, t0, r1, TS, h, KP, sc, D=D,
-                                                         R=RF, BK=BK, QW=qw, num_warps=TUNE["WARPS_FEAT"])
+                                                         R=RF, BK=BK, QW=qw, DEG=degree, num_warps=TUNE["WARPS_FEAT"])
             feats.append(u)
         rs = torch.empty(B * HQ, nf + 1, 2, KP, cfg.DVP, **f32)
         rd = torch.empty(B * HQ, nf + 1, 2, KP, **f32)
@@ -425,7 +432,8 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg
         for x, du, dx, h, g, qw, sc in ((q, dus[0], dq, HQ, 1, 1, scale), (k1, dus[1], dk1, HK, cfg.G, 0, 1.0),
                                         (k2, dus[2], dk2, HK, cfg.G, 0, 1.0)):
             _proj_kernel[(-(-TS // RP), B * h)](x, du, dx, cfg.ia, cfg.ib, cfg.wq, T, t0, r1, TS, h, HQ, g, KP,
-                                               cfg.NKB, sc, D=D, R=RP, BK=BK, QW=qw, num_warps=TUNE["WARPS_PROJ"])
+                                               cfg.NKB, sc, D=D, R=RP, BK=BK, QW=qw, DEG=degree,
+                                               num_warps=TUNE["WARPS_PROJ"])
         del dus
         n = r1 - t0
         for dst, src in ((dv1, gv[0]), (dv2, gv[1])):

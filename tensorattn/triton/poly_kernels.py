@@ -22,22 +22,32 @@ def _tile(x_ptr, rows, rmask, stride, D: tl.constexpr):
 
 
 @triton.jit
-def _gather(xt, ia, ib, D: tl.constexpr, scale):
-    """Monomial factors ``ya = scale x[:, ia]`` (1 where ``ia == D``, the constant), likewise ``yb``, of a row
-    tile ``xt [R, D]``, float32: products with one-hot matrices, which are exact (one nonzero term per entry;
-    float32 tiles in ieee float32). Element-wise gathers were bound by the L1's request rate (Nsight Compute:
-    L1 89-93 % busy, DRAM 6-16 %, in every kernel that gathered)."""
+def _factor(xt, ix, D: tl.constexpr, scale):
+    """One monomial factor ``scale x[:, ix]`` (1 where ``ix == D``, the constant) of a row tile ``xt [R, D]``,
+    float32: a product with a one-hot matrix, which is exact (one nonzero term per entry; float32 tiles in ieee
+    float32). Element-wise gathers were bound by the L1's request rate (Nsight Compute: L1 89-93 % busy, DRAM
+    6-16 %, in every kernel that gathered)."""
     dk = tl.arange(0, D)
-    ya = tl.dot(xt, (dk[:, None] == ia[None, :]).to(xt.dtype), input_precision="ieee")
-    yb = tl.dot(xt, (dk[:, None] == ib[None, :]).to(xt.dtype), input_precision="ieee")
-    return tl.where(ia[None, :] < D, ya * scale, 1.0), tl.where(ib[None, :] < D, yb * scale, 1.0)
+    y = tl.dot(xt, (dk[:, None] == ix[None, :]).to(xt.dtype), input_precision="ieee")
+    return tl.where(ix[None, :] < D, y * scale, 1.0)
 
 
 @triton.jit
-def _feature(xt, rmask, ia, ib, D: tl.constexpr, scale):
-    """Degree-2 monomial features ``ya * yb`` ``[R, BK]`` of a row tile (zero outside the rows)."""
+def _gather(xt, ia, ib, D: tl.constexpr, scale):
+    """The first two monomial factors ``ya``, ``yb`` (:func:`_factor`) of a row tile."""
+    return _factor(xt, ia, D, scale), _factor(xt, ib, D, scale)
+
+
+@triton.jit
+def _feature(xt, rmask, ia, ib, ix_ptr, m, KP, D: tl.constexpr, scale, DEG: tl.constexpr):
+    """Monomial features ``[R, BK]`` of a row tile for features ``m`` (zero outside the rows): ``ya * yb`` at
+    degree 2; at degree 4 times the factors of rows 2 and 3 of the index table ``ix [4, KP]`` (``ix_ptr``)."""
     ya, yb = _gather(xt, ia, ib, D, scale)
-    return tl.where(rmask[:, None], ya * yb, 0.0)
+    u = ya * yb
+    if DEG == 4:
+        u = u * _factor(xt, tl.load(ix_ptr + 2 * KP + m), D, scale) * _factor(xt, tl.load(ix_ptr + 3 * KP + m), D,
+                                                                             scale)
+    return tl.where(rmask[:, None], u, 0.0)
 
 
 @triton.jit
@@ -84,10 +94,11 @@ def _pairs(a, b, C: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _sub_feats(qt, k1t, k2t, rmask, ia, ib, wq, D: tl.constexpr, scale):
+def _sub_feats(qt, k1t, k2t, rmask, ia, ib, ix_ptr, m, KP, wq, D: tl.constexpr, scale, DEG: tl.constexpr):
     """One sub-chunk's features in one feature block: ``U1``, ``U2``, ``U3`` ``[C, BK]`` (zero past T)."""
-    return (_feature(qt, rmask, ia, ib, D, scale) * wq[None, :], _feature(k1t, rmask, ia, ib, D, 1.0),
-            _feature(k2t, rmask, ia, ib, D, 1.0))
+    return (_feature(qt, rmask, ia, ib, ix_ptr, m, KP, D, scale, DEG) * wq[None, :],
+            _feature(k1t, rmask, ia, ib, ix_ptr, m, KP, D, 1.0, DEG),
+            _feature(k2t, rmask, ia, ib, ix_ptr, m, KP, D, 1.0, DEG))
 
 
 @triton.jit
@@ -121,13 +132,17 @@ def _bases(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, n, bh, HQ, GRO
 
 @triton.jit
 def _ww_fwd(qt, k1t, k2t, v1c, v2c, scale, m3, D: tl.constexpr, C: tl.constexpr, EB: tl.constexpr,
-            DT: tl.constexpr, PREC: tl.constexpr):
-    """(inside, inside): ``Σ_{j1, j2 <= i} P(z) v1[j1] ∘ v2[j2]`` of one sub-chunk, ``[C, EB]``."""
+            DT: tl.constexpr, PREC: tl.constexpr, DEG: tl.constexpr):
+    """(inside, inside): ``Σ_{j1, j2 <= i} P(z) v1[j1] ∘ v2[j2]`` of one sub-chunk, ``[C, EB]`` (P: the Taylor
+    polynomial of exp of degree DEG, 2 or 4)."""
     qc = qt.to(tl.float32) * scale
     k1c = k1t.to(tl.float32)
     k2c = k2t.to(tl.float32)
     z = _mm(_pairs(qc, k1c, C, D), tl.trans(k2c), DT, PREC)  # [(i, j1), j2]
-    p = tl.where(m3, 1.0 + z + 0.5 * z * z, 0.0)
+    if DEG == 2:
+        p = tl.where(m3, 1.0 + z + 0.5 * z * z, 0.0)
+    else:
+        p = tl.where(m3, 1.0 + z * (1.0 + z * (0.5 + z * (1.0 / 6.0 + z * (1.0 / 24.0)))), 0.0)
     pv2 = tl.reshape(_mm(p, v2c, DT, PREC), (C, C, EB))
     return tl.sum(pv2 * v1c[None, :, :], axis=1)
 
@@ -138,7 +153,7 @@ def _ww_fwd(qt, k1t, k2t, v1c, v2c, scale, m3, D: tl.constexpr, C: tl.constexpr,
 @triton.jit
 def _state_kernel(k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, ia_ptr, ib_ptr, ct_ptr, T, t0, c0, NFT, NS1, HK, KP,
                   D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, BK: tl.constexpr,
-                  DT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
+                  DT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr, DEG: tl.constexpr):
     """Chunk n's contributions ``U2_n^T v1_n``, ``U3_n^T v2_n`` and ``Σ U2_n``, ``Σ U3_n`` -> slot n + 1 (rows of
     the chunk: :func:`_chunk_rows`)."""
     n = tl.program_id(0)
@@ -160,15 +175,15 @@ def _state_kernel(k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, ia_ptr, ib_ptr
     kb_off = b * T * sk + hk * D
     vb_off = b * T * sv + hk * DV
     _state_one(k1_ptr + kb_off, v1_ptr + vb_off, st_ptr + slot * KP * DVP + soff, sd_ptr + slot * KP + m, rows, rmask,
-               sk, sv, ia, ib, cols, D, DV, DT, PREC)
+               sk, sv, ia, ib, ia_ptr, m, KP, cols, D, DV, DT, PREC, DEG)
     _state_one(k2_ptr + kb_off, v2_ptr + vb_off, st_ptr + (slot + 1) * KP * DVP + soff, sd_ptr + (slot + 1) * KP + m,
-               rows, rmask, sk, sv, ia, ib, cols, D, DV, DT, PREC)
+               rows, rmask, sk, sv, ia, ib, ia_ptr, m, KP, cols, D, DV, DT, PREC, DEG)
 
 
 @triton.jit
-def _state_one(kp, vp, st_out, sd_out, rows, rmask, sk, sv, ia, ib, cols, D: tl.constexpr, DV: tl.constexpr,
-               DT: tl.constexpr, PREC: tl.constexpr):
-    u = _feature(_tile(kp, rows, rmask, sk, D), rmask, ia, ib, D, 1.0)
+def _state_one(kp, vp, st_out, sd_out, rows, rmask, sk, sv, ia, ib, ix_ptr, m, KP, cols, D: tl.constexpr,
+               DV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, DEG: tl.constexpr):
+    u = _feature(_tile(kp, rows, rmask, sk, D), rmask, ia, ib, ix_ptr, m, KP, D, 1.0, DEG)
     v = _rows(vp, rows, rmask, sv, cols, DV)
     tl.store(st_out, _mm(tl.trans(u), v, DT, PREC))
     tl.store(sd_out, tl.sum(u, axis=0))
@@ -178,7 +193,8 @@ def _state_one(kp, vp, st_out, sd_out, rows, rmask, sk, sv, ia, ib, cols, D: tl.
 def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o_ptr, den_ptr, ia_ptr, ib_ptr,
                 wq_ptr, ct_ptr, T, t0, c0, NFT, NS1, HQ, GROUPS, KP, NKB, scale,
                 D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
-                BK: tl.constexpr, EB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
+                BK: tl.constexpr, EB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
+                DEG: tl.constexpr):
     """Output rows of chunk n for one query head and value block: sub-chunks outside, feature blocks inside, so
     that the pair products of all feature blocks add up in the product accumulators before one reduction per
     sub-chunk. The running state of each feature block passes from one sub-chunk to the next through this
@@ -230,7 +246,7 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
                 a3 = tl.load(sck + BK * EB + se)
                 a2d = tl.load(scb + NKB * 2 * BK * EB + m)
                 a3d = tl.load(scb + NKB * 2 * BK * EB + KP + m)
-            u1, u2, u3 = _sub_feats(qt, k1t, k2t, rmask, ia, ib, wq, D, scale)
+            u1, u2, u3 = _sub_feats(qt, k1t, k2t, rmask, ia, ib, ia_ptr, m, KP, wq, D, scale, DEG)
             part += _mm(u1, a2 * a3, DT, PREC)  # (before, before)
             t2 = tl.dot(_pairs(u1, u3, C, BK).to(DT), a2.to(DT), t2, input_precision=PREC)
             t3 = tl.dot(_pairs(u1, u2, C, BK).to(DT), a3.to(DT), t3, input_precision=PREC)
@@ -245,7 +261,7 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
         tl.debug_barrier()  # this sub-chunk's state updates are visible to every thread of the program
         part += tl.sum(tl.reshape(t2, (C, C, EB)) * v2c[None, :, :] * m2[:, :, None], axis=1)  # (before, inside)
         part += tl.sum(tl.reshape(t3, (C, C, EB)) * v1c[None, :, :] * m2[:, :, None], axis=1)  # (inside, before)
-        part += _ww_fwd(qt, k1t, k2t, v1c, v2c, scale, m3, D, C, EB, DT, PREC)
+        part += _ww_fwd(qt, k1t, k2t, v1c, v2c, scale, m3, D, C, EB, DT, PREC, DEG)
         den = dpart + EPS
         tl.store(o_ptr + oo + rows[:, None] * so + cols[None, :],
                  (part / den[:, None]).to(o_ptr.dtype.element_ty), mask=rmask[:, None] & (cols[None, :] < DV))
@@ -258,7 +274,7 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _feat_kernel(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, H, KP, scale, D: tl.constexpr,
-                 R: tl.constexpr, BK: tl.constexpr, QW: tl.constexpr):
+                 R: tl.constexpr, BK: tl.constexpr, QW: tl.constexpr, DEG: tl.constexpr):
     """Features ``ya yb`` (times the query weights when ``QW``) of the segment's rows ``t0 + [0, TS)`` of
     ``x [B, T, H, D]`` -> ``u [B, TS, H, KP]`` float32, zero from row TE (the segment's end) on: one ``[R, BK]``
     block per program."""
@@ -272,7 +288,7 @@ def _feat_kernel(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, H, KP, sca
     rmask = (rows < TE) & (rl < TS)
     m = kb * BK + tl.arange(0, BK)
     u = _feature(_tile(x_ptr + b * T * H * D + h * D, rows, rmask, H * D, D), rmask, tl.load(ia_ptr + m),
-                 tl.load(ib_ptr + m), D, scale)
+                 tl.load(ib_ptr + m), ia_ptr, m, KP, D, scale, DEG)
     if QW:
         u = u * tl.load(wq_ptr + m)[None, :]
     tl.store(u_ptr + ((b * TS + rl)[:, None] * H + h) * KP + m[None, :], u, mask=(rl < TS)[:, None])
@@ -280,9 +296,10 @@ def _feat_kernel(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, H, KP, sca
 
 @triton.jit
 def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, HX, HQ, GROUPS, KP, NKB, scale,
-                 D: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, QW: tl.constexpr):
-    """Chain rule through the features: ``dx = Σ_m du[m] (yb[m] e_ia[m] + ya[m] e_ib[m])`` (times the query
-    weights and the scale when ``QW``) for ``R`` of the segment's rows ``t0 + [0, TS)`` before ``TE`` (the
+                 D: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, QW: tl.constexpr, DEG: tl.constexpr):
+    """Chain rule through the features: ``dx = Σ_m du[m] (yb[m] e_ia[m] + ya[m] e_ib[m])`` (degree 4: each of the
+    four factors' unit vector times the product of the other three; times the query weights and the scale when
+    ``QW``) for ``R`` of the segment's rows ``t0 + [0, TS)`` before ``TE`` (the
     segment's end) of one head ``hx`` of ``x [B, T, HX, D]``, the feature
     gradients ``du [B, TS, HQ, KP]`` summed over the ``GROUPS`` query heads of ``hx`` first; written into ``dx``
     (x's layout and dtype). One-hot products in float32 (``ieee``; tf32x3 measured slower)."""
@@ -309,8 +326,20 @@ def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, H
             du = du * (tl.load(wq_ptr + m) * scale)[None, :]
         ea = (ia[:, None] == dk[None, :]).to(tl.float32)
         eb = (ib[:, None] == dk[None, :]).to(tl.float32)
-        acc = tl.dot(du * yb, ea, acc, input_precision="ieee")
-        acc = tl.dot(du * ya, eb, acc, input_precision="ieee")
+        if DEG == 2:
+            acc = tl.dot(du * yb, ea, acc, input_precision="ieee")
+            acc = tl.dot(du * ya, eb, acc, input_precision="ieee")
+        else:  # degree 4: each factor's term carries the product of the other three
+            i3 = tl.load(ia_ptr + 2 * KP + m)
+            i4 = tl.load(ia_ptr + 3 * KP + m)
+            yc = _factor(xt, i3, D, scale)
+            yd = _factor(xt, i4, D, scale)
+            ab = ya * yb
+            cd = yc * yd
+            acc = tl.dot(du * yb * cd, ea, acc, input_precision="ieee")
+            acc = tl.dot(du * ya * cd, eb, acc, input_precision="ieee")
+            acc = tl.dot(du * ab * yd, (i3[:, None] == dk[None, :]).to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(du * ab * yc, (i4[:, None] == dk[None, :]).to(tl.float32), acc, input_precision="ieee")
     tl.store(dx_ptr + (b * T + rows)[:, None] * HX * D + hx * D + dk[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=rmask[:, None])
 
