@@ -6,7 +6,8 @@ A batch of documents of mixed lengths (``--lengths``: a fixed list, or ``--docs 
 log-uniformly with ``--seed``) is run two ways on the same data:
 
 * ``packed``: one row ``[1, total, H, D]`` with ``cu_seqlens`` (the exact op's fused kernels take the boundaries
-  in their masks, one launch; the polynomial op runs once per document);
+  in their masks, one launch; the polynomial op's fused kernels cut every document into its own state chunks,
+  one set of launches);
 * ``padded``: ``[n_docs, max_len, H, D]``, every document padded at its end to the longest (causal masks keep
   the padding out of the real rows; its rows are computed and thrown away).
 
