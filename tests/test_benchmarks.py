@@ -106,8 +106,11 @@ def test_bench_poly_help_lists_the_peer_flags():
     r = subprocess.run([sys.executable, "-m", "tensorattn", "bench", "poly", "--help"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    for flag in ("--no-fla", "--no-power", "--no-sdpa", "--sdpa-max-T", "--T", "--budget-s"):
+    for flag in ("--no-fla", "--no-power", "--no-sdpa", "--sdpa-max-T", "--T", "--budget-s", "--degree"):
         assert flag in r.stdout
+    r = subprocess.run([sys.executable, "-m", "tensorattn", "bench", "poly", "--degree", "4", "--dk", "16", "64"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "--degree 4 needs --dk 16" in r.stderr, r.stderr[-2000:]
 
 
 def _row(impl, mode, Dk, T, ms, peer=False, **kw):

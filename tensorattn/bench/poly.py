@@ -161,6 +161,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "whose predicted time or memory does not fit)")
     ap.add_argument("--dk", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--dv", type=int, default=64)
+    ap.add_argument("--degree", type=int, default=2, choices=[2, 4],
+                    help="the polynomial's degree (4: the fused kernels need Dk = 16)")
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     ap.add_argument("--no-fla", action="store_true", help="skip fla's fused_chunk_based (Dk <= 16 only)")
@@ -180,6 +182,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="skip a larger T when the last call, extrapolated, would take longer than this")
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting measurements after this")
     args = ap.parse_args(argv)
+    if args.degree == 4 and any(d != 16 for d in args.dk):
+        ap.error(f"--degree 4 needs --dk 16 (the fused kernels' degree-4 rank C(20, 4)), got --dk {args.dk}")
     if not torch.cuda.is_available():
         print("tensorattn bench poly needs a CUDA device", file=sys.stderr)
         return 2
@@ -190,7 +194,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     t_start = time.perf_counter()
 
     def poly(q, k1, k2, v1, v2):
-        return poly_tensor_attn(q, k1, k2, v1, v2, degree=2, causal=True, backend="triton")
+        return poly_tensor_attn(q, k1, k2, v1, v2, degree=args.degree, causal=True, backend="triton")
 
     def tensor_shapes(Dk):
         return lambda T: [(1, T, H, Dk)] * 3 + [(1, T, H, Dv)] * 2
@@ -249,7 +253,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     meta = machine_info("cuda")
     meta.update(command="PYTHONPATH=. python -m tensorattn bench poly " + " ".join(argv if argv is not None else sys.argv[1:]),
-                B=1, H=H, Dv=Dv, dtype="bfloat16", causal=True, degree=2,
+                B=1, H=H, Dv=Dv, dtype="bfloat16", causal=True, degree=args.degree,
                 peers={"fla-core": _version("fla-core"), "power-attention": _version("power-attention"),
                        "vidrial": _version("vidrial"),
                        "power_call": f"power_full(q, k, v, deg=2, chunk_size={args.power_chunk}), [B, T, H, "
@@ -283,7 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for j, job in enumerate(jobs):
             order.setdefault((job.name, job.Dk), j)
         table = sorted(rows, key=lambda r: (order.get((r["impl"], r["Dk"]), len(order)), r["mode"], r.get("T") or 0))
-        write_report(out / args.name, title="Polynomial tensor attention (degree 2, causal) vs exact, fla, "
+        write_report(out / args.name, title=f"Polynomial tensor attention (degree {args.degree}, causal) vs exact, fla, "
                      "power-attention and SDPA", rows=table, columns=COLUMNS, meta=meta, notes="\n".join(notes),
                      preamble=summary_markdown(summary, targets))
         try:
@@ -397,7 +401,8 @@ def _plot(rows, path, meta):
     loglog_axes(axes, "T", ("time (ms)", "peak memory beyond inputs (GiB)"))
     if keys:
         axes[0].legend(fontsize=6)
-    fig.suptitle(f"causal, bf16, B=1, H={meta['H']}, Dv={meta['Dv']}, degree 2 — {meta.get('device')}")
+    fig.suptitle(f"causal, bf16, B=1, H={meta['H']}, Dv={meta['Dv']}, degree {meta.get('degree', 2)} — "
+                 f"{meta.get('device')}")
     fig.tight_layout()
     save_figure(fig, path)
 
