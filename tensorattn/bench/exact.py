@@ -57,12 +57,14 @@ def count_triples(T: int, *, causal: bool = True, window=None, S1: Optional[int]
 
 
 def _measure(fwd, bwd, fwdbwd, device, warmup, rep):
-    """Times of ``fwd`` (skipped when None: a row that shares another's forward), ``bwd`` and ``fwdbwd``, and the
-    peak memory of ``fwdbwd``."""
+    """Times of ``fwd`` (skipped when None: a row that shares another's forward), ``bwd`` and ``fwdbwd`` (NaN when
+    None: a peer without a backward here), and the peak memory of ``fwdbwd``."""
     row: Dict[str, Any] = {}
     if fwd is not None:
         row["fwd_ms"] = guarded(lambda: time_fn(fwd, device=device, warmup=warmup, rep=rep), device)["ms"]
     row["bwd_ms"] = guarded(lambda: time_fn(bwd, device=device, warmup=warmup, rep=rep), device)["ms"] if bwd else math.nan
+    if fwdbwd is None:
+        return dict(row, fwdbwd_ms=math.nan, peak_gib=math.nan)
     row["fwdbwd_ms"] = guarded(lambda: time_fn(fwdbwd, device=device, warmup=warmup, rep=rep), device)["ms"]
     try:
         row["peak_gib"] = peak_memory(fwdbwd, device=device)
@@ -164,8 +166,7 @@ def bench_config(name, cfg, *, dtype, device, warmup, rep, sdpa=True, peer=True,
         frow = dict(config=name, impl="FBGEMM triton", B=B, T=T, Hq=Hq, Hkv=Hkv, D=D, window=str(window),
                     triples=tri)
         try:
-            ours = exact_bwd(do, q, k1, k2, v1, v2, o, lse, **kw)
-            peer_row(frow, (q, k1, k2, v1, v2), do, window, o, ours,
+            peer_row(frow, (q, k1, k2, v1, v2), do, window, o, lambda: exact_bwd(do, q, k1, k2, v1, v2, o, lse, **kw),
                      lambda f, b, fb: _measure(f, b, fb, device, warmup, rep), fbgemm_dir)
         except Exception as e:  # the peer is optional: record why it did not run
             frow.update(fwd_ms=math.nan, bwd_ms=math.nan, fwdbwd_ms=math.nan, note=f"{type(e).__name__}: {e}"[:300])

@@ -15,30 +15,25 @@ backward ran) on the same inputs, so a convention that differs shows in the tabl
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict
 
 import torch
 
 DEFAULT_DIR = ".peers/fbgemm"
 
 
-def load(folder: str = DEFAULT_DIR) -> Tuple[Any, Any]:
-    """The peer's forward and backward modules from ``folder`` (``fwd.py``, ``bwd.py``); ``FileNotFoundError``
-    naming what is missing."""
-    mods = []
-    for name in ("fwd", "bwd"):
-        path = os.path.join(folder, f"{name}.py")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"FBGEMM's simplicial Triton kernels not found: no {path} (copy "
-                                    f"simplicial/ops/triton/{name}.py from pytorch/FBGEMM there; see "
-                                    f"tensorattn.bench.fbgemm)")
-        spec = importlib.util.spec_from_file_location(f"_fbgemm_simplicial_{name}", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        mods.append(mod)
-    return mods[0], mods[1]
+def load(folder: str = DEFAULT_DIR, name: str = "fwd") -> Any:
+    """The peer's ``name`` module (``fwd`` or ``bwd``) from ``folder``; ``FileNotFoundError`` naming a missing
+    file (an import error of the file itself propagates: the caller notes it)."""
+    path = os.path.join(folder, f"{name}.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"FBGEMM's simplicial Triton kernels not found: no {path} (copy "
+                                f"simplicial/ops/triton/{name}.py from pytorch/FBGEMM there; see tensorattn.bench.fbgemm)")
+    spec = importlib.util.spec_from_file_location(f"_fbgemm_simplicial_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,21 +41,30 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / max(float(b.norm()), 1e-30))
 
 
-def peer_row(row: Dict[str, Any], xs, do, window, ours_o, ours_grads, measure: Callable, folder: str = DEFAULT_DIR
-             ) -> Dict[str, Any]:
-    """Fill ``row`` (config fields set by the caller) with the peer's times (``measure(fwd, bwd, fwdbwd)``) and its
-    errors against ours (``err_o``, ``err_grads``: the largest of the five), or a ``note`` saying why it did not
-    run. ``xs``: q, k1, k2, v1, v2 ``[B, T, H, D]`` as tensorattn got them."""
-    q, k1, k2, v1, v2 = xs
-    notes = []
+def refusal(xs, window) -> str:
+    """Why the peer cannot run this call ('' when it can): checked before anything is computed for it."""
+    q, k1 = xs[0], xs[1]
     if window is None:
-        raise RuntimeError("the peer kernels have no full-causal (unwindowed) path")
+        return "the peer kernels have no full-causal (unwindowed) path"
     if q.dtype != torch.bfloat16:
-        raise RuntimeError(f"the peer kernels are bf16 only, got {q.dtype}")
+        return f"the peer kernels are bf16 only, got {q.dtype}"
     if k1.shape[2] != 1:
-        raise RuntimeError(f"the peer's forward needs one kv head (GQA packing of all query heads), got "
-                           f"Hkv = {k1.shape[2]}")
-    fwd_mod, bwd_mod = load(folder)
+        return f"the peer's forward needs one kv head (GQA packing of all query heads), got Hkv = {k1.shape[2]}"
+    return ""
+
+
+def peer_row(row: Dict[str, Any], xs, do, window, ours_o, ours_grads: Callable, measure: Callable,
+             folder: str = DEFAULT_DIR) -> Dict[str, Any]:
+    """Fill ``row`` (config fields set by the caller) with the peer's times (``measure(fwd, bwd, fwdbwd)``, where
+    ``bwd`` and ``fwdbwd`` are None when its backward cannot run) and its errors against ours (``err_o``;
+    ``err_grads``, the largest of the five, from ``ours_grads()``, called only when the peer's backward runs), or
+    raise ``RuntimeError`` with :func:`refusal`'s reason. ``xs``: q, k1, k2, v1, v2 ``[B, T, H, D]`` as
+    tensorattn got them."""
+    why = refusal(xs, window)
+    if why:
+        raise RuntimeError(why)
+    q, k1, k2, v1, v2 = xs
+    fwd_mod = load(folder, "fwd")
     w1, w2 = int(window[0]), int(window[1])
 
     def fwd():
@@ -68,25 +72,28 @@ def peer_row(row: Dict[str, Any], xs, do, window, ours_o, ours_grads, measure: C
 
     o, m = fwd()
     row["err_o"] = _rel(o, ours_o)
-    bwd = ex = None
+    notes, bwd, fwdbwd = [], None, None
     if w2 != 32:
         notes.append(f"backward not run: the peer's backward asserts w2 == 32, window is {window}")
+    elif q.shape[0] != 1:  # its pre-kernel offsets the row sums by dO's batch stride
+        notes.append(f"backward not run: the peer's backward indexes its row sums by dO's batch stride, B = "
+                     f"{q.shape[0]}")
     else:
-        Hq = q.shape[2]
-        ex = [x.expand(-1, -1, Hq, -1).contiguous() for x in (k1, k2, v1, v2)]
-        bwd = lambda: bwd_mod.triton_bwd(q, *ex, o, do, m, w1, w2)  # noqa: E731
-        grads = bwd()
-        grads = [grads[0]] + [g.float().sum(2, keepdim=True) for g in grads[1:]]  # per query head -> the kv head
-        row["err_grads"] = max(_rel(a, b) for a, b in zip(grads, ours_grads))
-        notes.append("backward on k, v expanded to Hq heads (the peer indexes them by the query head)")
+        try:
+            bwd_mod = load(folder, "bwd")
+        except Exception as e:  # e.g. an autotune key this Triton refuses: the forward still counts
+            notes.append(f"backward not run: its module did not load ({type(e).__name__}: {e})"[:200])
+        else:
+            ex = [x.expand(-1, -1, q.shape[2], -1).contiguous() for x in (k1, k2, v1, v2)]
 
-    def fwdbwd():
-        out = fwd()
-        if ex is not None:
-            bwd_mod.triton_bwd(q, *ex, out[0], do, out[1], w1, w2)
+            def peer_bwd(out=o, lse=m):
+                return bwd_mod.triton_bwd(q, *ex, out, do, lse, w1, w2)
 
+            bwd, fwdbwd = peer_bwd, lambda: peer_bwd(*fwd())
+            grads = bwd()
+            grads = [grads[0]] + [g.float().sum(2, keepdim=True) for g in grads[1:]]  # per query head -> kv head
+            row["err_grads"] = max(_rel(a, b) for a, b in zip(grads, ours_grads()))
+            notes.append("backward on k, v expanded to Hq heads (the peer indexes them by the query head)")
     row.update(measure(fwd, bwd, fwdbwd))
-    if bwd is None:  # the fwd+bwd column would be the forward alone
-        row.update(bwd_ms=math.nan, fwdbwd_ms=math.nan, peak_gib=math.nan)
     row["note"] = "; ".join(notes)
     return row
