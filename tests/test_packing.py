@@ -294,6 +294,13 @@ def test_poly_chunk_table():
                                                         [0, 1, 2, 2, 3, 9]]
     assert chunk_table(cu_seqlens_from_lengths([16, 16]), 32, 16).tolist() == [[0, 16, 32, 32], [16, 32, 32, 32],
                                                                                 [0, 1, 4, 5]]
+    from tensorattn.triton.poly import poly_bwd, poly_fwd
+
+    xs = attn_inputs(1, 32, 1, D=16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="prefix state and packed documents"):
+        poly_fwd(*xs, 0.25, 16, 1 << 30, prefix=(None, None), chunks=ct)
+    with pytest.raises(ValueError, match="prefix_grad and packed documents"):
+        poly_bwd(*xs, xs[0], None, None, [], 0.25, 16, 1 << 30, prefix_grad=True, chunks=ct)
 
 
 def test_document_bounds():

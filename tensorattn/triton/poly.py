@@ -113,7 +113,7 @@ def _chunk_cumsum_(x: torch.Tensor, flags: Optional[torch.Tensor] = None, seg: i
 
 
 def chunk_table(cu_seqlens: torch.Tensor, T: int, F: int) -> torch.Tensor:
-    """The state chunks of packed documents (``cu_seqlens``, checked): int32 ``[3, NF]``, each chunk's first row,
+    """The state chunks of packed documents (``cu_seqlens`` as the op has checked it): int32 ``[3, NF]``, each chunk's first row,
     its end (one past its last row) and its document, every document cut into chunks of ``F`` rows from its start
     (its last one shorter), so that no chunk straddles a boundary. ``NF = T // F + documents`` (a bound on the
     chunks the documents need, from the shapes alone: the kernels' grids and saved states do not depend on the
@@ -305,8 +305,7 @@ def poly_totals_bwd(k1, k2, v1, v2, gst, gsd):
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         _totals_bwd_kernel[(-(-cfg.T // R), cfg.B * cfg.HK)](
             k, v, gst[:, s].float().contiguous(), gsd[:, s].float().contiguous(), dk, dv, cfg.ia, cfg.ib, cfg.T,
-            cfg.HK, cfg.KP, cfg.NKB, D=cfg.D, DV=cfg.DV, DVP=cfg.DVP, R=R, BK=BK, DT=cfg.DT, PREC=cfg.PREC,
-            num_warps=TUNE["WARPS_PROJ"])
+            cfg.HK, cfg.KP, cfg.NKB, D=cfg.D, DV=cfg.DV, DVP=cfg.DVP, R=R, BK=BK, num_warps=TUNE["WARPS_PROJ"])
         out.append((dk, dv))
     (dk1, dv1), (dk2, dv2) = out
     return dk1, dk2, dv1, dv2
@@ -321,6 +320,9 @@ def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: b
     parallelism passes the earlier ranks' sums), in this module's feature order. ``chunks``: packed documents'
     chunk table (:func:`chunk_table`; batch 1): the states restart at every document, inside the kernels.
     ``degree``: 2 or 4 (the polynomial of exp; degree 4 has rank ``C(Dk + 4, 4)``)."""
+    if chunks is not None and prefix is not None:
+        raise ValueError("poly_fwd: a prefix state and packed documents (chunks) cannot be combined: the first "
+                         "document's state starts at zero")
     cfg = _Cfg(q, k1, v1, F, seg_bytes, chunks, degree)
     dev = q.device
     o = torch.empty(cfg.B, cfg.T, cfg.HQ, cfg.DV, dtype=q.dtype, device=dev)
@@ -386,6 +388,9 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg
     ``prefix_grad`` also the gradient of the states before the first position (``prefix`` of :func:`poly_fwd`),
     ``([B * Hkv, 2, KP, DVP], [B * Hkv, 2, KP])`` float32: the suffix sums of the state gradients over the
     whole sequence, summed over each kv head's query heads. ``chunks``, ``degree``: as for :func:`poly_fwd`."""
+    if chunks is not None and prefix_grad:
+        raise ValueError("poly_bwd: prefix_grad and packed documents (chunks) cannot be combined (the forward takes "
+                         "no prefix state with them)")
     cfg = _Cfg(q, k1, v1, F, seg_bytes, chunks, degree)
     dev = q.device
     B, T, HQ, HK, D, DV, F, KP = cfg.B, cfg.T, cfg.HQ, cfg.HK, cfg.D, cfg.DV, cfg.F, cfg.KP

@@ -150,7 +150,7 @@ def _ww_fwd(qt, k1t, k2t, v1c, v2c, scale, m3, D: tl.constexpr, C: tl.constexpr,
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["c0", "NFT"])  # read only with packed documents
 def _state_kernel(k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, ia_ptr, ib_ptr, ct_ptr, T, t0, c0, NFT, NS1, HK, KP,
                   D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, BK: tl.constexpr,
                   DT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr, DEG: tl.constexpr):
@@ -189,7 +189,7 @@ def _state_one(kp, vp, st_out, sd_out, rows, rmask, sk, sv, ia, ib, ix_ptr, m, K
     tl.store(sd_out, tl.sum(u, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["c0", "NFT"])  # read only with packed documents
 def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o_ptr, den_ptr, ia_ptr, ib_ptr,
                 wq_ptr, ct_ptr, T, t0, c0, NFT, NS1, HQ, GROUPS, KP, NKB, scale,
                 D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
@@ -346,13 +346,12 @@ def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, H
 
 @triton.jit
 def _totals_bwd_kernel(k_ptr, v_ptr, gs_ptr, gd_ptr, dk_ptr, dv_ptr, ia_ptr, ib_ptr, T, HK, KP, NKB,
-                       D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
-                       DT: tl.constexpr, PREC: tl.constexpr):
+                       D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, R: tl.constexpr, BK: tl.constexpr):
     """Gradient of one stream's totals ``S = Σ_j U[j] ⊗ v[j]``, ``z = Σ_j U[j]`` over all rows of
     ``k, v [B, T, HK, *]`` (``U``: the degree-2 features of k), given ``gS [B * HK, KP, DVP]`` and ``gz [B * HK,
     KP]``, for ``R`` rows of one kv head: ``dv[j] = Σ_m U[j, m] gS[m]`` and ``dU[j, m] = <v[j], gS[m]> + gz[m]``
     taken through the monomials to dk (one-hot products, as :func:`_proj_kernel`); written in k's and v's dtypes.
-    Nothing per (row, feature) is stored."""
+    Nothing per (row, feature) is stored. Products in float32 (``ieee``), as the rest of the backward."""
     rb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // HK
@@ -371,8 +370,8 @@ def _totals_bwd_kernel(k_ptr, v_ptr, gs_ptr, gd_ptr, dk_ptr, dv_ptr, ia_ptr, ib_
         ib = tl.load(ib_ptr + m)
         ya, yb = _gather(xt, ia, ib, D, 1.0)
         gs = tl.load(gs_ptr + (bh * KP + m)[:, None] * DVP + cols[None, :])  # [BK, DVP]
-        du = _mm(v, tl.trans(gs), DT, PREC) + tl.load(gd_ptr + bh * KP + m)[None, :]  # [R, BK]
-        accv = tl.dot((ya * yb).to(DT), gs.to(DT), accv, input_precision=PREC)
+        du = tl.dot(v, tl.trans(gs), input_precision="ieee") + tl.load(gd_ptr + bh * KP + m)[None, :]  # [R, BK]
+        accv = tl.dot(ya * yb, gs, accv, input_precision="ieee")
         ea = (ia[:, None] == dk[None, :]).to(tl.float32)
         eb = (ib[:, None] == dk[None, :]).to(tl.float32)
         accx = tl.dot(du * yb, ea, accx, input_precision="ieee")
@@ -383,7 +382,7 @@ def _totals_bwd_kernel(k_ptr, v_ptr, gs_ptr, gd_ptr, dk_ptr, dv_ptr, ia_ptr, ib_
              mask=rmask[:, None] & (cols[None, :] < DV))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["c0", "NFT"])  # read only with packed documents
 def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_ptr, st_ptr, sd_ptr, rs_ptr, rd_ptr,
                 du1_ptr, du2_ptr, du3_ptr, gv_ptr, GV2, ct_ptr, T, t0, c0, NFT, NS1, HQ, GROUPS, KP,
                 DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr,
