@@ -28,6 +28,8 @@ INTERP_CASES = [
     # the chunk scan in tiles of 2 chunks x 16 columns (4 chunks: two tiles, a carry between them), and torch's
     (1, 60, 2, 1, 16, 20, 16, 0, 32, {"SCAN_U": 2, "SCAN_BW": 16}),
     (1, 60, 2, 1, 16, 20, 16, 0, 32, {"SCAN_U": 0}),
+    # the query feature gradients stored by the walk's first pass instead of its second
+    (1, 40, 2, 1, 16, 20, 16, 0, 32, {"DU1_PASS": 1}),
 ]
 
 _SCRIPT = textwrap.dedent("""
