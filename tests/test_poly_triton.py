@@ -30,6 +30,8 @@ INTERP_CASES = [
     (1, 60, 2, 1, 16, 20, 16, 0, 32, {"SCAN_U": 0}),
     # the query feature gradients stored by the walk's first pass instead of its second
     (1, 40, 2, 1, 16, 20, 16, 0, 32, {"DU1_PASS": 1}),
+    # the forward's (inside, before) products in a feature loop of their own (several sub-chunks: F = 32)
+    (1, 40, 2, 1, 16, 20, 32, 0, 32, {"SPLIT_FWD": 1}),
 ]
 
 _SCRIPT = textwrap.dedent("""

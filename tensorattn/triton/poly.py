@@ -78,9 +78,11 @@ SEG_BYTES = 1 << 30
 # backward walk's two passes (BK_BWD1 for the first, BK_BWD for the second), warps per kernel, a register cap for
 # the walk's second pass (MAXNREG_BWD, 0: none), rows per program of the projection and feature kernels, the
 # chunk scan's tile (SCAN_U chunks x SCAN_BW columns; 0 for SCAN_U: torch's cumsum_ instead), the walk's pass that
-# stores the query feature gradients (DU1_PASS: 2, or 1; see _bwd_kernel).
+# stores the query feature gradients (DU1_PASS: 2, or 1; see _bwd_kernel), the forward's split feature loop
+# (SPLIT_FWD: 0, or 1; see _fwd_kernel).
 TUNE = dict(F=64, EB_FWD=64, WARPS_FWD=8, WARPS_STATE=4, BK_BWD1=32, WARPS_BWD1=4, BK_BWD=16, WARPS_BWD=1,
-            MAXNREG_BWD=0, R_PROJ=64, WARPS_PROJ=4, R_FEAT=64, WARPS_FEAT=4, SCAN_U=8, SCAN_BW=512, DU1_PASS=2)
+            MAXNREG_BWD=0, R_PROJ=64, WARPS_PROJ=4, R_FEAT=64, WARPS_FEAT=4, SCAN_U=8, SCAN_BW=512, DU1_PASS=2,
+            SPLIT_FWD=0)
 for _k in list(TUNE):  # TENSORATTN_POLY_<KEY> overrides a default (benchmark sweeps)
     if os.environ.get(f"TENSORATTN_POLY_{_k}") is not None:
         TUNE[_k] = int(os.environ[f"TENSORATTN_POLY_{_k}"])
@@ -349,7 +351,7 @@ def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: b
         grid = (nf, cfg.B * cfg.HQ, NE)
         args = (cfg.ia, cfg.ib, cfg.wq, cfg.ct_arg, cfg.T, c0 * cfg.F, c0, cfg.NF, nf + 1, cfg.HQ, cfg.G, cfg.KP,
                 cfg.NKB, scale)
-        kw = dict(C=C, EB=cfg.EBF, num_warps=TUNE["WARPS_FWD"], **cfg.kw)
+        kw = dict(C=C, EB=cfg.EBF, num_warps=TUNE["WARPS_FWD"], SPLIT=bool(TUNE["SPLIT_FWD"]), **cfg.kw)
         sc = torch.empty(nf * cfg.B * cfg.HQ * NE * (cfg.NKB * 2 * BK * cfg.EBF + 2 * cfg.KP), dtype=torch.float32,
                          device=dev)
         _fwd_kernel[grid](q, k1, k2, v1, v2, st, sd, sc, o, den, *args, **kw)

@@ -194,12 +194,16 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
                 wq_ptr, ct_ptr, T, t0, c0, NFT, NS1, HQ, GROUPS, KP, NKB, scale,
                 D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, C: tl.constexpr,
                 BK: tl.constexpr, EB: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
-                DEG: tl.constexpr):
+                DEG: tl.constexpr, SPLIT: tl.constexpr):
     """Output rows of chunk n for one query head and value block: sub-chunks outside, feature blocks inside, so
     that the pair products of all feature blocks add up in the product accumulators before one reduction per
     sub-chunk. The running state of each feature block passes from one sub-chunk to the next through this
     program's scratch ``sc`` ``[NKB, 2, BK, EB]`` + ``[2, KP]`` (float32, L2-resident; a barrier after each
-    sub-chunk makes the writes visible to all of the program's threads)."""
+    sub-chunk makes the writes visible to all of the program's threads).
+
+    ``SPLIT`` (a sweep variant): the (inside, before) products get a feature loop of their own before the main
+    one, so that one ``[C², EB]`` accumulator is live at a time instead of two (the features of q and k1 are
+    computed twice; a barrier keeps the main loop's state updates from overwriting states still being read)."""
     NSUB: tl.constexpr = F // C
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -226,8 +230,24 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
         k1t = _tile(k1b, rows, rmask, sk, D)
         k2t = _tile(k2b, rows, rmask, sk, D)
         part = tl.zeros((C, EB), tl.float32)
+        if SPLIT:  # (inside, before) alone, from the states before the sub-chunk
+            t3 = tl.zeros((C * C, EB), tl.float32)
+            for kb in range(NKB):
+                m = kb * BK + tl.arange(0, BK)
+                ia = tl.load(ia_ptr + m)
+                ib = tl.load(ib_ptr + m)
+                if s == 0:
+                    a3 = tl.load(stb + KP * DVP + m[:, None] * DVP + cols[None, :])
+                else:
+                    a3 = tl.load(scb + kb * 2 * BK * EB + BK * EB + se)
+                u1 = _feature(qt, rmask, ia, ib, ia_ptr, m, KP, D, scale, DEG) * tl.load(wq_ptr + m)[None, :]
+                u2 = _feature(k1t, rmask, ia, ib, ia_ptr, m, KP, D, 1.0, DEG)
+                t3 = tl.dot(_pairs(u1, u2, C, BK).to(DT), a3.to(DT), t3, input_precision=PREC)
+            part += tl.sum(tl.reshape(t3, (C, C, EB)) * v1c[None, :, :] * m2[:, :, None], axis=1)
+            tl.debug_barrier()  # every thread has read the states that the loop below overwrites
         t2 = tl.zeros((C * C, EB), tl.float32)
-        t3 = tl.zeros((C * C, EB), tl.float32)
+        if not SPLIT:
+            t3 = tl.zeros((C * C, EB), tl.float32)
         dpart = tl.zeros((C,), tl.float32)
         for kb in range(NKB):
             m = kb * BK + tl.arange(0, BK)
@@ -249,7 +269,8 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
             u1, u2, u3 = _sub_feats(qt, k1t, k2t, rmask, ia, ib, ia_ptr, m, KP, wq, D, scale, DEG)
             part += _mm(u1, a2 * a3, DT, PREC)  # (before, before)
             t2 = tl.dot(_pairs(u1, u3, C, BK).to(DT), a2.to(DT), t2, input_precision=PREC)
-            t3 = tl.dot(_pairs(u1, u2, C, BK).to(DT), a3.to(DT), t3, input_precision=PREC)
+            if not SPLIT:
+                t3 = tl.dot(_pairs(u1, u2, C, BK).to(DT), a3.to(DT), t3, input_precision=PREC)
             l2 = a2d[None, :] + tl.cumsum(u2, axis=0)  # normaliser: inclusive vector scan
             l3 = a3d[None, :] + tl.cumsum(u3, axis=0)
             dpart += tl.sum(u1 * l2 * l3, axis=1)
@@ -260,7 +281,8 @@ def _fwd_kernel(q_ptr, k1_ptr, k2_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, sc_ptr, o
                 tl.store(scb + NKB * 2 * BK * EB + KP + m, a3d + tl.sum(u3, axis=0))
         tl.debug_barrier()  # this sub-chunk's state updates are visible to every thread of the program
         part += tl.sum(tl.reshape(t2, (C, C, EB)) * v2c[None, :, :] * m2[:, :, None], axis=1)  # (before, inside)
-        part += tl.sum(tl.reshape(t3, (C, C, EB)) * v1c[None, :, :] * m2[:, :, None], axis=1)  # (inside, before)
+        if not SPLIT:
+            part += tl.sum(tl.reshape(t3, (C, C, EB)) * v1c[None, :, :] * m2[:, :, None], axis=1)  # (inside, before)
         part += _ww_fwd(qt, k1t, k2t, v1c, v2c, scale, m3, D, C, EB, DT, PREC, DEG)
         den = dpart + EPS
         tl.store(o_ptr + oo + rows[:, None] * so + cols[None, :],
