@@ -301,6 +301,10 @@ def test_poly_chunk_table():
         poly_fwd(*xs, 0.25, 16, 1 << 30, prefix=(None, None), chunks=ct)
     with pytest.raises(ValueError, match="prefix_grad and packed documents"):
         poly_bwd(*xs, xs[0], None, None, [], 0.25, 16, 1 << 30, prefix_grad=True, chunks=ct)
+    with pytest.raises(ValueError, match=r"chunks must be an int32 \[3, NF\] chunk table"):
+        poly_fwd(*xs, 0.25, 16, 1 << 30, chunks=ct.long())
+    with pytest.raises(ValueError, match=r"chunks must be an int32 \[3, NF\] chunk table"):
+        poly_fwd(*xs, 0.25, 16, 1 << 30, chunks=ct[:2])
 
 
 def test_document_bounds():

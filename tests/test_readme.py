@@ -13,6 +13,7 @@ def test_quick_start_runs():
     assert ns["y"].shape == (2, 64, 128)
     assert ns["o"].shape == (2, 128, 4, 64)
     assert ns["op"].shape == (1, 10, 2, 8)
+    assert ns["pp"].shape == (1, 10, 2, 8)
 
 
 def test_two_setup_commands_first():
