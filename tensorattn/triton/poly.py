@@ -77,12 +77,11 @@ SEG_BYTES = 1 << 30
 # Tunables (the benchmark sweeps them): state-chunk length F, the forward's value block, the feature blocks of the
 # backward walk's two passes (BK_BWD1 for the first, BK_BWD for the second), warps per kernel, a register cap for
 # the walk's second pass (MAXNREG_BWD, 0: none), rows per program of the projection and feature kernels, the
-# chunk scan's tile (SCAN_U chunks x SCAN_BW columns; 0 for SCAN_U: torch's cumsum_ instead), the walk's pass that
-# stores the query feature gradients (DU1_PASS: 2, or 1; see _bwd_kernel), the forward's split feature loop
-# (SPLIT_FWD: 0, or 1; see _fwd_kernel).
-TUNE = dict(F=64, EB_FWD=64, WARPS_FWD=8, WARPS_STATE=4, BK_BWD1=32, WARPS_BWD1=4, BK_BWD=16, WARPS_BWD=1,
-            MAXNREG_BWD=0, R_PROJ=64, WARPS_PROJ=4, R_FEAT=64, WARPS_FEAT=4, SCAN_U=8, SCAN_BW=512, DU1_PASS=2,
-            SPLIT_FWD=0)
+# chunk scan's tile (SCAN_U chunks x SCAN_BW columns; 0 for SCAN_U: torch's cumsum_ instead), the forward's split
+# feature loop (SPLIT_FWD: 1, or 0 for one loop; see _fwd_kernel). SPLIT_FWD=1 with 4 warps, measured on an H200
+# (benchmarks/results/poly_tune_sweep12.md, sweep13): forward 13.2 -> 11.4 ms at 64K, fwd+bwd 48.3 -> 46.8.
+TUNE = dict(F=64, EB_FWD=64, WARPS_FWD=4, WARPS_STATE=4, BK_BWD1=32, WARPS_BWD1=4, BK_BWD=16, WARPS_BWD=1,
+            MAXNREG_BWD=0, R_PROJ=64, WARPS_PROJ=4, R_FEAT=64, WARPS_FEAT=4, SCAN_U=8, SCAN_BW=512, SPLIT_FWD=1)
 for _k in list(TUNE):  # TENSORATTN_POLY_<KEY> overrides a default (benchmark sweeps)
     if os.environ.get(f"TENSORATTN_POLY_{_k}") is not None:
         TUNE[_k] = int(os.environ[f"TENSORATTN_POLY_{_k}"])
@@ -202,9 +201,6 @@ class _Cfg:
             self.DT, self.PREC = tl.bfloat16, "ieee"
         self.kw = dict(D=self.D, DV=self.DV, DVP=self.DVP, F=self.F, BK=BK, DT=self.DT, PREC=self.PREC,
                        VARLEN=self.varlen, DEG=degree)
-        self.du1 = int(TUNE["DU1_PASS"])
-        if self.du1 not in (1, 2):
-            raise ValueError(f"TUNE['DU1_PASS'] must be 1 or 2, got {self.du1}")
         self.walk = []  # (feature blocks, kernel keywords) of the walk's passes 1 and 2
         for key, warps, extra in (("BK_BWD1", "WARPS_BWD1", {}),
                                   ("BK_BWD", "WARPS_BWD", {"maxnreg": TUNE["MAXNREG_BWD"]})):
@@ -212,7 +208,7 @@ class _Cfg:
             if bkb not in (8, 16, 32):
                 raise ValueError(f"TUNE[{key!r}] must be 8, 16 or 32 (a divisor of the feature padding {BK}), "
                                  f"got {bkb}")
-            kw = dict(DV=self.DV, DVP=self.DVP, F=self.F, BK=bkb, num_warps=int(TUNE[warps]), DU1=self.du1)
+            kw = dict(DV=self.DV, DVP=self.DVP, F=self.F, BK=bkb, num_warps=int(TUNE[warps]))
             kw.update({k: int(v) for k, v in extra.items() if v})
             self.walk.append((self.KP // bkb, kw))
 
@@ -429,12 +425,12 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg
         rd[:, 0] = carryd
         args = (cfg.ct_arg, T, t0, c0, cfg.NF, nf + 1, HQ, cfg.G, KP)
         (nb1, kw1), (nb2, kw2) = cfg.walk
-        dus = [torch.empty(B, TS, HQ, KP, **f32) for _ in range(3)]
-        _bwd_kernel[(nf, B * HQ, nb1)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, dus[0], rs, rs, rs, 0, *args,
-                                       MODE=1, VARLEN=cfg.varlen, **kw1)
+        _bwd_kernel[(nf, B * HQ, nb1)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, rs, rs, rs, rs, 0, *args, MODE=1,
+                                       VARLEN=cfg.varlen, **kw1)
         flags = cfg.flags(c0, nf, backward=True)
         _chunk_cumsum_(rs, flags, 2)
         _chunk_cumsum_(rd, flags, 2)
+        dus = [torch.empty(B, TS, HQ, KP, **f32) for _ in range(3)]
         gv = torch.zeros(2, B, TS, HQ, DV, **f32)
         _bwd_kernel[(nf, B * HQ, nb2)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, *dus, gv, gv[0].numel(), *args,
                                        MODE=2, VARLEN=cfg.varlen, **kw2)
