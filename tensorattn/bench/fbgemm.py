@@ -29,7 +29,8 @@ def load(folder: str = DEFAULT_DIR, name: str = "fwd") -> Any:
     path = os.path.join(folder, f"{name}.py")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"FBGEMM's simplicial Triton kernels not found: no {path} (copy "
-                                f"simplicial/ops/triton/{name}.py from pytorch/FBGEMM there; see tensorattn.bench.fbgemm)")
+                                f"simplicial/ops/triton/{name}.py from pytorch/FBGEMM there; see "
+                                f"tensorattn.bench.fbgemm)")
     spec = importlib.util.spec_from_file_location(f"_fbgemm_simplicial_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -287,8 +287,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for j, job in enumerate(jobs):
             order.setdefault((job.name, job.Dk), j)
         table = sorted(rows, key=lambda r: (order.get((r["impl"], r["Dk"]), len(order)), r["mode"], r.get("T") or 0))
-        write_report(out / args.name, title=f"Polynomial tensor attention (degree {args.degree}, causal) vs exact, fla, "
-                     "power-attention and SDPA", rows=table, columns=COLUMNS, meta=meta, notes="\n".join(notes),
+        write_report(out / args.name, title=f"Polynomial tensor attention (degree {args.degree}, causal) vs exact, "
+                     "fla, power-attention and SDPA", rows=table, columns=COLUMNS, meta=meta, notes="\n".join(notes),
                      preamble=summary_markdown(summary, targets))
         try:
             _plot(rows, out / (args.name + ".png"), meta)

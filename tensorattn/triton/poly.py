@@ -115,12 +115,12 @@ def _chunk_cumsum_(x: torch.Tensor, flags: Optional[torch.Tensor] = None, seg: i
 
 
 def chunk_table(cu_seqlens: torch.Tensor, T: int, F: int) -> torch.Tensor:
-    """The state chunks of packed documents (``cu_seqlens`` as the op has checked it): int32 ``[3, NF]``, each chunk's first row,
-    its end (one past its last row) and its document, every document cut into chunks of ``F`` rows from its start
-    (its last one shorter), so that no chunk straddles a boundary. ``NF = T // F + documents`` (a bound on the
-    chunks the documents need, from the shapes alone: the kernels' grids and saved states do not depend on the
-    lengths); the chunks past the last document are empty (first row = end = T), each its own document.
-    On cu_seqlens' device, no host synchronisation."""
+    """The state chunks of packed documents (``cu_seqlens`` as the op has checked it): int32 ``[3, NF]``, each
+    chunk's first row, its end (one past its last row) and its document, every document cut into chunks of ``F``
+    rows from its start (its last one shorter), so that no chunk straddles a boundary. ``NF = T // F + documents``
+    (a bound on the chunks the documents need, from the shapes alone: the kernels' grids and saved states do not
+    depend on the lengths); the chunks past the last document are empty (first row = end = T), each its own
+    document. On cu_seqlens' device, no host synchronisation."""
     cu = cu_seqlens.to(torch.int64)
     nd = cu.numel() - 1
     nch = (cu[1:] - cu[:-1] + F - 1) // F  # chunks per document
@@ -258,16 +258,23 @@ def _saved_ranges(B: int, T: int, HQ: int, HK: int, D: int, DV: int, F: int, seg
             for j in range(0, min(seg, NF - c0), segb)]
 
 
-def _segment_states(cfg: _Cfg, k1, k2, v1, v2, c0: int, nf: int, prefix, prefd):
-    """Forward states before each of chunks ``c0 .. c0 + nf - 1`` (slots 0..nf-1) and after them (slot nf)."""
+def _chunk_contributions(cfg: _Cfg, k1, k2, v1, v2, c0: int, nf: int):
+    """``(st [B * Hkv, nf + 1, 2, KP, DVP], sd [B * Hkv, nf + 1, 2, KP])`` float32 with chunk ``c0 + n``'s
+    contributions (:func:`_state_kernel`) in slot ``n + 1``; slot 0 is left unwritten."""
     dev = k1.device
     st = torch.empty(cfg.B * cfg.HK, nf + 1, 2, cfg.KP, cfg.DVP, dtype=torch.float32, device=dev)
     sd = torch.empty(cfg.B * cfg.HK, nf + 1, 2, cfg.KP, dtype=torch.float32, device=dev)
-    st[:, 0] = prefix
-    sd[:, 0] = prefd
     _state_kernel[(nf, cfg.B * cfg.HK, cfg.NKB)](k1, k2, v1, v2, st, sd, cfg.ia, cfg.ib, cfg.ct_arg, cfg.T,
                                                  c0 * cfg.F, c0, cfg.NF, nf + 1, cfg.HK, cfg.KP,
                                                  num_warps=TUNE["WARPS_STATE"], **cfg.kw)
+    return st, sd
+
+
+def _segment_states(cfg: _Cfg, k1, k2, v1, v2, c0: int, nf: int, prefix, prefd):
+    """Forward states before each of chunks ``c0 .. c0 + nf - 1`` (slots 0..nf-1) and after them (slot nf)."""
+    st, sd = _chunk_contributions(cfg, k1, k2, v1, v2, c0, nf)
+    st[:, 0] = prefix
+    sd[:, 0] = prefd
     flags = cfg.flags(c0, nf, backward=False)
     _chunk_cumsum_(st, flags, 1)
     _chunk_cumsum_(sd, flags, 1)
@@ -285,13 +292,8 @@ def poly_totals(k1, k2, v1, v2, F: int, seg_bytes: int):
     totd = torch.zeros(cfg.B * cfg.HK, 2, cfg.KP, dtype=torch.float32, device=k1.device)
     seg = cfg.seg_chunks(backward=False)
     for c0 in range(0, cfg.NF, seg):
-        nf = min(seg, cfg.NF - c0)
-        st = torch.empty(cfg.B * cfg.HK, nf + 1, 2, cfg.KP, cfg.DVP, dtype=torch.float32, device=k1.device)
-        sd = torch.empty(cfg.B * cfg.HK, nf + 1, 2, cfg.KP, dtype=torch.float32, device=k1.device)
-        _state_kernel[(nf, cfg.B * cfg.HK, cfg.NKB)](k1, k2, v1, v2, st, sd, cfg.ia, cfg.ib, cfg.ct_arg, cfg.T,
-                                                     c0 * cfg.F, c0, cfg.NF, nf + 1, cfg.HK, cfg.KP,
-                                                     num_warps=TUNE["WARPS_STATE"], **cfg.kw)
-        tot += st[:, 1:].sum(1)  # slot 0 (the state before the segment) is not written
+        st, sd = _chunk_contributions(cfg, k1, k2, v1, v2, c0, min(seg, cfg.NF - c0))
+        tot += st[:, 1:].sum(1)  # slot 0 is not written
         totd += sd[:, 1:].sum(1)
     return tot, totd
 
@@ -417,7 +419,8 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg
         for x, h, qw, sc in ((q, HQ, 1, scale), (k1, HK, 0, 1.0), (k2, HK, 0, 1.0)):
             u = torch.empty(B, TS, h, KP, **f32)
             _feat_kernel[(-(-TS // RF), B * h, cfg.NKB)](x, u, cfg.ia, cfg.ib, cfg.wq, T, t0, r1, TS, h, KP, sc, D=D,
-                                                         R=RF, BK=BK, QW=qw, DEG=degree, num_warps=TUNE["WARPS_FEAT"])
+                                                         R=RF, BK=BK, QW=qw, DEG=cfg.degree,
+                                                         num_warps=TUNE["WARPS_FEAT"])
             feats.append(u)
         rs = torch.empty(B * HQ, nf + 1, 2, KP, cfg.DVP, **f32)
         rd = torch.empty(B * HQ, nf + 1, 2, KP, **f32)
@@ -439,7 +442,7 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg
         for x, du, dx, h, g, qw, sc in ((q, dus[0], dq, HQ, 1, 1, scale), (k1, dus[1], dk1, HK, cfg.G, 0, 1.0),
                                         (k2, dus[2], dk2, HK, cfg.G, 0, 1.0)):
             _proj_kernel[(-(-TS // RP), B * h)](x, du, dx, cfg.ia, cfg.ib, cfg.wq, T, t0, r1, TS, h, HQ, g, KP,
-                                               cfg.NKB, sc, D=D, R=RP, BK=BK, QW=qw, DEG=degree,
+                                               cfg.NKB, sc, D=D, R=RP, BK=BK, QW=qw, DEG=cfg.degree,
                                                num_warps=TUNE["WARPS_PROJ"])
         del dus
         n = r1 - t0

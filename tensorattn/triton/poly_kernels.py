@@ -83,6 +83,32 @@ def _chunk_rows(ct_ptr, NFT, c0, n, t0, T, F: tl.constexpr, VARLEN: tl.constexpr
 
 
 @triton.jit
+def _chain(acc, du, xt, ya, yb, ia, ib, ix_ptr, m, KP, D: tl.constexpr, scale, DEG: tl.constexpr):
+    """``acc`` ``[R, D]`` plus the chain rule of feature gradients ``du [R, BK]`` through the monomials ``m`` of a
+    row tile ``xt``: ``Σ_m du[m] Σ_t e_{i_t[m]} Π_{s != t} y_s[m]``, the factors ``ya``, ``yb`` of :func:`_gather`
+    and, at degree 4, those of rows 2 and 3 of the index table (``ix_ptr``). One-hot products in float32
+    (``ieee``; tf32x3 measured slower); a constant factor (index D) matches no column."""
+    dk = tl.arange(0, D)
+    ea = (ia[:, None] == dk[None, :]).to(tl.float32)
+    eb = (ib[:, None] == dk[None, :]).to(tl.float32)
+    if DEG == 2:
+        acc = tl.dot(du * yb, ea, acc, input_precision="ieee")
+        acc = tl.dot(du * ya, eb, acc, input_precision="ieee")
+    else:  # degree 4: each factor's term carries the product of the other three
+        i3 = tl.load(ix_ptr + 2 * KP + m)
+        i4 = tl.load(ix_ptr + 3 * KP + m)
+        yc = _factor(xt, i3, D, scale)
+        yd = _factor(xt, i4, D, scale)
+        ab = ya * yb
+        cd = yc * yd
+        acc = tl.dot(du * yb * cd, ea, acc, input_precision="ieee")
+        acc = tl.dot(du * ya * cd, eb, acc, input_precision="ieee")
+        acc = tl.dot(du * ab * yd, (i3[:, None] == dk[None, :]).to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(du * ab * yc, (i4[:, None] == dk[None, :]).to(tl.float32), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
     return tl.dot(a.to(DT), b.to(DT), input_precision=PREC)
 
@@ -320,12 +346,10 @@ def _feat_kernel(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, H, KP, sca
 @triton.jit
 def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, HX, HQ, GROUPS, KP, NKB, scale,
                  D: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, QW: tl.constexpr, DEG: tl.constexpr):
-    """Chain rule through the features: ``dx = Σ_m du[m] (yb[m] e_ia[m] + ya[m] e_ib[m])`` (degree 4: each of the
-    four factors' unit vector times the product of the other three; times the query weights and the scale when
-    ``QW``) for ``R`` of the segment's rows ``t0 + [0, TS)`` before ``TE`` (the
-    segment's end) of one head ``hx`` of ``x [B, T, HX, D]``, the feature
-    gradients ``du [B, TS, HQ, KP]`` summed over the ``GROUPS`` query heads of ``hx`` first; written into ``dx``
-    (x's layout and dtype). One-hot products in float32 (``ieee``; tf32x3 measured slower)."""
+    """Chain rule through the features (:func:`_chain`; times the query weights and the scale when ``QW``) for
+    ``R`` of the segment's rows ``t0 + [0, TS)`` before ``TE`` (the segment's end) of one head ``hx`` of
+    ``x [B, T, HX, D]``, the feature gradients ``du [B, TS, HQ, KP]`` summed over the ``GROUPS`` query heads of
+    ``hx`` first; written into ``dx`` (x's layout and dtype)."""
     rb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // HX
@@ -347,22 +371,7 @@ def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, H
                           mask=rmask[:, None], other=0.0)
         if QW:
             du = du * (tl.load(wq_ptr + m) * scale)[None, :]
-        ea = (ia[:, None] == dk[None, :]).to(tl.float32)
-        eb = (ib[:, None] == dk[None, :]).to(tl.float32)
-        if DEG == 2:
-            acc = tl.dot(du * yb, ea, acc, input_precision="ieee")
-            acc = tl.dot(du * ya, eb, acc, input_precision="ieee")
-        else:  # degree 4: each factor's term carries the product of the other three
-            i3 = tl.load(ia_ptr + 2 * KP + m)
-            i4 = tl.load(ia_ptr + 3 * KP + m)
-            yc = _factor(xt, i3, D, scale)
-            yd = _factor(xt, i4, D, scale)
-            ab = ya * yb
-            cd = yc * yd
-            acc = tl.dot(du * yb * cd, ea, acc, input_precision="ieee")
-            acc = tl.dot(du * ya * cd, eb, acc, input_precision="ieee")
-            acc = tl.dot(du * ab * yd, (i3[:, None] == dk[None, :]).to(tl.float32), acc, input_precision="ieee")
-            acc = tl.dot(du * ab * yc, (i4[:, None] == dk[None, :]).to(tl.float32), acc, input_precision="ieee")
+        acc = _chain(acc, du, xt, ya, yb, ia, ib, ia_ptr, m, KP, D, scale, DEG)
     tl.store(dx_ptr + (b * T + rows)[:, None] * HX * D + hx * D + dk[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=rmask[:, None])
 
@@ -373,7 +382,7 @@ def _totals_bwd_kernel(k_ptr, v_ptr, gs_ptr, gd_ptr, dk_ptr, dv_ptr, ia_ptr, ib_
     """Gradient of one stream's totals ``S = Σ_j U[j] ⊗ v[j]``, ``z = Σ_j U[j]`` over all rows of
     ``k, v [B, T, HK, *]`` (``U``: the degree-2 features of k), given ``gS [B * HK, KP, DVP]`` and ``gz [B * HK,
     KP]``, for ``R`` rows of one kv head: ``dv[j] = Σ_m U[j, m] gS[m]`` and ``dU[j, m] = <v[j], gS[m]> + gz[m]``
-    taken through the monomials to dk (one-hot products, as :func:`_proj_kernel`); written in k's and v's dtypes.
+    taken through the monomials to dk (:func:`_chain`); written in k's and v's dtypes.
     Nothing per (row, feature) is stored. Products in float32 (``ieee``), as the rest of the backward."""
     rb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -395,10 +404,7 @@ def _totals_bwd_kernel(k_ptr, v_ptr, gs_ptr, gd_ptr, dk_ptr, dv_ptr, ia_ptr, ib_
         gs = tl.load(gs_ptr + (bh * KP + m)[:, None] * DVP + cols[None, :])  # [BK, DVP]
         du = tl.dot(v, tl.trans(gs), input_precision="ieee") + tl.load(gd_ptr + bh * KP + m)[None, :]  # [R, BK]
         accv = tl.dot(ya * yb, gs, accv, input_precision="ieee")
-        ea = (ia[:, None] == dk[None, :]).to(tl.float32)
-        eb = (ib[:, None] == dk[None, :]).to(tl.float32)
-        accx = tl.dot(du * yb, ea, accx, input_precision="ieee")
-        accx = tl.dot(du * ya, eb, accx, input_precision="ieee")
+        accx = _chain(accx, du, xt, ya, yb, ia, ib, ia_ptr, m, KP, D, 1.0, 2)
     tl.store(dk_ptr + (b * T + rows)[:, None] * HK * D + hk * D + dk[None, :], accx.to(dk_ptr.dtype.element_ty),
              mask=rmask[:, None])
     tl.store(dv_ptr + (b * T + rows)[:, None] * HK * DV + hk * DV + cols[None, :], accv.to(dv_ptr.dtype.element_ty),
