@@ -515,6 +515,74 @@ def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_p
         tl.store(rdb + KP + m, r3d)
 
 
+@triton.jit(do_not_specialize=["c0", "NFT"])  # read only with packed documents
+def _rstate_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_ptr, st_ptr, sd_ptr, rs_ptr, rd_ptr,
+                   ct_ptr, T, t0, c0, NFT, NS1, HQ, GROUPS, KP, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr,
+                   C: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
+    """What :func:`_bwd_kernel` computes with ``MODE == 1`` (chunk n's contribution to the gradient of the states,
+    one query head, one block of ``BK`` features -> slot ``NS1 - 1 - n`` of ``rs``, ``rd``), by sub-chunks of C
+    rows on the tensor cores instead of one row at a time. With ``L3`` the state before a sub-chunk and
+    ``A = U1^T G`` (``G``: the rows' ``dO / den``), the sub-chunk adds ``L3 ∘ A`` plus its (inside, inside) pairs
+    ``Σ_{j <= i} (U1[i] ∘ U3[j]) ⊗ (G[i] ∘ v2[j])``: a ``[BK, C²] x [C², Dv]`` product (and the same with
+    U2, v1 and L2 for dL3); then the states advance by ``U2^T v1``, ``U3^T v2``. The normaliser's vectors are
+    vector scans. Products in the forward's operand type (``DT``, ``PREC``), accumulated in float32."""
+    NSUB: tl.constexpr = F // C
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    kb = tl.program_id(2)
+    b, h, hk, HK, stb, sdb = _head_states(st_ptr, sd_ptr, n, bh, HQ, GROUPS, NS1, KP, DVP)
+    sv = HK * DV
+    so = HQ * DV
+    TS = (NS1 - 1) * F
+    m = kb * BK + tl.arange(0, BK)
+    cols = tl.arange(0, DVP)
+    soff = m[:, None] * DVP + cols[None, :]
+    L2 = tl.load(stb + soff)
+    L3 = tl.load(stb + KP * DVP + soff)
+    l2 = tl.load(sdb + m)
+    l3 = tl.load(sdb + KP + m)
+    R2 = tl.zeros((BK, DVP), tl.float32)
+    R3 = tl.zeros((BK, DVP), tl.float32)
+    r2d = tl.zeros((BK,), tl.float32)
+    r3d = tl.zeros((BK,), tl.float32)
+    v1b = v1_ptr + b * T * sv + hk * DV
+    v2b = v2_ptr + b * T * sv + hk * DV
+    dob = do_ptr + b * T * so + h * DV
+    rb = b * T * HQ + h
+    r0, r1 = _chunk_rows(ct_ptr, NFT, c0, n, t0, T, F, VARLEN)
+    tq = r0 - t0  # this chunk's first row in the segment's buffers
+    ci = tl.arange(0, C)
+    pm = ((tl.arange(0, C * C) % C) <= (tl.arange(0, C * C) // C))[:, None]  # pair (i, j) with j <= i
+    for s in range(NSUB):
+        rows = r0 + s * C + ci
+        rmask = rows < r1
+        br = b * TS + tq + s * C + ci  # buffer rows
+        u1 = tl.load(u1_ptr + (br[:, None] * HQ + h) * KP + m[None, :], mask=rmask[:, None], other=0.0)
+        u2 = tl.load(u2_ptr + (br[:, None] * HK + hk) * KP + m[None, :], mask=rmask[:, None], other=0.0)
+        u3 = tl.load(u3_ptr + (br[:, None] * HK + hk) * KP + m[None, :], mask=rmask[:, None], other=0.0)
+        v1c = _rows(v1b, rows, rmask, sv, cols, DV)
+        v2c = _rows(v2b, rows, rmask, sv, cols, DV)
+        rden = 1.0 / tl.load(den_ptr + rb + rows * HQ, mask=rmask, other=1.0)
+        g = _rows(dob, rows, rmask, so, cols, DV) * rden[:, None]
+        gd = -tl.load(delta_ptr + rb + rows * HQ, mask=rmask, other=0.0) * rden
+        a = _mm(tl.trans(u1), g, DT, PREC)  # Σ_i U1[i] ⊗ G[i]
+        R2 += L3 * a + _mm(tl.trans(tl.where(pm, _pairs(u1, u3, C, BK), 0.0)), _pairs(g, v2c, C, DVP), DT, PREC)
+        R3 += L2 * a + _mm(tl.trans(tl.where(pm, _pairs(u1, u2, C, BK), 0.0)), _pairs(g, v1c, C, DVP), DT, PREC)
+        gu1 = gd[:, None] * u1
+        r2d += tl.sum(gu1 * (l3[None, :] + tl.cumsum(u3, axis=0)), axis=0)
+        r3d += tl.sum(gu1 * (l2[None, :] + tl.cumsum(u2, axis=0)), axis=0)
+        L2 += _mm(tl.trans(u2), v1c, DT, PREC)
+        L3 += _mm(tl.trans(u3), v2c, DT, PREC)
+        l2 += tl.sum(u2, axis=0)
+        l3 += tl.sum(u3, axis=0)
+    rsb = rs_ptr + (bh * NS1 + NS1 - 1 - n) * 2 * KP * DVP
+    rdb = rd_ptr + (bh * NS1 + NS1 - 1 - n) * 2 * KP
+    tl.store(rsb + soff, R2)
+    tl.store(rsb + KP * DVP + soff, R3)
+    tl.store(rdb + m, r2d)
+    tl.store(rdb + KP + m, r3d)
+
+
 @triton.jit
 def _seg_add(a, fa, b, fb):
     """Combine of a segmented sum: ``b`` alone where it starts a segment (flag ``fb``), else ``a + b``."""
