@@ -18,7 +18,7 @@ import torch
 from tensorattn.bench.harness import attn_shapes, guarded, machine_info, randn_inputs, time_fn, write_report
 
 
-KERNELS = ("_state_kernel", "_fwd_kernel", "_bwd_kernel", "_rstate_kernel")
+KERNELS = ("_state_kernel", "_fwd_kernel", "_bwd_kernel")
 
 
 def _inputs(B, T, Hq, Hkv, Dk, Dv, dtype, seed, scale=1.0):

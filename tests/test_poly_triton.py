@@ -163,6 +163,23 @@ def test_triton_gpu_matches_naive(B, T, Hq, Hkv, D, Dv, dtype):
         assert err(a, b) <= 2 * err(al, b) + floor, (n, err(a, b), err(al, b))
 
 
+def test_exact_bf16_split_of_the_projection_only_on_cuda(monkeypatch):
+    """The chain rule's one-hot products as three bf16 parts (TUNE PROJ_X3) are exact on the GPU (held to 1e-5 by
+    the float32 case of test_triton_gpu_matches_naive) but not under the interpreter, whose bf16 products are not
+    exact (relative errors of 1e7 when forced): CPU tensors must take the float32 product whatever TUNE says."""
+    import tensorattn.triton.poly as tp
+
+    monkeypatch.setitem(tp.TUNE, "PROJ_X3", 1)
+    q = torch.zeros(1, 8, 2, 16)
+    v = torch.zeros(1, 8, 2, 32)
+    assert tp._Cfg(q, q, v, 64, tp.SEG_BYTES).x3 is False
+    if torch.cuda.is_available():
+        qc, vc = q.cuda(), v.cuda()
+        assert tp._Cfg(qc, qc, vc, 64, tp.SEG_BYTES).x3 is True
+        monkeypatch.setitem(tp.TUNE, "PROJ_X3", 0)
+        assert tp._Cfg(qc, qc, vc, 64, tp.SEG_BYTES).x3 is False
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_triton_gpu_float32_tf32_only_when_allowed():
     """With TF32 allowed, float32 inputs may lose digits (about 1e-3); without, they must not."""

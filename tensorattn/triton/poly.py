@@ -67,8 +67,8 @@ import triton
 import triton.language as tl
 
 from ..features import multi_indices
-from .poly_kernels import (_bwd_kernel, _feat_kernel, _fwd_kernel, _proj_kernel, _rstate_kernel, _scan_kernel,
-                           _state_kernel, _totals_bwd_kernel)
+from .poly_kernels import (_bwd_kernel, _feat_kernel, _fwd_kernel, _proj_kernel, _scan_kernel, _state_kernel,
+                           _totals_bwd_kernel)
 
 C = 16  # queries per sub-chunk (the pair products have C² = 256 rows)
 BK = 32  # features per block
@@ -80,11 +80,12 @@ SEG_BYTES = 1 << 30
 # chunk scan's tile (SCAN_U chunks x SCAN_BW columns; 0 for SCAN_U: torch's cumsum_ instead), the forward's split
 # feature loop (SPLIT_FWD: 1, or 0 for one loop; see _fwd_kernel). SPLIT_FWD=1 with 4 warps, measured on an H200
 # (benchmarks/results/poly_tune_sweep12.md, sweep13): forward 13.2 -> 11.4 ms at 64K, fwd+bwd 48.3 -> 46.8.
-# The walk's first pass by sub-chunk pair products instead (PAIR_BWD1: 0 never, 1 for 16-bit inputs, 2 always;
-# _rstate_kernel, BK_PAIR1 features and WARPS_PAIR1 warps per program).
+# PROJ_X3: the chain rule's one-hot products as three exact bf16 tensor-core products on CUDA (1) or one float32
+# FMA product (0, and always under the interpreter); measured (poly_tune_sweep15.md): _proj_kernel 3.56 -> 1.75 ms,
+# fwd+bwd 46.8 -> 44.7 ms at 64K.
 TUNE = dict(F=64, EB_FWD=64, WARPS_FWD=4, WARPS_STATE=4, BK_BWD1=32, WARPS_BWD1=4, BK_BWD=16, WARPS_BWD=1,
             MAXNREG_BWD=0, R_PROJ=64, WARPS_PROJ=4, R_FEAT=64, WARPS_FEAT=4, SCAN_U=8, SCAN_BW=512, SPLIT_FWD=1,
-            PAIR_BWD1=0, BK_PAIR1=32, WARPS_PAIR1=4)
+            PROJ_X3=1)
 for _k in list(TUNE):  # TENSORATTN_POLY_<KEY> overrides a default (benchmark sweeps)
     if os.environ.get(f"TENSORATTN_POLY_{_k}") is not None:
         TUNE[_k] = int(os.environ[f"TENSORATTN_POLY_{_k}"])
@@ -214,11 +215,7 @@ class _Cfg:
             kw = dict(DV=self.DV, DVP=self.DVP, F=self.F, BK=bkb, num_warps=int(TUNE[warps]))
             kw.update({k: int(v) for k, v in extra.items() if v})
             self.walk.append((self.KP // bkb, kw))
-        pair1, self.bkp1 = int(TUNE["PAIR_BWD1"]), int(TUNE["BK_PAIR1"])
-        if pair1 not in (0, 1, 2) or self.bkp1 not in (16, 32):
-            raise ValueError(f"TUNE['PAIR_BWD1'] must be 0, 1 or 2 and TUNE['BK_PAIR1'] 16 or 32, got {pair1} and "
-                             f"{self.bkp1}")
-        self.pair1 = pair1 == 2 or (pair1 == 1 and self.DT != tl.float32)
+        self.x3 = bool(TUNE["PROJ_X3"]) and q.device.type == "cuda"
 
     def flags(self, c0: int, nf: int, backward: bool):
         """The restart flags of a segment's chunk scans (``None`` without packed documents): forward slots
@@ -317,7 +314,8 @@ def poly_totals_bwd(k1, k2, v1, v2, gst, gsd):
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         _totals_bwd_kernel[(-(-cfg.T // R), cfg.B * cfg.HK)](
             k, v, gst[:, s].float().contiguous(), gsd[:, s].float().contiguous(), dk, dv, cfg.ia, cfg.ib, cfg.T,
-            cfg.HK, cfg.KP, cfg.NKB, D=cfg.D, DV=cfg.DV, DVP=cfg.DVP, R=R, BK=BK, num_warps=TUNE["WARPS_PROJ"])
+            cfg.HK, cfg.KP, cfg.NKB, D=cfg.D, DV=cfg.DV, DVP=cfg.DVP, R=R, BK=BK, X3=cfg.x3,
+            num_warps=TUNE["WARPS_PROJ"])
         out.append((dk, dv))
     (dk1, dv1), (dk2, dv2) = out
     return dk1, dk2, dv1, dv2
@@ -436,13 +434,8 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg
         rd[:, 0] = carryd
         args = (cfg.ct_arg, T, t0, c0, cfg.NF, nf + 1, HQ, cfg.G, KP)
         (nb1, kw1), (nb2, kw2) = cfg.walk
-        if cfg.pair1:
-            _rstate_kernel[(nf, B * HQ, KP // cfg.bkp1)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, *args, DV=DV,
-                                                         DVP=cfg.DVP, F=F, C=C, BK=cfg.bkp1, DT=cfg.DT, PREC=cfg.PREC,
-                                                         VARLEN=cfg.varlen, num_warps=int(TUNE["WARPS_PAIR1"]))
-        else:
-            _bwd_kernel[(nf, B * HQ, nb1)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, rs, rs, rs, rs, 0, *args,
-                                           MODE=1, VARLEN=cfg.varlen, **kw1)
+        _bwd_kernel[(nf, B * HQ, nb1)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, rs, rs, rs, rs, 0, *args, MODE=1,
+                                       VARLEN=cfg.varlen, **kw1)
         flags = cfg.flags(c0, nf, backward=True)
         _chunk_cumsum_(rs, flags, 2)
         _chunk_cumsum_(rd, flags, 2)
@@ -455,7 +448,7 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg
         for x, du, dx, h, g, qw, sc in ((q, dus[0], dq, HQ, 1, 1, scale), (k1, dus[1], dk1, HK, cfg.G, 0, 1.0),
                                         (k2, dus[2], dk2, HK, cfg.G, 0, 1.0)):
             _proj_kernel[(-(-TS // RP), B * h)](x, du, dx, cfg.ia, cfg.ib, cfg.wq, T, t0, r1, TS, h, HQ, g, KP,
-                                               cfg.NKB, sc, D=D, R=RP, BK=BK, QW=qw, DEG=cfg.degree,
+                                               cfg.NKB, sc, D=D, R=RP, BK=BK, QW=qw, DEG=cfg.degree, X3=cfg.x3,
                                                num_warps=TUNE["WARPS_PROJ"])
         del dus
         n = r1 - t0

@@ -83,17 +83,36 @@ def _chunk_rows(ct_ptr, NFT, c0, n, t0, T, F: tl.constexpr, VARLEN: tl.constexpr
 
 
 @triton.jit
-def _chain(acc, du, xt, ya, yb, ia, ib, ix_ptr, m, KP, D: tl.constexpr, scale, DEG: tl.constexpr):
+def _onehot_dot(p, ix, acc, D: tl.constexpr, X3: tl.constexpr):
+    """``acc + p @ onehot(ix)`` (``p [R, BK]`` float32, ``ix [BK]``: the column of each feature's 1), float32-exact.
+    ``X3``: three bf16 tensor-core products of ``p = hi + mid + lo`` (each part one bf16, exact: 3 x 8 bits hold
+    float32's 24; a product with 0 or 1 is exact, sums in float32), else one ``ieee`` product (CUDA-core FMAs;
+    the interpreter's, whose bf16 products are not exact)."""
+    e = ix[:, None] == tl.arange(0, D)[None, :]
+    if X3:
+        eb = e.to(tl.bfloat16)
+        hi = p.to(tl.bfloat16)
+        r = p - hi.to(tl.float32)
+        mid = r.to(tl.bfloat16)
+        acc = tl.dot((r - mid.to(tl.float32)).to(tl.bfloat16), eb, acc)
+        acc = tl.dot(mid, eb, acc)
+        acc = tl.dot(hi, eb, acc)
+    else:
+        acc = tl.dot(p, e.to(tl.float32), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _chain(acc, du, xt, ya, yb, ia, ib, ix_ptr, m, KP, D: tl.constexpr, scale, DEG: tl.constexpr,
+           X3: tl.constexpr):
     """``acc`` ``[R, D]`` plus the chain rule of feature gradients ``du [R, BK]`` through the monomials ``m`` of a
     row tile ``xt``: ``Σ_m du[m] Σ_t e_{i_t[m]} Π_{s != t} y_s[m]``, the factors ``ya``, ``yb`` of :func:`_gather`
-    and, at degree 4, those of rows 2 and 3 of the index table (``ix_ptr``). One-hot products in float32
-    (``ieee``; tf32x3 measured slower); a constant factor (index D) matches no column."""
-    dk = tl.arange(0, D)
-    ea = (ia[:, None] == dk[None, :]).to(tl.float32)
-    eb = (ib[:, None] == dk[None, :]).to(tl.float32)
+    and, at degree 4, those of rows 2 and 3 of the index table (``ix_ptr``). One-hot products
+    (:func:`_onehot_dot`, exact in float32 either way; tf32x3 measured slower than ``ieee``); a constant factor
+    (index D) matches no column."""
     if DEG == 2:
-        acc = tl.dot(du * yb, ea, acc, input_precision="ieee")
-        acc = tl.dot(du * ya, eb, acc, input_precision="ieee")
+        acc = _onehot_dot(du * yb, ia, acc, D, X3)
+        acc = _onehot_dot(du * ya, ib, acc, D, X3)
     else:  # degree 4: each factor's term carries the product of the other three
         i3 = tl.load(ix_ptr + 2 * KP + m)
         i4 = tl.load(ix_ptr + 3 * KP + m)
@@ -101,10 +120,10 @@ def _chain(acc, du, xt, ya, yb, ia, ib, ix_ptr, m, KP, D: tl.constexpr, scale, D
         yd = _factor(xt, i4, D, scale)
         ab = ya * yb
         cd = yc * yd
-        acc = tl.dot(du * yb * cd, ea, acc, input_precision="ieee")
-        acc = tl.dot(du * ya * cd, eb, acc, input_precision="ieee")
-        acc = tl.dot(du * ab * yd, (i3[:, None] == dk[None, :]).to(tl.float32), acc, input_precision="ieee")
-        acc = tl.dot(du * ab * yc, (i4[:, None] == dk[None, :]).to(tl.float32), acc, input_precision="ieee")
+        acc = _onehot_dot(du * yb * cd, ia, acc, D, X3)
+        acc = _onehot_dot(du * ya * cd, ib, acc, D, X3)
+        acc = _onehot_dot(du * ab * yd, i3, acc, D, X3)
+        acc = _onehot_dot(du * ab * yc, i4, acc, D, X3)
     return acc
 
 
@@ -345,7 +364,8 @@ def _feat_kernel(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, H, KP, sca
 
 @triton.jit
 def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, HX, HQ, GROUPS, KP, NKB, scale,
-                 D: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, QW: tl.constexpr, DEG: tl.constexpr):
+                 D: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, QW: tl.constexpr, DEG: tl.constexpr,
+                 X3: tl.constexpr):
     """Chain rule through the features (:func:`_chain`; times the query weights and the scale when ``QW``) for
     ``R`` of the segment's rows ``t0 + [0, TS)`` before ``TE`` (the segment's end) of one head ``hx`` of
     ``x [B, T, HX, D]``, the feature gradients ``du [B, TS, HQ, KP]`` summed over the ``GROUPS`` query heads of
@@ -371,14 +391,15 @@ def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, H
                           mask=rmask[:, None], other=0.0)
         if QW:
             du = du * (tl.load(wq_ptr + m) * scale)[None, :]
-        acc = _chain(acc, du, xt, ya, yb, ia, ib, ia_ptr, m, KP, D, scale, DEG)
+        acc = _chain(acc, du, xt, ya, yb, ia, ib, ia_ptr, m, KP, D, scale, DEG, X3)
     tl.store(dx_ptr + (b * T + rows)[:, None] * HX * D + hx * D + dk[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=rmask[:, None])
 
 
 @triton.jit
 def _totals_bwd_kernel(k_ptr, v_ptr, gs_ptr, gd_ptr, dk_ptr, dv_ptr, ia_ptr, ib_ptr, T, HK, KP, NKB,
-                       D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, R: tl.constexpr, BK: tl.constexpr):
+                       D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
+                       X3: tl.constexpr):
     """Gradient of one stream's totals ``S = Σ_j U[j] ⊗ v[j]``, ``z = Σ_j U[j]`` over all rows of
     ``k, v [B, T, HK, *]`` (``U``: the degree-2 features of k), given ``gS [B * HK, KP, DVP]`` and ``gz [B * HK,
     KP]``, for ``R`` rows of one kv head: ``dv[j] = Σ_m U[j, m] gS[m]`` and ``dU[j, m] = <v[j], gS[m]> + gz[m]``
@@ -404,7 +425,7 @@ def _totals_bwd_kernel(k_ptr, v_ptr, gs_ptr, gd_ptr, dk_ptr, dv_ptr, ia_ptr, ib_
         gs = tl.load(gs_ptr + (bh * KP + m)[:, None] * DVP + cols[None, :])  # [BK, DVP]
         du = tl.dot(v, tl.trans(gs), input_precision="ieee") + tl.load(gd_ptr + bh * KP + m)[None, :]  # [R, BK]
         accv = tl.dot(ya * yb, gs, accv, input_precision="ieee")
-        accx = _chain(accx, du, xt, ya, yb, ia, ib, ia_ptr, m, KP, D, 1.0, 2)
+        accx = _chain(accx, du, xt, ya, yb, ia, ib, ia_ptr, m, KP, D, 1.0, 2, X3)
     tl.store(dk_ptr + (b * T + rows)[:, None] * HK * D + hk * D + dk[None, :], accx.to(dk_ptr.dtype.element_ty),
              mask=rmask[:, None])
     tl.store(dv_ptr + (b * T + rows)[:, None] * HK * DV + hk * DV + cols[None, :], accv.to(dv_ptr.dtype.element_ty),
@@ -513,74 +534,6 @@ def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_p
         tl.store(rsb + KP * DVP + soff, R3)
         tl.store(rdb + m, r2d)
         tl.store(rdb + KP + m, r3d)
-
-
-@triton.jit(do_not_specialize=["c0", "NFT"])  # read only with packed documents
-def _rstate_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_ptr, st_ptr, sd_ptr, rs_ptr, rd_ptr,
-                   ct_ptr, T, t0, c0, NFT, NS1, HQ, GROUPS, KP, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr,
-                   C: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
-    """What :func:`_bwd_kernel` computes with ``MODE == 1`` (chunk n's contribution to the gradient of the states,
-    one query head, one block of ``BK`` features -> slot ``NS1 - 1 - n`` of ``rs``, ``rd``), by sub-chunks of C
-    rows on the tensor cores instead of one row at a time. With ``L3`` the state before a sub-chunk and
-    ``A = U1^T G`` (``G``: the rows' ``dO / den``), the sub-chunk adds ``L3 ∘ A`` plus its (inside, inside) pairs
-    ``Σ_{j <= i} (U1[i] ∘ U3[j]) ⊗ (G[i] ∘ v2[j])``: a ``[BK, C²] x [C², Dv]`` product (and the same with
-    U2, v1 and L2 for dL3); then the states advance by ``U2^T v1``, ``U3^T v2``. The normaliser's vectors are
-    vector scans. Products in the forward's operand type (``DT``, ``PREC``), accumulated in float32."""
-    NSUB: tl.constexpr = F // C
-    n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    kb = tl.program_id(2)
-    b, h, hk, HK, stb, sdb = _head_states(st_ptr, sd_ptr, n, bh, HQ, GROUPS, NS1, KP, DVP)
-    sv = HK * DV
-    so = HQ * DV
-    TS = (NS1 - 1) * F
-    m = kb * BK + tl.arange(0, BK)
-    cols = tl.arange(0, DVP)
-    soff = m[:, None] * DVP + cols[None, :]
-    L2 = tl.load(stb + soff)
-    L3 = tl.load(stb + KP * DVP + soff)
-    l2 = tl.load(sdb + m)
-    l3 = tl.load(sdb + KP + m)
-    R2 = tl.zeros((BK, DVP), tl.float32)
-    R3 = tl.zeros((BK, DVP), tl.float32)
-    r2d = tl.zeros((BK,), tl.float32)
-    r3d = tl.zeros((BK,), tl.float32)
-    v1b = v1_ptr + b * T * sv + hk * DV
-    v2b = v2_ptr + b * T * sv + hk * DV
-    dob = do_ptr + b * T * so + h * DV
-    rb = b * T * HQ + h
-    r0, r1 = _chunk_rows(ct_ptr, NFT, c0, n, t0, T, F, VARLEN)
-    tq = r0 - t0  # this chunk's first row in the segment's buffers
-    ci = tl.arange(0, C)
-    pm = ((tl.arange(0, C * C) % C) <= (tl.arange(0, C * C) // C))[:, None]  # pair (i, j) with j <= i
-    for s in range(NSUB):
-        rows = r0 + s * C + ci
-        rmask = rows < r1
-        br = b * TS + tq + s * C + ci  # buffer rows
-        u1 = tl.load(u1_ptr + (br[:, None] * HQ + h) * KP + m[None, :], mask=rmask[:, None], other=0.0)
-        u2 = tl.load(u2_ptr + (br[:, None] * HK + hk) * KP + m[None, :], mask=rmask[:, None], other=0.0)
-        u3 = tl.load(u3_ptr + (br[:, None] * HK + hk) * KP + m[None, :], mask=rmask[:, None], other=0.0)
-        v1c = _rows(v1b, rows, rmask, sv, cols, DV)
-        v2c = _rows(v2b, rows, rmask, sv, cols, DV)
-        rden = 1.0 / tl.load(den_ptr + rb + rows * HQ, mask=rmask, other=1.0)
-        g = _rows(dob, rows, rmask, so, cols, DV) * rden[:, None]
-        gd = -tl.load(delta_ptr + rb + rows * HQ, mask=rmask, other=0.0) * rden
-        a = _mm(tl.trans(u1), g, DT, PREC)  # Σ_i U1[i] ⊗ G[i]
-        R2 += L3 * a + _mm(tl.trans(tl.where(pm, _pairs(u1, u3, C, BK), 0.0)), _pairs(g, v2c, C, DVP), DT, PREC)
-        R3 += L2 * a + _mm(tl.trans(tl.where(pm, _pairs(u1, u2, C, BK), 0.0)), _pairs(g, v1c, C, DVP), DT, PREC)
-        gu1 = gd[:, None] * u1
-        r2d += tl.sum(gu1 * (l3[None, :] + tl.cumsum(u3, axis=0)), axis=0)
-        r3d += tl.sum(gu1 * (l2[None, :] + tl.cumsum(u2, axis=0)), axis=0)
-        L2 += _mm(tl.trans(u2), v1c, DT, PREC)
-        L3 += _mm(tl.trans(u3), v2c, DT, PREC)
-        l2 += tl.sum(u2, axis=0)
-        l3 += tl.sum(u3, axis=0)
-    rsb = rs_ptr + (bh * NS1 + NS1 - 1 - n) * 2 * KP * DVP
-    rdb = rd_ptr + (bh * NS1 + NS1 - 1 - n) * 2 * KP
-    tl.store(rsb + soff, R2)
-    tl.store(rsb + KP * DVP + soff, R3)
-    tl.store(rdb + m, r2d)
-    tl.store(rdb + KP + m, r3d)
 
 
 @triton.jit
