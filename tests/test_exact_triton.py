@@ -98,6 +98,8 @@ else:
             ("w-ge-T", (1, 65, 4, 1, 64, 64), dict(window=(80, 65))),
             ("w7-100-gqa3", (3, 150, 6, 2, 16, 16), dict(window=(7, 100))),
             ("w32-64-gqa16-d128", (2, 200, 16, 1, 128, 128), dict(window=(32, 64))),
+            # one token per program (64 rows = its 64 heads): the outer k1/v1 row is loaded once, broadcast
+            ("w16-40-gqa64-d128", (1, 90, 64, 1, 128, 128), dict(window=(16, 40))),
             ("strided-b3", (3, 100, 4, 2, 64, 64), dict(window=(20, 12), strided=True)),
             ("strided-b3-causal", (3, 70, 4, 4, 32, 32), dict(causal=True, strided=True)),
         ]
@@ -112,6 +114,10 @@ else:
             ("w3-9", (1, 18, 2, 1, 16, 16), dict(window=(3, 9))),
             ("w-ge-T", (1, 9, 2, 1, 16, 16), dict(window=(9, 30))),
             ("strided-b2", (2, 11, 2, 1, 16, 16), dict(window=(4, 6), strided=True)),
+            ("w4-6-gqa16", (1, 12, 16, 1, 16, 16), dict(window=(4, 6))),  # one token per program: k1/v1 broadcast
+            # a window wider than a query block plus a key block: whole inner blocks skip the mask, the rest not
+            ("w3-40", (1, 70, 2, 1, 16, 16), dict(window=(3, 40))),
+            ("T50-causal", (1, 50, 1, 1, 16, 16), dict(causal=True)),
         ]
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))

@@ -30,6 +30,8 @@ is stored (``lse = (m2 + log2 l) * ln 2``), the same base as the references; the
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -38,6 +40,23 @@ LOG2E = tl.constexpr(1.4426950408889634)  # the kernels read these as constexpr 
 LN2 = tl.constexpr(0.6931471805599453)
 
 MODE_FULL, MODE_CAUSAL, MODE_WINDOW = 0, 1, 2
+
+# The outer step's k1 / v1 as one row broadcast over the program's rows where they all read the same position
+# (causal and full attention; windows with one token per program, as GQA 64 at D = 128): as FBGEMM's kernel does.
+# TENSORATTN_EXACT_ROW1=0 gathers one row per program row instead (the A/B of the benchmarks).
+ROW1 = os.environ.get("TENSORATTN_EXACT_ROW1", "1") != "0"
+# Inner key blocks that every row of the program sees whole (no tail, no mask edge, outer key visible to all rows)
+# skip the mask; TENSORATTN_EXACT_FAST=0 masks every block. Software-pipelining stages of the forward's outer and
+# inner loops, TENSORATTN_EXACT_STAGES="outer,inner": 2,3 measured best overall on an H200 (FBGEMM's 16,1 gains
+# 2 % at D = 128 and loses 17 % on full causal; benchmarks/NOTES_exact.md).
+FAST = os.environ.get("TENSORATTN_EXACT_FAST", "1") != "0"
+_stages = os.environ.get("TENSORATTN_EXACT_STAGES", "2,3")
+try:
+    STAGES = tuple(int(x) for x in _stages.split(","))
+except ValueError:
+    STAGES = ()
+if len(STAGES) != 2 or min(STAGES) < 1:
+    raise ValueError(f"TENSORATTN_EXACT_STAGES must be two positive integers 'outer,inner', got {_stages!r}")
 
 # The last compiled kernel of each name (registers, spills: read by the benchmark's report).
 COMPILED = {}
@@ -62,8 +81,11 @@ def plan(q, k1, k2, *, causal, window):
     return MODE_FULL, (S1, S2), S1 > S2
 
 
-def block_sizes(G: int, D: int, Dv: int, *, interpret: bool):
-    """(BT, GP, BN, BD, BDV, num_warps): about 64 rows per program, 64 keys per inner block."""
+def block_sizes(G: int, D: int, Dv: int, *, interpret: bool, forward: bool = False):
+    """(BT, GP, BN, BD, BDV, num_warps): about 64 rows per program, 64 keys per inner block; 8 warps for head dims of
+    128 in the backward, 4 in the forward (measured on an H200 at D = 128, GQA 64, bf16: forward 172 -> 275
+    TFLOP/s with 4 warps, where the backward falls from 166 to 107; ``benchmarks/results/bench_exact_row1.md``,
+    ``benchmarks/NOTES_exact.md``)."""
     GP = triton.next_power_of_2(G)
     BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
     if interpret:  # tiny tiles: the interpreter's cost grows with the tile area
@@ -71,7 +93,7 @@ def block_sizes(G: int, D: int, Dv: int, *, interpret: bool):
     rows = 64
     BT = max(1, rows // GP)
     BN = 64
-    warps = 8 if max(BD, BDV) >= 128 else 4
+    warps = 8 if max(BD, BDV) >= (256 if forward else 128) else 4
     return BT, GP, BN, BD, BDV, warps
 
 
@@ -169,6 +191,13 @@ def _pair_mask(vis, j2, tok, W2, doc_lo, doc_hi, MODE: tl.constexpr, VARLEN: tl.
 
 
 @triton.jit
+def _masked(s, ok1, ok2, j2, tok, W2, doc_lo, doc_hi, MODE: tl.constexpr, VARLEN: tl.constexpr):
+    """Scores ``s [M, BN]`` with the pairs a row does not see at -inf (:func:`_pair_mask`)."""
+    vis = _pair_mask(ok1[:, None] & ok2[None, :], j2, tok, W2, doc_lo, doc_hi, MODE, VARLEN)
+    return tl.where(vis, s, float("-inf"))
+
+
+@triton.jit
 def _exact_fwd_kernel(
     Q, K1, K2, V1, V2, O, LSE, DOC_LO, DOC_HI,
     sq_b, sq_t, sq_h, sq_d,
@@ -181,7 +210,7 @@ def _exact_fwd_kernel(
     T, S1, S2, Hkv, G, D, Dv, W1, W2, qk_scale,
     MODE: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, ROW1: tl.constexpr, FAST: tl.constexpr, S_OUT: tl.constexpr, S_IN: tl.constexpr,
 ):
     M: tl.constexpr = BT * GP
     pid_t = tl.program_id(0)
@@ -208,12 +237,21 @@ def _exact_fwd_kernel(
 
     r0, n_outer, lo2, hi2, doc_lo, doc_hi = _query_loops(DOC_LO, DOC_HI, i0, tok, row_ok, T, S1, S2, W1, W2, BT,
                                                          MODE, VARLEN)
-    for r in range(r0, n_outer):
+    for r in tl.range(r0, n_outer, num_stages=S_OUT):
         j1, ok1 = _outer_keys(r, tok, row_ok, doc_lo, doc_hi, M, MODE, VARLEN)
-        k1 = tl.load(K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d, mask=ok1[:, None] & d_ok[None, :], other=0.0)
-        v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :], other=0.0)
+        if ROW1:  # every row has the same j1: one row of k1 and v1, broadcast over the M rows
+            js = r
+            mk, me = d_ok, e_ok
+            if MODE == 2:  # relative: j1 = i0 - r, before the sequence's start for the first rows
+                js = i0 - r
+                mk, me = d_ok & (js + 0 * d >= 0), e_ok & (js + 0 * e >= 0)
+            k1 = tl.load(K1 + js * sk1_t + d * sk1_d, mask=mk, other=0.0)[None, :]  # [1, BD]
+            v1 = tl.load(V1 + js * sv1_t + e * sv1_d, mask=me, other=0.0)[None, :]
+        else:
+            k1 = tl.load(K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d, mask=ok1[:, None] & d_ok[None, :], other=0.0)
+            v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :], other=0.0)
         qk1 = (q.to(tl.float32) * k1.to(tl.float32) * qk_scale).to(DOT_DTYPE)  # [M, BD], base-2 logits
-        for c0 in range(lo2, hi2, BN):
+        for c0 in tl.range(lo2, hi2, BN, num_stages=S_IN):
             j2 = c0 + tl.arange(0, BN)
             ok2 = j2 < hi2
             k2t = tl.load(K2 + j2[None, :] * sk2_t + d[:, None] * sk2_d, mask=ok2[None, :] & d_ok[:, None],
@@ -221,8 +259,19 @@ def _exact_fwd_kernel(
             v2 = tl.load(V2 + j2[:, None] * sv2_t + e[None, :] * sv2_d, mask=ok2[:, None] & e_ok[None, :],
                          other=0.0).to(DOT_DTYPE)  # [BN, BDV]
             s = tl.dot(qk1, k2t, input_precision=PRECISION)  # [M, BN], base-2 logits
-            vis = _pair_mask(ok1[:, None] & ok2[None, :], j2, tok, W2, doc_lo, doc_hi, MODE, VARLEN)
-            s = tl.where(vis, s, float("-inf"))
+            if FAST and not VARLEN:
+                # masked only where some row does not see all of the block (rows past T or past the group compute
+                # values that are never stored): the tail, the diagonal, the window's far edge, an outer key
+                # before a row's start
+                edge = c0 + BN > hi2
+                if MODE != 0:
+                    edge = edge | (r > i0) | (c0 + BN - 1 > i0)
+                if MODE == 2:
+                    edge = edge | (c0 < i0 + BT - W2)
+                if edge:
+                    s = _masked(s, ok1, ok2, j2, tok, W2, doc_lo, doc_hi, MODE, VARLEN)
+            else:
+                s = _masked(s, ok1, ok2, j2, tok, W2, doc_lo, doc_hi, MODE, VARLEN)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
             p = tl.math.exp2(s - m_safe[:, None])
@@ -266,7 +315,7 @@ def exact_fwd(q, k1, k2, v1, v2, *, scale: float, causal: bool, window, block=No
     if swap:
         k1, k2, v1, v2 = k2, k1, v2, v1
     interpret = q.device.type == "cpu"
-    BT, GP, BN, BD, BDV, warps = block or block_sizes(G, D, Dv, interpret=interpret)
+    BT, GP, BN, BD, BDV, warps = block or block_sizes(G, D, Dv, interpret=interpret, forward=True)
     o = torch.empty(B, T, Hq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(T, BT), B * Hkv)
@@ -277,7 +326,8 @@ def exact_fwd(q, k1, k2, v1, v2, *, scale: float, causal: bool, window, block=No
         *q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *o.stride(), *lse.stride(),
         T, k1.shape[1], k2.shape[1], Hkv, G, D, Dv, w1, w2, scale * LOG2E.value,
         MODE=mode, BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, DOT_DTYPE=dot_dtype(q.dtype), PRECISION=prec,
-        VARLEN=docs is not None, num_warps=warps,
+        VARLEN=docs is not None, ROW1=ROW1 and (mode != MODE_WINDOW or BT == 1), FAST=FAST,
+        S_OUT=STAGES[0], S_IN=STAGES[1], num_warps=warps,
     )
     return o, lse
 
