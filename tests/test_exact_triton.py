@@ -85,6 +85,7 @@ else:
         DTYPES = [torch.float32, torch.bfloat16, torch.float16]
         CASES = [
             ("cross-lengths", (2, 37, 4, 2, 64, 64), dict(S1=45, S2=29)),
+            ("cross-whole", (1, 37, 4, 2, 64, 64), dict(S1=45, S2=127)),
             ("T1", (1, 1, 2, 2, 64, 64), dict(causal=True)),
             ("T7", (2, 7, 2, 1, 64, 64), dict(causal=True)),
             ("T63", (1, 63, 4, 4, 64, 64), dict(causal=True)),
@@ -118,6 +119,13 @@ else:
             # a window wider than a query block plus a key block: whole inner blocks skip the mask, the rest not
             ("w3-40", (1, 70, 2, 1, 16, 16), dict(window=(3, 40))),
             ("T50-causal", (1, 50, 1, 1, 16, 16), dict(causal=True)),
+            # full attention with whole key blocks and a tail one short of a block; a window edge on a block bound
+            ("cross-whole", (1, 9, 2, 1, 16, 16), dict(S1=20, S2=31)),
+            ("w3-32-edge", (1, 64, 2, 1, 16, 16), dict(window=(3, 32))),
+            # two tokens per program (GQA 8): blocks that end one key past the first token, or start one key before
+            # the second token's window
+            ("T40-causal-gqa8", (1, 40, 8, 1, 16, 16), dict(causal=True)),
+            ("w3-20-gqa8", (1, 48, 8, 1, 16, 16), dict(window=(3, 20))),
         ]
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))

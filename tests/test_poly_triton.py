@@ -175,9 +175,38 @@ def test_exact_bf16_split_of_the_projection_only_on_cuda(monkeypatch):
     assert tp._Cfg(q, q, v, 64, tp.SEG_BYTES).x3 is False
     if torch.cuda.is_available():
         qc, vc = q.cuda(), v.cuda()
-        assert tp._Cfg(qc, qc, vc, 64, tp.SEG_BYTES).x3 is True
+        assert tp._Cfg(qc, qc, vc, 64, tp.SEG_BYTES).x3 is (torch.cuda.get_device_capability()[0] >= 8)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter on CUDA tensors: never the split
+        assert tp._Cfg(qc, qc, vc, 64, tp.SEG_BYTES).x3 is False
+        monkeypatch.delenv("TRITON_INTERPRET")
         monkeypatch.setitem(tp.TUNE, "PROJ_X3", 0)
         assert tp._Cfg(qc, qc, vc, 64, tp.SEG_BYTES).x3 is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_onehot_split_product_is_float32_accurate():
+    """``_onehot_dot`` with the three-part bf16 split against float64, to a few float32 ulps of the row sums (a
+    two-part split, dropping ``lo``, is off by about 2^-16 relative)."""
+    import triton
+    import triton.language as tl
+    from tensorattn.triton.poly_kernels import _onehot_dot
+
+    @triton.jit
+    def k(p_ptr, ix_ptr, o_ptr, X3: tl.constexpr):
+        r = tl.arange(0, 32)
+        c = tl.arange(0, 32)
+        p = tl.load(p_ptr + r[:, None] * 32 + c[None, :])
+        acc = _onehot_dot(p, tl.load(ix_ptr + c), tl.zeros((32, 16), tl.float32), 16, X3)
+        tl.store(o_ptr + r[:, None] * 16 + tl.arange(0, 16)[None, :], acc)
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    p = torch.randn(32, 32, generator=g, device="cuda") * torch.logspace(-6, 6, 32, device="cuda")[:, None]
+    ix = torch.randint(0, 17, (32,), generator=g, device="cuda", dtype=torch.int32)  # 16: the constant, no column
+    ref = p.double() @ (ix[:, None] == torch.arange(16, device="cuda")).double()
+    out = torch.empty(32, 16, device="cuda")
+    k[(1,)](p, ix, out, X3=True)
+    scale = p.abs().double() @ (ix[:, None] == torch.arange(16, device="cuda")).double()
+    assert ((out.double() - ref).abs() <= 4 * 2.0 ** -24 * scale + 1e-30).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -48,7 +48,7 @@ ROW1 = os.environ.get("TENSORATTN_EXACT_ROW1", "1") != "0"
 # Inner key blocks that every row of the program sees whole (no tail, no mask edge, outer key visible to all rows)
 # skip the mask; TENSORATTN_EXACT_FAST=0 masks every block. Software-pipelining stages of the forward's outer and
 # inner loops, TENSORATTN_EXACT_STAGES="outer,inner": 2,3 measured best overall on an H200 (FBGEMM's 16,1 gains
-# 2 % at D = 128 and loses 17 % on full causal; benchmarks/NOTES_exact.md).
+# 2 % at D = 128 with window (32, 512), none at (512, 32), and loses 16 % on full causal; benchmarks/NOTES_exact.md).
 FAST = os.environ.get("TENSORATTN_EXACT_FAST", "1") != "0"
 _stages = os.environ.get("TENSORATTN_EXACT_STAGES", "2,3")
 try:

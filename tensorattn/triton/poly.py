@@ -66,6 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import triton_interpret
 from ..features import multi_indices
 from .poly_kernels import (_bwd_kernel, _feat_kernel, _fwd_kernel, _proj_kernel, _scan_kernel, _state_kernel,
                            _totals_bwd_kernel)
@@ -80,8 +81,8 @@ SEG_BYTES = 1 << 30
 # chunk scan's tile (SCAN_U chunks x SCAN_BW columns; 0 for SCAN_U: torch's cumsum_ instead), the forward's split
 # feature loop (SPLIT_FWD: 1, or 0 for one loop; see _fwd_kernel). SPLIT_FWD=1 with 4 warps, measured on an H200
 # (benchmarks/results/poly_tune_sweep12.md, sweep13): forward 13.2 -> 11.4 ms at 64K, fwd+bwd 48.3 -> 46.8.
-# PROJ_X3: the chain rule's one-hot products as three exact bf16 tensor-core products on CUDA (1) or one float32
-# FMA product (0, and always under the interpreter); measured (poly_tune_sweep15.md): _proj_kernel 3.56 -> 1.75 ms,
+# PROJ_X3: the chain rule's one-hot products as three bf16 tensor-core products on CUDA (1; float32-accurate, not
+# bitwise the ieee product) or one float32 FMA product (0, and always under the interpreter); measured (poly_tune_sweep15.md): _proj_kernel 3.56 -> 1.75 ms,
 # fwd+bwd 46.8 -> 44.7 ms at 64K.
 TUNE = dict(F=64, EB_FWD=64, WARPS_FWD=4, WARPS_STATE=4, BK_BWD1=32, WARPS_BWD1=4, BK_BWD=16, WARPS_BWD=1,
             MAXNREG_BWD=0, R_PROJ=64, WARPS_PROJ=4, R_FEAT=64, WARPS_FEAT=4, SCAN_U=8, SCAN_BW=512, SPLIT_FWD=1,
@@ -215,7 +216,10 @@ class _Cfg:
             kw = dict(DV=self.DV, DVP=self.DVP, F=self.F, BK=bkb, num_warps=int(TUNE[warps]))
             kw.update({k: int(v) for k, v in extra.items() if v})
             self.walk.append((self.KP // bkb, kw))
-        self.x3 = bool(TUNE["PROJ_X3"]) and q.device.type == "cuda"
+        # never under the interpreter (whose bf16 products are not exact, on CUDA tensors too), and only where bf16
+        # tensor cores exist (compute capability 8.0 on)
+        self.x3 = (bool(TUNE["PROJ_X3"]) and q.device.type == "cuda" and not triton_interpret()
+                   and torch.cuda.get_device_capability(q.device)[0] >= 8)
 
     def flags(self, c0: int, nf: int, backward: bool):
         """The restart flags of a segment's chunk scans (``None`` without packed documents): forward slots

@@ -84,10 +84,11 @@ def _chunk_rows(ct_ptr, NFT, c0, n, t0, T, F: tl.constexpr, VARLEN: tl.constexpr
 
 @triton.jit
 def _onehot_dot(p, ix, acc, D: tl.constexpr, X3: tl.constexpr):
-    """``acc + p @ onehot(ix)`` (``p [R, BK]`` float32, ``ix [BK]``: the column of each feature's 1), float32-exact.
-    ``X3``: three bf16 tensor-core products of ``p = hi + mid + lo`` (each part one bf16, exact: 3 x 8 bits hold
-    float32's 24; a product with 0 or 1 is exact, sums in float32), else one ``ieee`` product (CUDA-core FMAs;
-    the interpreter's, whose bf16 products are not exact)."""
+    """``acc + p @ onehot(ix)`` (``p [R, BK]`` float32, ``ix [BK]``: the column of each feature's 1) in float32.
+    ``X3``: three bf16 tensor-core products of ``p = hi + mid + lo`` (3 x 8 bits hold float32's 24, so the split is
+    exact for 2^-111 <= |p| < 3.4e38; a product with 0 or 1 is exact; the three partial sums are rounded apart,
+    so the result is float32-accurate, not bitwise the ``ieee`` one), else one ``ieee`` product (CUDA-core FMAs;
+    always under the interpreter, whose bf16 products are not exact)."""
     e = ix[:, None] == tl.arange(0, D)[None, :]
     if X3:
         eb = e.to(tl.bfloat16)
