@@ -82,8 +82,8 @@ SEG_BYTES = 1 << 30
 # feature loop (SPLIT_FWD: 1, or 0 for one loop; see _fwd_kernel). SPLIT_FWD=1 with 4 warps, measured on an H200
 # (benchmarks/results/poly_tune_sweep12.md, sweep13): forward 13.2 -> 11.4 ms at 64K, fwd+bwd 48.3 -> 46.8.
 # PROJ_X3: the chain rule's one-hot products as three bf16 tensor-core products on CUDA (1; float32-accurate, not
-# bitwise the ieee product) or one float32 FMA product (0, and always under the interpreter); measured (poly_tune_sweep15.md): _proj_kernel 3.56 -> 1.75 ms,
-# fwd+bwd 46.8 -> 44.7 ms at 64K.
+# bitwise the ieee product) or one float32 FMA product (0, and always under the interpreter); measured
+# (poly_tune_sweep15.md): _proj_kernel 3.56 -> 1.75 ms, fwd+bwd 46.8 -> 44.7 ms at 64K.
 TUNE = dict(F=64, EB_FWD=64, WARPS_FWD=4, WARPS_STATE=4, BK_BWD1=32, WARPS_BWD1=4, BK_BWD=16, WARPS_BWD=1,
             MAXNREG_BWD=0, R_PROJ=64, WARPS_PROJ=4, R_FEAT=64, WARPS_FEAT=4, SCAN_U=8, SCAN_BW=512, SPLIT_FWD=1,
             PROJ_X3=1)
