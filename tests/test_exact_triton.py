@@ -195,3 +195,17 @@ else:
             assert choose_backend("auto", prob).name == "torch"
             with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
                 choose_backend("triton", prob)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("var,value", [("TENSORATTN_EXACT_STAGES", "2"), ("TENSORATTN_EXACT_STAGES", "0,3"),
+                                       ("TENSORATTN_EXACT_STAGES", "two,three"), ("TENSORATTN_EXACT_BWD_BNQ", "48"),
+                                       ("TENSORATTN_EXACT_BWD_STAGES", "0")])
+def test_kernel_switches_reject_bad_values(var, value):
+    """The kernels' environment switches (benchmark A/B runs) fail at import, naming the variable and the value,
+    instead of running a tiling nobody asked for."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", "import tensorattn.triton.exact_bwd"], cwd=root,
+                       env=dict(os.environ, **{var: value}), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "ValueError" in r.stderr and var in r.stderr and repr(value) in r.stderr, r.stderr[-2000:]

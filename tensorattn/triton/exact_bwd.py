@@ -8,7 +8,11 @@ the forward), ``dP = (dO * v1[j1]) @ v2^T``, ``Delta = rowsum(dO * O)`` and ``dS
   ``t = sum_j2 dS k2`` and ``u = sum_j2 P v2`` over the inner loop; then ``dq += scale * t * k1[j1]``
   (owned rows, kept in registers), and ``dk1[j1] += scale * t * q``, ``dv1[j1] += u * dO`` are added to
   float32 buffers with ONE atomic add per outer step (after summing the G heads of a kv head), not per
-  inner block, so the atomics are amortised over ``w2 / BN`` blocks of four matrix products.
+  inner block, so the atomics are amortised over ``w2 / BN`` blocks of four matrix products. The adds are
+  relaxed (``sem="relaxed"``: the buffers are read only after the kernel ends); Triton's default, acquire-release,
+  took 1.6x the time of this kernel at head dim 64 without GQA (7.3 against 4.7 ms on an H200).
+* Both kernels load the outer step's k1/v1 as one broadcast row where all rows of a block read the same position
+  (``ROW1`` of :mod:`.exact_fwd`).
 * ``_bwd_k2_kernel`` (key-major for the second stream, like FlashAttention's dK/dV pass): a program owns
   ``BN`` positions of ``k2/v2`` and loops over the query blocks that see them and, inside, over ``j1``:
   ``dk2 += dS^T @ (q * k1[j1])`` and ``dv2 += P^T @ (dO * v1[j1])``; no atomics.
@@ -20,12 +24,31 @@ streams swapped (bitwise reproducible, 11 products per tile pair instead of 8).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from .exact_fwd import (LN2, LOG2E, COMPILED, _block_rows, _outer_keys, _pair_mask, _query_loops, block_sizes,
-                        dot_dtype, plan)
+from . import exact_fwd as _fwd
+from .exact_fwd import (LN2, LOG2E, COMPILED, _block_rows, _outer_keys, _outer_row, _pair_mask, _partial_block,
+                        _query_loops, block_sizes, dot_dtype, plan)
+
+# The query-major kernel's inner key block (its own: the key-major kernel's BN is the key block it owns). Default:
+# 32 with windows at head dims <= 64, where the 64-key block spills (H200, bf16, window (512, 32), relaxed atomics:
+# that kernel 4.66 -> 3.96 ms at Hq = Hkv = 16, 3.74 -> 3.50 ms at Hkv = 1), else the tile's BN (32 lost at D = 128,
+# 148 -> 179 ms, and on full causal attention at D = 64, 684 -> 746 ms; benchmarks/NOTES_exact.md).
+# TENSORATTN_EXACT_BWD_BNQ=16|32|64|128 fixes it (the benchmarks' A/B); a block override sets both.
+_bnq = os.environ.get("TENSORATTN_EXACT_BWD_BNQ", "")
+if _bnq not in ("", "16", "32", "64", "128"):
+    raise ValueError(f"TENSORATTN_EXACT_BWD_BNQ must be 16, 32, 64 or 128, got {_bnq!r}")
+BNQ = int(_bnq) if _bnq else None
+# Software-pipelining stages of both backward kernels (TENSORATTN_EXACT_BWD_STAGES, a positive integer; default:
+# Triton's), for the benchmarks' A/B.
+_bst = os.environ.get("TENSORATTN_EXACT_BWD_STAGES", "")
+if _bst and not (_bst.isdigit() and int(_bst) >= 1):
+    raise ValueError(f"TENSORATTN_EXACT_BWD_STAGES must be a positive integer, got {_bst!r}")
+BWD_STAGES = dict(num_stages=int(_bst)) if _bst else {}
 
 
 @triton.jit
@@ -44,7 +67,7 @@ def _bwd_q_kernel(
     T, S1, S2, Hkv, G, D, Dv, W1, W2, scale,
     MODE: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr, KV1: tl.constexpr,
+    VARLEN: tl.constexpr, KV1: tl.constexpr, ROW1: tl.constexpr,
 ):
     M: tl.constexpr = BT * GP
     pid_t = tl.program_id(0)
@@ -77,8 +100,13 @@ def _bwd_q_kernel(
         j1, ok1 = _outer_keys(r, tok, row_ok, doc_lo, doc_hi, M, MODE, VARLEN)
         k1p = K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d
         k1m = ok1[:, None] & d_ok[None, :]
-        v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :], other=0.0)
-        qk1 = (q.to(tl.float32) * tl.load(k1p, mask=k1m, other=0.0).to(tl.float32) * (scale * LOG2E)).to(DOT_DTYPE)
+        if ROW1:  # every row has the same j1: one row of k1 and v1, broadcast over the M rows
+            k1, v1 = _outer_row(K1, V1, r, i0, d, e, d_ok, e_ok, sk1_t, sk1_d, sv1_t, sv1_d, MODE)
+        else:
+            k1 = tl.load(k1p, mask=k1m, other=0.0)
+            v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :],
+                         other=0.0)
+        qk1 = (q.to(tl.float32) * k1.to(tl.float32) * (scale * LOG2E)).to(DOT_DTYPE)
         dov1 = (do.to(tl.float32) * v1.to(tl.float32)).to(DOT_DTYPE)
         t = tl.zeros([M, BD], tl.float32)
         u = tl.zeros([M, BDV], tl.float32)
@@ -90,6 +118,7 @@ def _bwd_q_kernel(
             v2 = tl.load(V2 + j2[:, None] * sv2_t + e[None, :] * sv2_d, mask=ok2[:, None] & e_ok[None, :],
                          other=0.0).to(DOT_DTYPE)  # [BN, BDV]
             s = tl.dot(qk1, tl.trans(k2), input_precision=PRECISION)
+            # every block masked: skipping the mask on whole blocks (as the forward does) was slower here, by 6-11 %
             vis = _pair_mask(ok1[:, None] & ok2[None, :], j2, tok, W2, doc_lo, doc_hi, MODE, VARLEN)
             p = tl.where(vis, tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0)), 0.0)  # P <= 1: lse >= max s
             dp = tl.dot(dov1, tl.trans(v2), input_precision=PRECISION)
@@ -97,8 +126,10 @@ def _bwd_q_kernel(
             t = tl.dot(ds.to(DOT_DTYPE), k2, acc=t, input_precision=PRECISION)
             if KV1:
                 u = tl.dot(p.to(DOT_DTYPE), v2, acc=u, input_precision=PRECISION)
-        # k1 is re-read (an L1/L2 hit) rather than kept live through the inner loop
-        dq += t * tl.load(k1p, mask=k1m, other=0.0).to(tl.float32)
+        if ROW1:
+            dq += t * k1.to(tl.float32)
+        else:  # the gathered k1 is re-read (an L1/L2 hit) rather than kept live through the inner loop
+            dq += t * tl.load(k1p, mask=k1m, other=0.0).to(tl.float32)
         if KV1:  # else (deterministic) dk1, dv1 come from the key-major kernel with the streams swapped
             gk1 = t * (q.to(tl.float32) * scale)  # [M, BD]: contribution of each row to dk1[j1]
             gv1 = u * do.to(tl.float32)  # [M, BDV]
@@ -109,11 +140,13 @@ def _bwd_q_kernel(
                 tk = i0 + tl.arange(0, BT)
                 jj = tk - r
                 okk = (tk < T) & (jj >= 0)
-                tl.atomic_add(DK1 + jj[:, None] * sa_t + d[None, :] * sa_d, gk1, mask=okk[:, None] & d_ok[None, :])
-                tl.atomic_add(DV1 + jj[:, None] * sb_t + e[None, :] * sb_d, gv1, mask=okk[:, None] & e_ok[None, :])
+                tl.atomic_add(DK1 + jj[:, None] * sa_t + d[None, :] * sa_d, gk1, mask=okk[:, None] & d_ok[None, :],
+                              sem="relaxed")
+                tl.atomic_add(DV1 + jj[:, None] * sb_t + e[None, :] * sb_d, gv1, mask=okk[:, None] & e_ok[None, :],
+                              sem="relaxed")
             else:
-                tl.atomic_add(DK1 + r * sa_t + d * sa_d, tl.sum(gk1, 0), mask=d_ok)
-                tl.atomic_add(DV1 + r * sb_t + e * sb_d, tl.sum(gv1, 0), mask=e_ok)
+                tl.atomic_add(DK1 + r * sa_t + d * sa_d, tl.sum(gk1, 0), mask=d_ok, sem="relaxed")
+                tl.atomic_add(DV1 + r * sb_t + e * sb_d, tl.sum(gv1, 0), mask=e_ok, sem="relaxed")
 
     dq = dq * scale
     tl.store(DQ + b64 * sdq_b + tok[:, None] * sdq_t + hq[:, None] * sdq_h + d[None, :] * sdq_d,
@@ -135,7 +168,7 @@ def _bwd_k2_kernel(
     T, S1, S2, Hkv, G, D, Dv, W1, W2, scale,
     MODE: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, ROW1: tl.constexpr, FAST: tl.constexpr,
 ):
     M: tl.constexpr = BT * GP
     pid_n = tl.program_id(0)
@@ -189,20 +222,27 @@ def _bwd_k2_kernel(
                      mask=row_ok[:, None] & e_ok[None, :], other=0.0)
         lse2 = tl.load(LSE + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + hq * sl_h + tok * sl_t, mask=row_ok, other=0.0)
-        r0, n_outer, _lo2, _hi2, doc_lo, doc_hi = _query_loops(DOC_LO, DOC_HI, i0, tok, row_ok, T, S1, S2, W1, W2,
-                                                               BT, MODE, VARLEN)
+        r0, n_outer, _lo2, hi2, doc_lo, doc_hi = _query_loops(DOC_LO, DOC_HI, i0, tok, row_ok, T, S1, S2, W1, W2,
+                                                              BT, MODE, VARLEN)
         vis2 = _pair_mask(row_ok[:, None] & ok2[None, :], j2, tok, W2, doc_lo, doc_hi, MODE, VARLEN)
         for r in range(r0, n_outer):
             j1, ok1 = _outer_keys(r, tok, row_ok, doc_lo, doc_hi, M, MODE, VARLEN)
-            k1 = tl.load(K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d, mask=ok1[:, None] & d_ok[None, :],
-                         other=0.0).to(tl.float32)
-            v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :],
-                         other=0.0).to(tl.float32)
-            qk1 = (q.to(tl.float32) * k1 * (scale * LOG2E)).to(DOT_DTYPE)  # [M, BD], carries scale * log2(e)
-            dov1 = (do.to(tl.float32) * v1).to(DOT_DTYPE)  # [M, BDV]
+            if ROW1:  # every row has the same j1: one row of k1 and v1, broadcast over the M rows
+                k1, v1 = _outer_row(K1, V1, r, i0, d, e, d_ok, e_ok, sk1_t, sk1_d, sv1_t, sv1_d, MODE)
+            else:
+                k1 = tl.load(K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d, mask=ok1[:, None] & d_ok[None, :],
+                             other=0.0)
+                v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :],
+                             other=0.0)
+            qk1 = (q.to(tl.float32) * k1.to(tl.float32) * (scale * LOG2E)).to(DOT_DTYPE)  # [M, BD], scale * log2(e)
+            dov1 = (do.to(tl.float32) * v1.to(tl.float32)).to(DOT_DTYPE)  # [M, BDV]
             s = tl.dot(qk1, tl.trans(k2), input_precision=PRECISION)  # [M, BN]
-            vis = vis2 & ok1[:, None]
-            p = tl.where(vis, tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0)), 0.0)  # P <= 1: lse >= max s
+            p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))  # P <= 1: lse >= max s
+            if FAST and not VARLEN:  # masked only where some row does not see all of this key block
+                if _partial_block(r, c0, i0, hi2, W2, BT, BN, MODE):
+                    p = tl.where(vis2 & ok1[:, None], p, 0.0)
+            else:
+                p = tl.where(vis2 & ok1[:, None], p, 0.0)
             dp = tl.dot(dov1, tl.trans(v2), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dk2 = tl.dot(tl.trans(ds.to(DOT_DTYPE)), qk1, acc=dk2, input_precision=PRECISION)
@@ -228,7 +268,7 @@ def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
             query-major kernel computes dq only, and dk1, dv1 come from the key-major kernel run a second time
             with the two streams swapped (``(k1, v1) <-> (k2, v2)``, windows ``(w2, w1)``), each key block owned
             by one program: 11 matrix products per tile pair against 8, and the key-major kernel is the slower one
-            (measured cost: ``benchmarks/results/bench_exact_det.md``).
+            (measured cost: the deterministic rows of ``benchmarks/results/bench_exact_v10.md``).
 
     Returns:
         ``(dq, dk1, dk2, dv1, dv2)`` in the input dtype.
@@ -242,7 +282,7 @@ def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
     S1, S2 = k1.shape[1], k2.shape[1]
     interpret = q.device.type == "cpu"
     BT, GP, BN, BD, BDV, warps = block or block_sizes(G, D, Dv, interpret=interpret)
-    stages = {}
+    stages = dict(BWD_STAGES)
     if q.dtype == torch.float32 and block is None and not interpret and max(BD, BDV) >= 64:
         # float32 tiles with the default pipelining asked for 288 KB of shared memory at D = 128 on an H100
         # (limit 227 KB): halve the key block and drop the pipelining; float32 is the accuracy path, not the fast one
@@ -260,12 +300,18 @@ def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
     dv2 = torch.empty(B, S2, Hkv, Dv, dtype=q.dtype, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     common = dict(MODE=mode, BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, DOT_DTYPE=dot_dtype(q.dtype), PRECISION=prec,
-                  VARLEN=docs is not None, num_warps=warps, **stages)
+                  VARLEN=docs is not None, ROW1=_fwd.ROW1 and (mode != _fwd.MODE_WINDOW or BT == 1), num_warps=warps,
+                  **stages)
     lo, hi = docs if docs is not None else (lse, lse)  # unused without documents
     head = (*q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *do.stride(), *lse.stride())
+    narrow = mode == _fwd.MODE_WINDOW and max(BD, BDV) <= 64
+    bnq = BN if block is not None else BNQ or (min(BN, 32) if narrow else BN)
     COMPILED['_bwd_q_kernel'] = _bwd_q_kernel[(triton.cdiv(T, BT), B * Hkv)](
         q, k1, k2, v1, v2, do, lse, delta, dq, dk1, dv1, lo, hi, *head, *dq.stride(), *dk1.stride(), *dv1.stride(),
-        T, S1, S2, Hkv, G, D, Dv, w1, w2, scale, KV1=not deterministic, **common)
+        T, S1, S2, Hkv, G, D, Dv, w1, w2, scale, KV1=not deterministic, **dict(common, BN=bnq))
+    # the key-major kernel skips the mask on whole blocks under full causal attention only: 2-5 % faster there, 0-4 %
+    # slower with windows (H200, benchmarks/NOTES_exact.md)
+    common["FAST"] = _fwd.FAST and mode == _fwd.MODE_CAUSAL
     COMPILED['_bwd_k2_kernel'] = _bwd_k2_kernel[(triton.cdiv(S2, BN), B * Hkv)](
         q, k1, k2, v1, v2, do, lse, delta, dk2, dv2, lo, hi, *head, *dk2.stride(), *dv2.stride(),
         T, S1, S2, Hkv, G, D, Dv, w1, w2, scale, **common)

@@ -43,10 +43,12 @@ MODE_FULL, MODE_CAUSAL, MODE_WINDOW = 0, 1, 2
 
 # The outer step's k1 / v1 as one row broadcast over the program's rows where they all read the same position
 # (causal and full attention; windows with one token per program, as GQA 64 at D = 128): as FBGEMM's kernel does.
-# TENSORATTN_EXACT_ROW1=0 gathers one row per program row instead (the A/B of the benchmarks).
+# The forward and both backward kernels; TENSORATTN_EXACT_ROW1=0 gathers one row per program row instead (the A/B of
+# the benchmarks).
 ROW1 = os.environ.get("TENSORATTN_EXACT_ROW1", "1") != "0"
 # Inner key blocks that every row of the program sees whole (no tail, no mask edge, outer key visible to all rows)
-# skip the mask; TENSORATTN_EXACT_FAST=0 masks every block. Software-pipelining stages of the forward's outer and
+# skip the mask (the forward; in the backward only the key-major kernel under full causal attention, where it was
+# measured faster); TENSORATTN_EXACT_FAST=0 masks every block. Software-pipelining stages of the forward's outer and
 # inner loops, TENSORATTN_EXACT_STAGES="outer,inner": 2,3 measured best overall on an H200 (FBGEMM's 16,1 gains
 # 2 % at D = 128 with window (32, 512), none at (512, 32), and loses 16 % on full causal; benchmarks/NOTES_exact.md).
 FAST = os.environ.get("TENSORATTN_EXACT_FAST", "1") != "0"
@@ -191,6 +193,35 @@ def _pair_mask(vis, j2, tok, W2, doc_lo, doc_hi, MODE: tl.constexpr, VARLEN: tl.
 
 
 @triton.jit
+def _partial_block(r, c0, i0, hi2, W2, BT: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr):
+    """Whether some row of the query block ``[i0, i0 + BT)`` does not see all of the inner key block
+    ``[c0, c0 + BN)`` at outer step ``r`` (so the block needs the mask; without documents): the tail
+    (``c0 + BN > hi2``), the diagonal (``j2 > i0``), the window's far edge (``j2 <= i - w2`` for the last row), an
+    outer key after a row's own position (``r > i0``: causal ``j1 = r``, window ``j1 = i - r < 0``). Rows past
+    ``T`` or past the head group are not counted: they compute values that are never stored."""
+    edge = c0 + BN > hi2
+    if MODE != 0:
+        edge = edge | (r > i0) | (c0 + BN - 1 > i0)
+    if MODE == 2:
+        edge = edge | (c0 < i0 + BT - W2)
+    return edge
+
+
+@triton.jit
+def _outer_row(K1, V1, r, i0, d, e, d_ok, e_ok, sk1_t, sk1_d, sv1_t, sv1_d, MODE: tl.constexpr):
+    """The outer step's k1 and v1 as one row ``[1, BD]``, ``[1, BDV]``, for a block whose rows all read the same
+    position (``j1 = r``; window with one token per program: ``j1 = i0 - r``, zero before the sequence start)."""
+    js = r
+    mk, me = d_ok, e_ok
+    if MODE == 2:
+        js = i0 - r
+        mk, me = d_ok & (js + 0 * d >= 0), e_ok & (js + 0 * e >= 0)
+    k1 = tl.load(K1 + js * sk1_t + d * sk1_d, mask=mk, other=0.0)[None, :]
+    v1 = tl.load(V1 + js * sv1_t + e * sv1_d, mask=me, other=0.0)[None, :]
+    return k1, v1
+
+
+@triton.jit
 def _masked(s, ok1, ok2, j2, tok, W2, doc_lo, doc_hi, MODE: tl.constexpr, VARLEN: tl.constexpr):
     """Scores ``s [M, BN]`` with the pairs a row does not see at -inf (:func:`_pair_mask`)."""
     vis = _pair_mask(ok1[:, None] & ok2[None, :], j2, tok, W2, doc_lo, doc_hi, MODE, VARLEN)
@@ -240,13 +271,7 @@ def _exact_fwd_kernel(
     for r in tl.range(r0, n_outer, num_stages=S_OUT):
         j1, ok1 = _outer_keys(r, tok, row_ok, doc_lo, doc_hi, M, MODE, VARLEN)
         if ROW1:  # every row has the same j1: one row of k1 and v1, broadcast over the M rows
-            js = r
-            mk, me = d_ok, e_ok
-            if MODE == 2:  # relative: j1 = i0 - r, before the sequence's start for the first rows
-                js = i0 - r
-                mk, me = d_ok & (js + 0 * d >= 0), e_ok & (js + 0 * e >= 0)
-            k1 = tl.load(K1 + js * sk1_t + d * sk1_d, mask=mk, other=0.0)[None, :]  # [1, BD]
-            v1 = tl.load(V1 + js * sv1_t + e * sv1_d, mask=me, other=0.0)[None, :]
+            k1, v1 = _outer_row(K1, V1, r, i0, d, e, d_ok, e_ok, sk1_t, sk1_d, sv1_t, sv1_d, MODE)
         else:
             k1 = tl.load(K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d, mask=ok1[:, None] & d_ok[None, :], other=0.0)
             v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :], other=0.0)
@@ -259,16 +284,8 @@ def _exact_fwd_kernel(
             v2 = tl.load(V2 + j2[:, None] * sv2_t + e[None, :] * sv2_d, mask=ok2[:, None] & e_ok[None, :],
                          other=0.0).to(DOT_DTYPE)  # [BN, BDV]
             s = tl.dot(qk1, k2t, input_precision=PRECISION)  # [M, BN], base-2 logits
-            if FAST and not VARLEN:
-                # masked only where some row does not see all of the block (rows past T or past the group compute
-                # values that are never stored): the tail, the diagonal, the window's far edge, an outer key
-                # before a row's start
-                edge = c0 + BN > hi2
-                if MODE != 0:
-                    edge = edge | (r > i0) | (c0 + BN - 1 > i0)
-                if MODE == 2:
-                    edge = edge | (c0 < i0 + BT - W2)
-                if edge:
+            if FAST and not VARLEN:  # masked only where some row does not see all of the block
+                if _partial_block(r, c0, i0, hi2, W2, BT, BN, MODE):
                     s = _masked(s, ok1, ok2, j2, tok, W2, doc_lo, doc_hi, MODE, VARLEN)
             else:
                 s = _masked(s, ok1, ok2, j2, tok, W2, doc_lo, doc_hi, MODE, VARLEN)
