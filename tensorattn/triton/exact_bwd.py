@@ -12,7 +12,8 @@ the forward), ``dP = (dO * v1[j1]) @ v2^T``, ``Delta = rowsum(dO * O)`` and ``dS
   relaxed (``sem="relaxed"``: the buffers are read only after the kernel ends); Triton's default, acquire-release,
   took 1.6x the time of this kernel at head dim 64 without GQA (7.3 against 4.7 ms on an H200).
 * Both kernels load the outer step's k1/v1 as one broadcast row where all rows of a block read the same position
-  (``ROW1`` of :mod:`.exact_fwd`).
+  (``ROW1`` of :mod:`.exact_fwd`); with windows and several tokens of several heads per block, the key-major kernel
+  loads one row per token and broadcasts it over the token's heads (``ROWG``).
 * ``_bwd_k2_kernel`` (key-major for the second stream, like FlashAttention's dK/dV pass): a program owns
   ``BN`` positions of ``k2/v2`` and loops over the query blocks that see them and, inside, over ``j1``:
   ``dk2 += dS^T @ (q * k1[j1])`` and ``dv2 += P^T @ (dO * v1[j1])``; no atomics.
@@ -31,8 +32,8 @@ import triton
 import triton.language as tl
 
 from . import exact_fwd as _fwd
-from .exact_fwd import (LN2, LOG2E, COMPILED, _block_rows, _outer_keys, _outer_row, _pair_mask, _partial_block,
-                        _query_loops, block_sizes, dot_dtype, plan)
+from .exact_fwd import (LN2, LOG2E, COMPILED, _block_rows, _outer_keys, _outer_row, _outer_tokens, _pair_mask,
+                        _partial_block, _query_loops, block_sizes, dot_dtype, plan)
 
 # The query-major kernel's inner key block (its own: the key-major kernel's BN is the key block it owns). Default:
 # 32 with windows at head dims <= 64, where the 64-key block spills (H200, bf16, window (512, 32), relaxed atomics:
@@ -49,6 +50,10 @@ _bst = os.environ.get("TENSORATTN_EXACT_BWD_STAGES", "")
 if _bst and not (_bst.isdigit() and int(_bst) >= 1):
     raise ValueError(f"TENSORATTN_EXACT_BWD_STAGES must be a positive integer, got {_bst!r}")
 BWD_STAGES = dict(num_stages=int(_bst)) if _bst else {}
+# The key-major kernel with windows and several tokens of several heads per block (GQA): each token's outer k1/v1 row
+# loaded once and broadcast over its heads, instead of one gathered row per block row: 6.29 -> 5.80 ms at window
+# (512, 32), D 64, Hq 16, Hkv 1 (4 tokens x 16 heads) on an H200. TENSORATTN_EXACT_ROWG=0 gathers (the A/B).
+ROWG = os.environ.get("TENSORATTN_EXACT_ROWG", "1") != "0"
 
 
 @triton.jit
@@ -168,7 +173,7 @@ def _bwd_k2_kernel(
     T, S1, S2, Hkv, G, D, Dv, W1, W2, scale,
     MODE: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr, ROW1: tl.constexpr, FAST: tl.constexpr,
+    VARLEN: tl.constexpr, ROW1: tl.constexpr, FAST: tl.constexpr, ROWG: tl.constexpr,
 ):
     M: tl.constexpr = BT * GP
     pid_n = tl.program_id(0)
@@ -225,17 +230,25 @@ def _bwd_k2_kernel(
         r0, n_outer, _lo2, hi2, doc_lo, doc_hi = _query_loops(DOC_LO, DOC_HI, i0, tok, row_ok, T, S1, S2, W1, W2,
                                                               BT, MODE, VARLEN)
         vis2 = _pair_mask(row_ok[:, None] & ok2[None, :], j2, tok, W2, doc_lo, doc_hi, MODE, VARLEN)
+        if ROWG:  # the block's rows as [token, head, lane]
+            q3 = tl.reshape(q, (BT, GP, BD)).to(tl.float32)
+            do3 = tl.reshape(do, (BT, GP, BDV)).to(tl.float32)
         for r in range(r0, n_outer):
             j1, ok1 = _outer_keys(r, tok, row_ok, doc_lo, doc_hi, M, MODE, VARLEN)
-            if ROW1:  # every row has the same j1: one row of k1 and v1, broadcast over the M rows
-                k1, v1 = _outer_row(K1, V1, r, i0, d, e, d_ok, e_ok, sk1_t, sk1_d, sv1_t, sv1_d, MODE)
+            if ROWG:  # each token's outer row, broadcast over its GP heads
+                k1t, v1t = _outer_tokens(K1, V1, r, i0, T, d, e, d_ok, e_ok, sk1_t, sk1_d, sv1_t, sv1_d, BT)
+                qk1 = tl.reshape(q3 * (k1t.to(tl.float32) * (scale * LOG2E))[:, None, :], (M, BD)).to(DOT_DTYPE)
+                dov1 = tl.reshape(do3 * v1t.to(tl.float32)[:, None, :], (M, BDV)).to(DOT_DTYPE)
             else:
-                k1 = tl.load(K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d, mask=ok1[:, None] & d_ok[None, :],
-                             other=0.0)
-                v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :],
-                             other=0.0)
-            qk1 = (q.to(tl.float32) * k1.to(tl.float32) * (scale * LOG2E)).to(DOT_DTYPE)  # [M, BD], scale * log2(e)
-            dov1 = (do.to(tl.float32) * v1.to(tl.float32)).to(DOT_DTYPE)  # [M, BDV]
+                if ROW1:  # every row has the same j1: one row of k1 and v1, broadcast over the M rows
+                    k1, v1 = _outer_row(K1, V1, r, i0, d, e, d_ok, e_ok, sk1_t, sk1_d, sv1_t, sv1_d, MODE)
+                else:
+                    k1 = tl.load(K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d, mask=ok1[:, None] & d_ok[None, :],
+                                 other=0.0)
+                    v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :],
+                                 other=0.0)
+                qk1 = (q.to(tl.float32) * k1.to(tl.float32) * (scale * LOG2E)).to(DOT_DTYPE)  # [M, BD]
+                dov1 = (do.to(tl.float32) * v1.to(tl.float32)).to(DOT_DTYPE)  # [M, BDV]
             s = tl.dot(qk1, tl.trans(k2), input_precision=PRECISION)  # [M, BN]
             p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))  # P <= 1: lse >= max s
             if FAST and not VARLEN:  # masked only where some row does not see all of this key block
@@ -312,6 +325,7 @@ def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
     # the key-major kernel skips the mask on whole blocks under full causal attention only: 2-5 % faster there, 0-4 %
     # slower with windows (H200, benchmarks/NOTES_exact.md)
     common["FAST"] = _fwd.FAST and mode == _fwd.MODE_CAUSAL
+    common["ROWG"] = ROWG and mode == _fwd.MODE_WINDOW and BT > 1 and GP > 1
     COMPILED['_bwd_k2_kernel'] = _bwd_k2_kernel[(triton.cdiv(S2, BN), B * Hkv)](
         q, k1, k2, v1, v2, do, lse, delta, dk2, dv2, lo, hi, *head, *dk2.stride(), *dv2.stride(),
         T, S1, S2, Hkv, G, D, Dv, w1, w2, scale, **common)

@@ -222,6 +222,19 @@ def _outer_row(K1, V1, r, i0, d, e, d_ok, e_ok, sk1_t, sk1_d, sv1_t, sv1_d, MODE
 
 
 @triton.jit
+def _outer_tokens(K1, V1, r, i0, T, d, e, d_ok, e_ok, sk1_t, sk1_d, sv1_t, sv1_d, BT: tl.constexpr):
+    """Window mode, several tokens per block: the outer step's k1 and v1 rows of each token, ``j1 = i - r``
+    (``[BT, BD]``, ``[BT, BDV]``; zero before the sequence start and past ``T``), for a broadcast over the token's
+    heads instead of a gather per row."""
+    tk = i0 + tl.arange(0, BT)
+    js = tk - r
+    ok = (tk < T) & (js >= 0)
+    k1 = tl.load(K1 + js[:, None] * sk1_t + d[None, :] * sk1_d, mask=ok[:, None] & d_ok[None, :], other=0.0)
+    v1 = tl.load(V1 + js[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok[:, None] & e_ok[None, :], other=0.0)
+    return k1, v1
+
+
+@triton.jit
 def _masked(s, ok1, ok2, j2, tok, W2, doc_lo, doc_hi, MODE: tl.constexpr, VARLEN: tl.constexpr):
     """Scores ``s [M, BN]`` with the pairs a row does not see at -inf (:func:`_pair_mask`)."""
     vis = _pair_mask(ok1[:, None] & ok2[None, :], j2, tok, W2, doc_lo, doc_hi, MODE, VARLEN)
