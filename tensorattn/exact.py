@@ -275,7 +275,7 @@ def tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.T
         deterministic: a backward without floating-point atomics, so gradients are bitwise the same on every run
             (a bool). Only the Triton backend has atomics (its dk1/dv1 adds); there it runs its key-major kernel
             a second time with the streams swapped instead (its cost: the deterministic rows of
-            ``benchmarks/results/bench_exact_v10.md``).
+            ``benchmarks/results/bench_exact_v10.md`` and ``bench_exact_v10_causal.md``).
             The torch and naive backends are deterministic either way.
 
     Differentiable once: double backward raises a ``RuntimeError`` on every backend.

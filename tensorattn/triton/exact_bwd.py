@@ -10,7 +10,8 @@ the forward), ``dP = (dO * v1[j1]) @ v2^T``, ``Delta = rowsum(dO * O)`` and ``dS
   float32 buffers with ONE atomic add per outer step (after summing the G heads of a kv head), not per
   inner block, so the atomics are amortised over ``w2 / BN`` blocks of four matrix products. The adds are
   relaxed (``sem="relaxed"``: the buffers are read only after the kernel ends); Triton's default, acquire-release,
-  took 1.6x the time of this kernel at head dim 64 without GQA (7.3 against 4.7 ms on an H200).
+  took 1.6x the time of this kernel at head dim 64 without GQA (7.3 against 4.7 ms on an H200, measured in two
+  device calls).
 * Both kernels load the outer step's k1/v1 as one broadcast row where all rows of a block read the same position
   (``ROW1`` of :mod:`.exact_fwd`); with windows and several tokens of several heads per block, the key-major kernel
   loads one row per token and broadcasts it over the token's heads (``ROWG``).
@@ -31,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import exact_fwd as _fwd
-from .exact_fwd import (LN2, LOG2E, COMPILED, _block_rows, _outer_keys, _outer_row, _outer_tokens, _pair_mask,
-                        _partial_block, _query_loops, block_sizes, dot_dtype, plan)
+from .exact_fwd import (FAST, LN2, LOG2E, COMPILED, MODE_CAUSAL, MODE_WINDOW, ROW1, _block_rows, _outer_keys,
+                        _outer_row, _outer_tokens, _pair_mask, _partial_block, _query_loops, block_sizes, dot_dtype,
+                        plan)
 
 # The query-major kernel's inner key block (its own: the key-major kernel's BN is the key block it owns). Default:
 # 32 with windows at head dims <= 64, where the 64-key block spills (H200, bf16, window (512, 32), relaxed atomics:
@@ -47,7 +48,7 @@ BNQ = int(_bnq) if _bnq else None
 # Software-pipelining stages of both backward kernels (TENSORATTN_EXACT_BWD_STAGES, a positive integer; default:
 # Triton's), for the benchmarks' A/B.
 _bst = os.environ.get("TENSORATTN_EXACT_BWD_STAGES", "")
-if _bst and not (_bst.isdigit() and int(_bst) >= 1):
+if _bst and not (_bst.isdecimal() and int(_bst) >= 1):
     raise ValueError(f"TENSORATTN_EXACT_BWD_STAGES must be a positive integer, got {_bst!r}")
 BWD_STAGES = dict(num_stages=int(_bst)) if _bst else {}
 # The key-major kernel with windows and several tokens of several heads per block (GQA): each token's outer k1/v1 row
@@ -103,11 +104,11 @@ def _bwd_q_kernel(
                                                          MODE, VARLEN)
     for r in range(r0, n_outer):
         j1, ok1 = _outer_keys(r, tok, row_ok, doc_lo, doc_hi, M, MODE, VARLEN)
-        k1p = K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d
-        k1m = ok1[:, None] & d_ok[None, :]
         if ROW1:  # every row has the same j1: one row of k1 and v1, broadcast over the M rows
             k1, v1 = _outer_row(K1, V1, r, i0, d, e, d_ok, e_ok, sk1_t, sk1_d, sv1_t, sv1_d, MODE)
         else:
+            k1p = K1 + j1[:, None] * sk1_t + d[None, :] * sk1_d
+            k1m = ok1[:, None] & d_ok[None, :]
             k1 = tl.load(k1p, mask=k1m, other=0.0)
             v1 = tl.load(V1 + j1[:, None] * sv1_t + e[None, :] * sv1_d, mask=ok1[:, None] & e_ok[None, :],
                          other=0.0)
@@ -123,7 +124,7 @@ def _bwd_q_kernel(
             v2 = tl.load(V2 + j2[:, None] * sv2_t + e[None, :] * sv2_d, mask=ok2[:, None] & e_ok[None, :],
                          other=0.0).to(DOT_DTYPE)  # [BN, BDV]
             s = tl.dot(qk1, tl.trans(k2), input_precision=PRECISION)
-            # every block masked: skipping the mask on whole blocks (as the forward does) was slower here, by 6-11 %
+            # every block masked: skipping the mask on whole blocks (as the forward does) was slower here, by 2-11 %
             vis = _pair_mask(ok1[:, None] & ok2[None, :], j2, tok, W2, doc_lo, doc_hi, MODE, VARLEN)
             p = tl.where(vis, tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0)), 0.0)  # P <= 1: lse >= max s
             dp = tl.dot(dov1, tl.trans(v2), input_precision=PRECISION)
@@ -281,7 +282,8 @@ def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
             query-major kernel computes dq only, and dk1, dv1 come from the key-major kernel run a second time
             with the two streams swapped (``(k1, v1) <-> (k2, v2)``, windows ``(w2, w1)``), each key block owned
             by one program: 11 matrix products per tile pair against 8, and the key-major kernel is the slower one
-            (measured cost: the deterministic rows of ``benchmarks/results/bench_exact_v10.md``).
+            (measured cost: the deterministic rows of ``benchmarks/results/bench_exact_v10.md`` and, for full
+            causal attention with the final tiles, ``bench_exact_v10_causal.md``).
 
     Returns:
         ``(dq, dk1, dk2, dv1, dv2)`` in the input dtype.
@@ -296,7 +298,8 @@ def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
     interpret = q.device.type == "cpu"
     BT, GP, BN, BD, BDV, warps = block or block_sizes(G, D, Dv, interpret=interpret)
     stages = dict(BWD_STAGES)
-    if q.dtype == torch.float32 and block is None and not interpret and max(BD, BDV) >= 64:
+    wide32 = q.dtype == torch.float32 and block is None and not interpret and max(BD, BDV) >= 64
+    if wide32:
         # float32 tiles with the default pipelining asked for 288 KB of shared memory at D = 128 on an H100
         # (limit 227 KB): halve the key block and drop the pipelining; float32 is the accuracy path, not the fast one
         BN, stages = 32, dict(num_stages=1)
@@ -313,19 +316,18 @@ def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
     dv2 = torch.empty(B, S2, Hkv, Dv, dtype=q.dtype, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     common = dict(MODE=mode, BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, DOT_DTYPE=dot_dtype(q.dtype), PRECISION=prec,
-                  VARLEN=docs is not None, ROW1=_fwd.ROW1 and (mode != _fwd.MODE_WINDOW or BT == 1), num_warps=warps,
-                  **stages)
+                  VARLEN=docs is not None, ROW1=ROW1 and (mode != MODE_WINDOW or BT == 1), num_warps=warps, **stages)
     lo, hi = docs if docs is not None else (lse, lse)  # unused without documents
     head = (*q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *do.stride(), *lse.stride())
-    narrow = mode == _fwd.MODE_WINDOW and max(BD, BDV) <= 64
-    bnq = BN if block is not None else BNQ or (min(BN, 32) if narrow else BN)
+    narrow = mode == MODE_WINDOW and max(BD, BDV) <= 64
+    bnq = BN if block is not None or wide32 else BNQ or (min(BN, 32) if narrow else BN)
     COMPILED['_bwd_q_kernel'] = _bwd_q_kernel[(triton.cdiv(T, BT), B * Hkv)](
         q, k1, k2, v1, v2, do, lse, delta, dq, dk1, dv1, lo, hi, *head, *dq.stride(), *dk1.stride(), *dv1.stride(),
         T, S1, S2, Hkv, G, D, Dv, w1, w2, scale, KV1=not deterministic, **dict(common, BN=bnq))
-    # the key-major kernel skips the mask on whole blocks under full causal attention only: 2-5 % faster there, 0-4 %
-    # slower with windows (H200, benchmarks/NOTES_exact.md)
-    common["FAST"] = _fwd.FAST and mode == _fwd.MODE_CAUSAL
-    common["ROWG"] = ROWG and mode == _fwd.MODE_WINDOW and BT > 1 and GP > 1
+    # the key-major kernel skips the mask on whole blocks under full causal attention only: 4-5 % faster there,
+    # 1.5-4.5 % slower with windows (H200, benchmarks/NOTES_exact.md)
+    common["FAST"] = FAST and mode == MODE_CAUSAL
+    common["ROWG"] = ROWG and mode == MODE_WINDOW and BT > 1 and GP > 1
     COMPILED['_bwd_k2_kernel'] = _bwd_k2_kernel[(triton.cdiv(S2, BN), B * Hkv)](
         q, k1, k2, v1, v2, do, lse, delta, dk2, dv2, lo, hi, *head, *dk2.stride(), *dv2.stride(),
         T, S1, S2, Hkv, G, D, Dv, w1, w2, scale, **common)

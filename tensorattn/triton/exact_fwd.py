@@ -198,7 +198,9 @@ def _partial_block(r, c0, i0, hi2, W2, BT: tl.constexpr, BN: tl.constexpr, MODE:
     ``[c0, c0 + BN)`` at outer step ``r`` (so the block needs the mask; without documents): the tail
     (``c0 + BN > hi2``), the diagonal (``j2 > i0``), the window's far edge (``j2 <= i - w2`` for the last row), an
     outer key after a row's own position (``r > i0``: causal ``j1 = r``, window ``j1 = i - r < 0``). Rows past
-    ``T`` or past the head group are not counted: they compute values that are never stored."""
+    ``T`` or past the head group are not counted. In the forward their values are never stored; in the key-major
+    backward kernel they do enter the stored products, and add nothing only because their q and dO load as zero
+    (and their LSE and Delta as zero, so P = 1 times dS = 0): keep those fill values."""
     edge = c0 + BN > hi2
     if MODE != 0:
         edge = edge | (r > i0) | (c0 + BN - 1 > i0)
