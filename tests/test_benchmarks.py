@@ -309,3 +309,22 @@ def test_fbgemm_peer_adapter(tmp_path):
                         measure, str(d))
     with pytest.raises(RuntimeError, match="bf16 only"):
         fbgemm.peer_row({}, [x.float() for x in xs], do, (4, 32), o, lambda: grads, measure, str(d))
+
+
+def test_exact_kernel_split_times_the_kernels_that_exist(capsys):
+    """benchmarks/exact_kernel_split.py matches profiler events by kernel name: its names are the Triton kernels'
+    own (a renamed kernel would otherwise drop out of the table silently), and without CUDA it stops with exit
+    code 2 and says why."""
+    pytest.importorskip("triton")
+    import importlib.util
+
+    from tensorattn.triton import exact_bwd, exact_fwd
+
+    spec = importlib.util.spec_from_file_location("exact_kernel_split", ROOT / "benchmarks" / "exact_kernel_split.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    kernels = (exact_fwd._exact_fwd_kernel, exact_bwd._bwd_q_kernel, exact_bwd._bwd_k2_kernel)
+    assert set(mod.KERNELS) == {k.fn.__name__ for k in kernels}
+    if not torch.cuda.is_available():
+        assert mod.main(["--tag", "x"]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err
