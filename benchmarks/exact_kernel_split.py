@@ -9,9 +9,9 @@ Run on a GPU from the repository root::
 
 One JSON line per configuration is appended to ``--out`` (default ``$OUT/split.jsonl``, else
 ``benchmarks/results/exact_kernel_split.jsonl``) and a table is printed. TFLOP/s use the rule of the benchmark
-(forward ``4 B Hq D`` per visible triple; each backward kernel does half of the backward's 3.5x: 1.75x; none for the
-key-major kernel with ``--deterministic``, which then runs twice). The profiler adds a little overhead; compare rows
-of one run.
+(forward ``4 B Hq D`` per visible triple; each backward kernel does half of the backward's 3.5x: 1.75x). With
+``--deterministic`` the backward kernels get no rate: the key-major one runs twice, the query-major one skips a
+product. The profiler adds a little overhead; compare rows of one run.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def split(name: str, block, deterministic: bool, rep: int = 3) -> dict:
         if ev.key in KERNELS:
             ms = ev.device_time_total / rep / 1000  # deterministic: the key-major kernel's two launches
             row["ms"][ev.key] = round(ms, 3)
-            if not (deterministic and ev.key == "_bwd_k2_kernel"):  # two launches of unequal work: no rate
+            if not (deterministic and ev.key != "_exact_fwd_kernel"):  # other work than the rule's: no rate
                 row["tflops"][ev.key] = round(KERNELS[ev.key] * flop / (ms * 1e-3) / 1e12, 1)
     return row
 
@@ -77,7 +77,12 @@ def main(argv=None) -> int:
     block = tuple(int(x) for x in args.block.split(":")) if args.block else None
     out = args.out or (os.path.join(os.environ["OUT"], "split.jsonl") if os.environ.get("OUT")
                        else "benchmarks/results/exact_kernel_split.jsonl")
+    from tensorattn.triton import exact_bwd, exact_fwd
+
     env = {k: v for k, v in os.environ.items() if k.startswith("TENSORATTN_EXACT")}
+    # the switches in effect (their defaults change between versions; the environment shows only what was set)
+    env["effective"] = dict(ROW1=exact_fwd.ROW1, FAST=exact_fwd.FAST, STAGES=exact_fwd.STAGES, ROWG=exact_bwd.ROWG,
+                            K2Q=exact_bwd.K2Q, BWD_BNQ=exact_bwd.BNQ, BWD_STAGES=exact_bwd.BWD_STAGES)
     for name in [c for c in args.configs.split(",") if c]:
         if name not in CONFIGS:
             print(f"unknown config {name!r}; choose from {list(CONFIGS)}", file=sys.stderr)

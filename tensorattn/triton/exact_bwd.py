@@ -53,7 +53,8 @@ if _bst and not (_bst.isdecimal() and int(_bst) >= 1):
 BWD_STAGES = dict(num_stages=int(_bst)) if _bst else {}
 # The key-major kernel with windows and several tokens of several heads per block (GQA): each token's outer k1/v1 row
 # loaded once and broadcast over its heads, instead of one gathered row per block row: 6.29 -> 5.80 ms at window
-# (512, 32), D 64, Hq 16, Hkv 1 (4 tokens x 16 heads) on an H200. TENSORATTN_EXACT_ROWG=0 gathers (the A/B).
+# (512, 32), D 64, Hq 16, Hkv 1 (4 tokens x 16 heads) on an H200. Head dims <= 64 only, as measured (its float32
+# [token, head, lane] views of q and dO add registers, which D = 128 lacks). TENSORATTN_EXACT_ROWG=0 gathers (A/B).
 ROWG = os.environ.get("TENSORATTN_EXACT_ROWG", "1") != "0"
 # The key-major kernel where the outer row is broadcast (ROW1): its factors applied after the products,
 # dk2 += (dS^T @ q) * k1[j1] and dv2 += (P^T @ dO) * v1[j1], so that the products' second operands, q and dO, stay the
@@ -339,7 +340,7 @@ def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
     # the key-major kernel skips the mask on whole blocks under full causal attention only: 4-5 % faster there,
     # 1.5-4.5 % slower with windows (H200, benchmarks/NOTES_exact.md)
     common["FAST"] = FAST and mode == MODE_CAUSAL
-    common["ROWG"] = ROWG and mode == MODE_WINDOW and BT > 1 and GP > 1
+    common["ROWG"] = ROWG and mode == MODE_WINDOW and BT > 1 and GP > 1 and max(BD, BDV) <= 64
     common["K2Q"] = K2Q and common["ROW1"]
     COMPILED['_bwd_k2_kernel'] = _bwd_k2_kernel[(triton.cdiv(S2, BN), B * Hkv)](
         q, k1, k2, v1, v2, do, lse, delta, dk2, dv2, lo, hi, *head, *dk2.stride(), *dv2.stride(),
