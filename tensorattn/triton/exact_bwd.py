@@ -32,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .exact_fwd import (FAST, LN2, LOG2E, COMPILED, MODE_CAUSAL, MODE_WINDOW, ROW1, _block_rows, _outer_keys,
-                        _outer_row, _outer_tokens, _pair_mask, _partial_block, _query_loops, block_sizes, dot_dtype,
-                        plan)
+from .exact_fwd import (FAST, LN2, LOG2E, COMPILED, MODE_CAUSAL, MODE_WINDOW, _block_rows, _outer_keys, _outer_row,
+                        _outer_tokens, _pair_mask, _partial_block, _query_loops, block_sizes, dot_dtype, plan,
+                        row_broadcast)
 
 # The query-major kernel's inner key block (its own: the key-major kernel's BN is the key block it owns). Default:
 # 32 with windows at head dims <= 64, where the 64-key block spills (H200, bf16, window (512, 32), relaxed atomics:
@@ -329,7 +329,7 @@ def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
     dv2 = torch.empty(B, S2, Hkv, Dv, dtype=q.dtype, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     common = dict(MODE=mode, BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, DOT_DTYPE=dot_dtype(q.dtype), PRECISION=prec,
-                  VARLEN=docs is not None, ROW1=ROW1 and (mode != MODE_WINDOW or BT == 1), num_warps=warps, **stages)
+                  VARLEN=docs is not None, ROW1=row_broadcast(mode, BT), num_warps=warps, **stages)
     lo, hi = docs if docs is not None else (lse, lse)  # unused without documents
     head = (*q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *do.stride(), *lse.stride())
     narrow = mode == MODE_WINDOW and max(BD, BDV) <= 64

@@ -83,6 +83,12 @@ def plan(q, k1, k2, *, causal, window):
     return MODE_FULL, (S1, S2), S1 > S2
 
 
+def row_broadcast(mode: int, BT: int) -> bool:
+    """Whether the kernels load the outer step's k1/v1 as one row broadcast over a block (``ROW1``): every row of
+    the block reads the same outer position (causal and full attention; windows with one token per block)."""
+    return ROW1 and (mode != MODE_WINDOW or BT == 1)
+
+
 def block_sizes(G: int, D: int, Dv: int, *, interpret: bool, forward: bool = False):
     """(BT, GP, BN, BD, BDV, num_warps): about 64 rows per program, 64 keys per inner block; 8 warps for head dims of
     128 in the backward, 4 in the forward (measured on an H200 at D = 128, GQA 64, bf16: forward 172 -> 275
@@ -358,7 +364,7 @@ def exact_fwd(q, k1, k2, v1, v2, *, scale: float, causal: bool, window, block=No
         *q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *o.stride(), *lse.stride(),
         T, k1.shape[1], k2.shape[1], Hkv, G, D, Dv, w1, w2, scale * LOG2E.value,
         MODE=mode, BT=BT, GP=GP, BN=BN, BD=BD, BDV=BDV, DOT_DTYPE=dot_dtype(q.dtype), PRECISION=prec,
-        VARLEN=docs is not None, ROW1=ROW1 and (mode != MODE_WINDOW or BT == 1), FAST=FAST,
+        VARLEN=docs is not None, ROW1=row_broadcast(mode, BT), FAST=FAST,
         S_OUT=STAGES[0], S_IN=STAGES[1], num_warps=warps,
     )
     return o, lse
