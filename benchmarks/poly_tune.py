@@ -1,6 +1,6 @@
 """Block-size sweep of the chunk-parallel polynomial kernels (tensorattn/triton/poly.py) on a GPU.
 
-For each variant of ``TUNE`` (state-chunk length F, value-block widths, warps): correctness against the
+For each variant of ``TUNE`` (state-chunk length F, feature blocks, warps): correctness against the
 float64 reference on a small GQA shape, then forward and forward+backward time at one (T, Dk), the
 registers and spills of each kernel, and the split of the time between the kernels. JSON + markdown.
 
@@ -18,7 +18,7 @@ import torch
 from tensorattn.bench.harness import attn_shapes, guarded, machine_info, randn_inputs, time_fn, write_report
 
 
-KERNELS = ("_state_kernel", "_fwd_kernel", "_bwd_kernel")
+KERNELS = ("_state_kernel", "_fwd_walk_kernel", "_bwd_kernel")
 
 
 def _inputs(B, T, Hq, Hkv, Dk, Dv, dtype, seed, scale=1.0):

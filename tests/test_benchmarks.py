@@ -328,3 +328,19 @@ def test_exact_kernel_split_times_the_kernels_that_exist(capsys):
     if not torch.cuda.is_available():
         assert mod.main(["--tag", "x"]) == 2
         assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_poly_tune_reports_the_kernels_that_exist():
+    """benchmarks/poly_tune.py reads each kernel's registers and spills by name from tensorattn.triton.poly: every
+    name it lists is a Triton kernel there (a removed or renamed kernel would otherwise show as '?' in every row)."""
+    pytest.importorskip("triton")
+    import importlib.util
+
+    import triton
+
+    import tensorattn.triton.poly as tp
+
+    spec = importlib.util.spec_from_file_location("poly_tune", ROOT / "benchmarks" / "poly_tune.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.KERNELS and all(isinstance(getattr(tp, k, None), triton.runtime.JITFunction) for k in mod.KERNELS)

@@ -28,9 +28,10 @@ INTERP_CASES = [
     # the chunk scan in tiles of 2 chunks x 16 columns (4 chunks: two tiles, a carry between them), and torch's
     (1, 60, 2, 1, 16, 20, 16, 0, 32, {"SCAN_U": 2, "SCAN_BW": 16}),
     (1, 60, 2, 1, 16, 20, 16, 0, 32, {"SCAN_U": 0}),
-    # the forward's (inside, before) products in the main feature loop (the default before v8), 8 warps; several
-    # sub-chunks (F = 32)
-    (1, 40, 2, 1, 16, 20, 32, 0, 32, {"SPLIT_FWD": 0, "WARPS_FWD": 8}),
+    # the forward walk in blocks of 32 features over two warps (its reduction over features crosses warps) and
+    # in blocks of 8
+    (1, 40, 2, 1, 16, 20, 32, 0, 32, {"BK_FWD": 32, "WARPS_FWD": 2}),
+    (1, 30, 1, 1, 16, 8, 16, 0, 32, {"BK_FWD": 8}),
 ]
 
 _SCRIPT = textwrap.dedent("""

@@ -8,53 +8,45 @@ index table of :func:`_tables`, the constant 1 among them), the causal numerator
 ``num_i = U1[i] · (L2_i ∘ L3_i)`` with prefix states ``L2_i = Σ_{j <= i} U2[j] ⊗ v1[j]`` (likewise ``L3``),
 and the normaliser ``den_i = U1[i] · (l2_i ∘ l3_i)`` with ``l2_i = Σ_{j <= i} U2[j]`` (vectors).
 
-Parallel over the sequence, in three levels:
+Parallel over the sequence, in two levels:
 
 * **state chunks** of ``F`` positions (``TUNE["F"]``, 64): :func:`_state_kernel` computes every chunk's contribution
   ``ΔS2[n] = U2_n^T v1_n`` (and ``ΔS3``, and the vector sums for the normaliser) for all chunks at once,
-  with tensor-core products; an in-place ``cumsum`` over chunks turns them into the state before each
+  with tensor-core products; a scan over chunks (:func:`_scan_kernel`) turns them into the state before each
   chunk. The sequence is processed in *segments* of chunks whose states fit a fixed budget
   (:data:`SEG_BYTES`), the state at each segment's end starting the next: memory stays bounded at any T.
-* **sub-chunks** of ``C = 16`` queries inside a state chunk: :func:`_fwd_kernel` runs one program per
-  (state chunk, query head, value block) and walks the chunk's ``F / C`` sub-chunks; for each it loops over
-  blocks of ``BK`` features, using the running state before the sub-chunk and then adding the sub-chunk's
-  keys to it. For one sub-chunk with states ``A2, A3`` before it, the pairs split into (before, before),
-  (before, inside), (inside, before) and (inside, inside)::
-
-      BB:  U1 (A2 ∘ A3)                                               [C, BK] x [BK, EB]
-      BW:  Σ_{j <= i} v2[j] ∘ ((U1[i] ∘ U3[j]) A2)   rows = the C² pairs (i, j): [C², BK] x [BK, EB]
-      WB:  likewise with U2, v1, A3
-      WW:  the exact polynomial on the C³ triples inside the sub-chunk (independent of the features)
-
-  The normaliser is a vector scan (``cumsum`` of the features inside the sub-chunk): O(k) per position.
-  The output is normalised in the kernel and written once in the input dtype; no float32 numerator.
+* **walks** inside a chunk, one position at a time: per segment (of the backward's length, see below)
+  :func:`_feat_kernel` writes the features ``U1, U2, U3`` (float32 ``[B, TS, H, KP]``), then one program per
+  (state chunk, block of ``BK`` features, query head; the chunk's blocks adjacent on the grid) holds that block's
+  states ``[BK, Dv]`` in float32 registers and walks the chunk's rows on the CUDA cores. The forward
+  (:func:`_fwd_walk_kernel`) adds ``U2[i] ⊗ v1[i]`` to ``L2`` (likewise ``L3``) and adds its block's part of
+  ``num_i`` and ``den_i`` into float32 row buffers by atomics; ``o = num / (den + eps)`` is written in the input
+  dtype after the walk. This does ``O(k Dv)`` work per row where pair products (the forward of earlier versions:
+  rows = the C² query-key pairs of a sub-chunk, ``O(C k Dv)`` per row on tensor cores) did C times as much: those
+  sat at 255 registers with spills and took 1.6-1.9x the walk's time (``benchmarks/NOTES_poly.md``, v10).
 * **backward**: per segment, last to first (the backward's segments are shorter than the forward's: each
-  starts from a state the forward saved), the forward states are recomputed (state kernel + cumsum),
-  :func:`_feat_kernel` writes the segment's features ``U1, U2, U3`` (float32 ``[B, TS, H, KP]``), and
-  :func:`_bwd_kernel` runs twice, one program per (state chunk, query head, block of ``BK`` features: the
-  tunables ``BK_BWD1``, ``BK_BWD``) with that block's states ``[BK, Dv]`` in float32 registers, walking the
-  chunk one position at a time on the CUDA cores: first (``MODE=1``) it sums every chunk's contribution ``ΔR2[n] = Σ_{i in n} dL2_i``
-  to the gradient of the states (``dL2_i = (U1[i] ⊗ G_i) ∘ L3_i``), a reversed in-place cumsum gives the
-  suffix sums, then (``MODE=2``) it computes every row's feature gradients (stored: each row's block belongs
-  to one program) and value gradients (atomics over feature blocks) from the forward state (by addition) and
-  the inclusive suffix (by subtraction of the row's own part). :func:`_proj_kernel` takes the feature
-  gradients through the monomials to dq, dk1, dk2 (one-hot products), summing GQA groups first. The walk does
-  ``O(k Dv)`` CUDA-core work per row where the forward's pair products do ``O(C k Dv)`` on tensor cores: in
-  the backward, pair products cost more in layout conversions and spills than the walk does in FLOPs.
+  starts from a state the forward saved), the forward states are recomputed (state kernel + scan), the features
+  written again, and :func:`_bwd_kernel` runs twice (feature blocks ``BK_BWD1``, ``BK_BWD``): first (``MODE=1``)
+  it sums every chunk's contribution ``ΔR2[n] = Σ_{i in n} dL2_i`` to the gradient of the states
+  (``dL2_i = (U1[i] ⊗ G_i) ∘ L3_i``), a reversed scan gives the suffix sums, then (``MODE=2``) it computes every
+  row's feature gradients (stored: each row's block belongs to one program) and value gradients (atomics over
+  feature blocks) from the forward state (by addition) and the inclusive suffix (by subtraction of the row's own
+  part). :func:`_proj_kernel` takes the feature gradients through the monomials to dq, dk1, dk2 (one-hot
+  products), summing GQA groups first.
 
 Packed documents (``cu_seqlens``, batch 1): :func:`chunk_table` cuts every document into its own chunks of ``F``
-rows (its last one shorter), so no chunk, and no sub-chunk, straddles a boundary; the state, forward and walk
-kernels read each chunk's rows from the table (``VARLEN``), the chunk scans restart at a document's first chunk
-(forward) and at its last (the backward's suffixes), and a segment's buffers hold its rows contiguously from its
-first one, as without documents. The chunk count is bounded from the shapes (``T // F + documents``), so the
-grids and the saved states do not depend on the lengths.
+rows (its last one shorter), so no chunk straddles a boundary; the state and walk kernels read each chunk's rows
+from the table (``VARLEN``), the chunk scans restart at a document's first chunk (forward) and at its last (the
+backward's suffixes), and a segment's buffers hold its rows contiguously from its first one, as without
+documents. The chunk count is bounded from the shapes (``T // F + documents``), so the grids and the saved states
+do not depend on the lengths.
 
 Measured figures, the FLOP and byte counts and what limits the kernels: ``benchmarks/NOTES_poly.md``.
 
-Accumulation: states, suffix states, outputs and gradients in float32; the backward computes in float32
-throughout. The forward's matrix-product operands are bf16 for bf16/fp16 inputs (the states' range exceeds
-fp16's), float32 for float32 inputs (exact ``ieee`` products unless ``torch.backends.cuda.matmul.allow_tf32``
-is set, then tf32). Atomic adds are relaxed: their buffers are read only after the kernel ends.
+Accumulation: states, suffix states, outputs and gradients in float32; the walks compute in float32 throughout.
+The state kernel's matrix-product operands are bf16 for bf16/fp16 inputs (the states' range exceeds fp16's),
+float32 for float32 inputs (exact ``ieee`` products unless ``torch.backends.cuda.matmul.allow_tf32`` is set, then
+tf32). Atomic adds are relaxed: their buffers are read only after the kernel ends.
 """
 from __future__ import annotations
 
@@ -68,25 +60,24 @@ import triton.language as tl
 
 from ..dispatch import triton_interpret
 from ..features import multi_indices
-from .poly_kernels import (_bwd_kernel, _feat_kernel, _fwd_kernel, _proj_kernel, _scan_kernel, _state_kernel,
+from ..poly.common import EPS
+from .poly_kernels import (_bwd_kernel, _feat_kernel, _fwd_walk_kernel, _proj_kernel, _scan_kernel, _state_kernel,
                            _totals_bwd_kernel)
 
-C = 16  # queries per sub-chunk (the pair products have C² = 256 rows)
-BK = 32  # features per block
+BK = 32  # features per block of the state, feature and projection kernels (the feature padding)
 # The states of one segment (forward states, plus suffix states in the backward) take at most this many bytes.
 SEG_BYTES = 1 << 30
-# Tunables (the benchmark sweeps them): state-chunk length F, the forward's value block, the feature blocks of the
-# backward walk's two passes (BK_BWD1 for the first, BK_BWD for the second), warps per kernel, a register cap for
-# the walk's second pass (MAXNREG_BWD, 0: none), rows per program of the projection and feature kernels, the
-# chunk scan's tile (SCAN_U chunks x SCAN_BW columns; 0 for SCAN_U: torch's cumsum_ instead), the forward's split
-# feature loop (SPLIT_FWD: 1, or 0 for one loop; see _fwd_kernel). SPLIT_FWD=1 with 4 warps, measured on an H200
-# (benchmarks/results/poly_tune_sweep12.md, sweep13): forward 13.2 -> 11.4 ms at 64K, fwd+bwd 48.3 -> 46.8.
+# Tunables (the benchmark sweeps them): state-chunk length F, the feature blocks of the forward walk (BK_FWD) and of
+# the backward walk's two passes (BK_BWD1 for the first, BK_BWD for the second), warps per kernel, a register cap
+# for the walk's second pass (MAXNREG_BWD, 0: none), rows per program of the projection and feature kernels, the
+# chunk scan's tile (SCAN_U chunks x SCAN_BW columns; 0 for SCAN_U: torch's cumsum_ instead).
 # PROJ_X3: the chain rule's one-hot products as three bf16 tensor-core products on CUDA (1; float32-accurate, not
 # bitwise the ieee product) or one float32 FMA product (0, and always under the interpreter); measured
 # (poly_tune_sweep15.md): _proj_kernel 3.56 -> 1.75 ms, fwd+bwd 46.8 -> 44.7 ms at 64K.
-TUNE = dict(F=64, EB_FWD=64, WARPS_FWD=4, WARPS_STATE=4, BK_BWD1=32, WARPS_BWD1=4, BK_BWD=16, WARPS_BWD=1,
-            MAXNREG_BWD=0, R_PROJ=64, WARPS_PROJ=4, R_FEAT=64, WARPS_FEAT=4, SCAN_U=8, SCAN_BW=512, SPLIT_FWD=1,
-            PROJ_X3=1)
+# The forward walk's blocks, measured on an H200 at 64K (poly_tune_sweep16.md): 16 features, one warp: 5.70 ms;
+# 32 features: 6.41; 8 features: 11.1.
+TUNE = dict(F=64, WARPS_STATE=4, BK_FWD=16, WARPS_FWD=1, BK_BWD1=32, WARPS_BWD1=4, BK_BWD=16, WARPS_BWD=1,
+            MAXNREG_BWD=0, R_PROJ=64, WARPS_PROJ=4, R_FEAT=64, WARPS_FEAT=4, SCAN_U=8, SCAN_BW=512, PROJ_X3=1)
 for _k in list(TUNE):  # TENSORATTN_POLY_<KEY> overrides a default (benchmark sweeps)
     if os.environ.get(f"TENSORATTN_POLY_{_k}") is not None:
         TUNE[_k] = int(os.environ[f"TENSORATTN_POLY_{_k}"])
@@ -177,9 +168,8 @@ class _Cfg:
         self.KP, self.DVP = padded_dims(self.D, self.DV, degree)
         self.NKB = self.KP // BK
         self.F, self.seg_bytes = int(F), int(seg_bytes)
-        if self.F % C or self.F < C or self.F & (self.F - 1):
-            raise ValueError(f"TUNE['F'] must be a power of two >= {C}, got {self.F}")
-        self.EBF = min(self.DVP, int(TUNE["EB_FWD"]))
+        if self.F < 16 or self.F & (self.F - 1):  # the state kernel's products run over a chunk's F rows
+            raise ValueError(f"TUNE['F'] must be a power of two >= 16, got {self.F}")
         # packed documents: the chunk table (chunk_table) and the restart flags of the chunk scans, forward (a
         # document's first chunk, slots 0..NF: the state before each chunk) and backward (its last chunk)
         self.ct = chunks
@@ -206,9 +196,10 @@ class _Cfg:
             self.DT, self.PREC = tl.bfloat16, "ieee"
         self.kw = dict(D=self.D, DV=self.DV, DVP=self.DVP, F=self.F, BK=BK, DT=self.DT, PREC=self.PREC,
                        VARLEN=self.varlen, DEG=degree)
-        self.walk = []  # (feature blocks, kernel keywords) of the walk's passes 1 and 2
+        self.walk = []  # (feature blocks, kernel keywords) of the walk's passes 1 and 2 and of the forward walk
         for key, warps, extra in (("BK_BWD1", "WARPS_BWD1", {}),
-                                  ("BK_BWD", "WARPS_BWD", {"maxnreg": TUNE["MAXNREG_BWD"]})):
+                                  ("BK_BWD", "WARPS_BWD", {"maxnreg": TUNE["MAXNREG_BWD"]}),
+                                  ("BK_FWD", "WARPS_FWD", {})):
             bkb = int(TUNE[key])
             if bkb not in (8, 16, 32):
                 raise ValueError(f"TUNE[{key!r}] must be 8, 16 or 32 (a divisor of the feature padding {BK}), "
@@ -220,6 +211,10 @@ class _Cfg:
         # tensor cores exist (compute capability 8.0 on)
         self.x3 = (bool(TUNE["PROJ_X3"]) and q.device.type == "cuda" and not triton_interpret()
                    and torch.cuda.get_device_capability(q.device)[0] >= 8)
+
+    def walk_grid(self, nf: int, nb: int) -> tuple:
+        """The grid of a walk over ``nf`` chunks in ``nb`` feature blocks (:func:`_walk_ids`)."""
+        return (nf * nb, self.B * self.HQ)
 
     def flags(self, c0: int, nf: int, backward: bool):
         """The restart flags of a segment's chunk scans (``None`` without packed documents): forward slots
@@ -245,12 +240,13 @@ def padded_dims(D: int, DV: int, degree: int = 2):
 def _seg_chunks(B: int, HQ: int, HK: int, KP: int, DVP: int, DV: int, F: int, NF: int, backward: bool,
                 seg_bytes: int) -> int:
     """State chunks per segment so that a segment's buffers fit ``seg_bytes`` (:data:`SEG_BYTES` by default).
-    Forward: the states (per kv head) ``[2, KP, DVP + 1]`` per chunk and the kernel's scratch (per query head, as
-    large). Backward: the forward states and the suffix states (per query head), plus the features and their
-    gradients (``4 Hq + 2 Hkv`` rows of ``KP``) and the value gradients (``2 Hq`` rows of ``Dv``) per position."""
-    per_chunk = 4 * B * (HK + HQ) * 2 * KP * (DVP + 1)
+    Forward: the states (per kv head) ``[2, KP, DVP + 1]`` per chunk (its walk's buffers take the backward's
+    segment length at a time, within the backward's budget). Backward: the forward states and the suffix states
+    (per query head), plus the features and their gradients (``4 Hq + 2 Hkv`` rows of ``KP``) and the value
+    gradients (``2 Hq`` rows of ``Dv``) per position."""
+    per_chunk = 4 * B * HK * 2 * KP * (DVP + 1)
     if backward:
-        per_chunk += 4 * B * F * ((4 * HQ + 2 * HK) * KP + 2 * HQ * DV)
+        per_chunk += 4 * B * HQ * 2 * KP * (DVP + 1) + 4 * B * F * ((4 * HQ + 2 * HK) * KP + 2 * HQ * DV)
     return max(1, min(NF, seg_bytes // per_chunk))
 
 
@@ -325,6 +321,49 @@ def poly_totals_bwd(k1, k2, v1, v2, gst, gsd):
     return dk1, dk2, dv1, dv2
 
 
+def _segment_rows(cfg: _Cfg, c0: int, nf: int, ct_host) -> tuple:
+    """``(t0, r1)``: the first row of the segment of chunks ``c0 .. c0 + nf - 1`` and one past its last
+    (``ct_host``: packed documents' chunk table as lists, else None)."""
+    if ct_host is None:
+        t0 = c0 * cfg.F
+        return t0, min(cfg.T, t0 + nf * cfg.F)
+    return ct_host[0][c0], ct_host[1][c0 + nf - 1]
+
+
+def _segment_features(cfg: _Cfg, q, k1, k2, t0: int, r1: int, TS: int, scale: float) -> list:
+    """The features ``U1`` (query weights and scale in), ``U2``, ``U3`` of a segment's rows ``[t0, r1)``: float32
+    ``[B, TS, H, KP]`` each (:func:`_feat_kernel`), zero from row ``r1 - t0`` on."""
+    RF = int(TUNE["R_FEAT"])
+    feats = []
+    for x, h, qw, sc in ((q, cfg.HQ, 1, scale), (k1, cfg.HK, 0, 1.0), (k2, cfg.HK, 0, 1.0)):
+        u = torch.empty(cfg.B, TS, h, cfg.KP, dtype=torch.float32, device=q.device)
+        _feat_kernel[(-(-TS // RF), cfg.B * h, cfg.NKB)](x, u, cfg.ia, cfg.ib, cfg.wq, cfg.T, t0, r1, TS, h, cfg.KP,
+                                                         sc, D=cfg.D, R=RF, BK=BK, QW=qw, DEG=cfg.degree,
+                                                         num_warps=TUNE["WARPS_FEAT"])
+        feats.append(u)
+    return feats
+
+
+def _walk_forward(cfg: _Cfg, q, k1, k2, v1, v2, st, sd, ns1: int, c0: int, nf: int, o, den, scale: float,
+                  ct_host) -> None:
+    """Output rows and normaliser of chunks ``c0 .. c0 + nf - 1`` by :func:`_fwd_walk_kernel`, from the states
+    before each chunk (``st``, ``sd`` start at chunk c0's slot; ``ns1`` slots per kv head): the segment's features,
+    the float32 numerator and normaliser summed over feature blocks, then ``o = num / (den + EPS)`` in o's dtype."""
+    TS = nf * cfg.F
+    t0, r1 = _segment_rows(cfg, c0, nf, ct_host)
+    feats = _segment_features(cfg, q, k1, k2, t0, r1, TS, scale)
+    num = torch.zeros(cfg.B, TS, cfg.HQ, cfg.DV, dtype=torch.float32, device=q.device)
+    dsum = torch.zeros(cfg.B, TS, cfg.HQ, dtype=torch.float32, device=q.device)
+    nkb, kw = cfg.walk[2]
+    _fwd_walk_kernel[cfg.walk_grid(nf, nkb)](*feats, v1, v2, st, sd, num, dsum, cfg.ct_arg, cfg.T, t0, c0, cfg.NF,
+                                             ns1, TS, cfg.HQ, cfg.G, cfg.KP, VARLEN=cfg.varlen, **kw)
+    del feats
+    n = r1 - t0
+    d = dsum[:, :n] + EPS
+    den[:, t0:r1] = d
+    o[:, t0:r1] = (num[:, :n] / d[..., None]).to(o.dtype)
+
+
 def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: bool = True, prefix=None,
              chunks: Optional[torch.Tensor] = None, degree: int = 2):
     """Forward: ``o`` ``[B, T, Hq, Dv]`` in q's dtype, the normaliser ``den`` float32 ``[B, T, Hq]``, and (when
@@ -349,21 +388,16 @@ def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: b
     seg = cfg.seg_chunks(backward=False)
     segb = cfg.seg_chunks(backward=True)  # the backward's segments are shorter: each starts from a saved state
     saved = []
-    NE = cfg.DVP // cfg.EBF
+    ct_host = cfg.ct.cpu().tolist() if cfg.varlen else None  # one host sync, as in the backward
     for c0 in range(0, cfg.NF, seg):
         nf = min(seg, cfg.NF - c0)
         st, sd = _segment_states(cfg, k1, k2, v1, v2, c0, nf, prefix, prefd)
         if save:  # the order of _saved_ranges
             for j in range(0, nf, segb):
                 saved.append((c0 + j, min(segb, nf - j), st[:, j].clone(), sd[:, j].clone()))
-        grid = (nf, cfg.B * cfg.HQ, NE)
-        args = (cfg.ia, cfg.ib, cfg.wq, cfg.ct_arg, cfg.T, c0 * cfg.F, c0, cfg.NF, nf + 1, cfg.HQ, cfg.G, cfg.KP,
-                cfg.NKB, scale)
-        kw = dict(C=C, EB=cfg.EBF, num_warps=TUNE["WARPS_FWD"], SPLIT=bool(TUNE["SPLIT_FWD"]), **cfg.kw)
-        sc = torch.empty(nf * cfg.B * cfg.HQ * NE * (cfg.NKB * 2 * BK * cfg.EBF + 2 * cfg.KP), dtype=torch.float32,
-                         device=dev)
-        _fwd_kernel[grid](q, k1, k2, v1, v2, st, sd, sc, o, den, *args, **kw)
-        del sc
+        for j in range(0, nf, segb):  # the backward's segment length at a time: its buffers fit that budget
+            _walk_forward(cfg, q, k1, k2, v1, v2, st[:, j:], sd[:, j:], nf + 1, c0 + j, min(segb, nf - j), o, den,
+                          scale, ct_host)
         prefix, prefd = st[:, nf].clone(), sd[:, nf].clone()
         del st, sd
     return o, den, saved
@@ -414,39 +448,29 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg
     carry = torch.zeros(B * HQ, 2, KP, cfg.DVP, dtype=torch.float32, device=dev)
     carryd = torch.zeros(B * HQ, 2, KP, dtype=torch.float32, device=dev)
     f32 = dict(dtype=torch.float32, device=dev)
-    RF, RP = int(TUNE["R_FEAT"]), int(TUNE["R_PROJ"])  # rows per program of the feature and projection kernels
+    RP = int(TUNE["R_PROJ"])  # rows per program of the projection kernel
     # packed documents: each segment's chunks cover the rows [t0, r1) (read once from the table: one host sync)
     ct_host = cfg.ct.cpu().tolist() if cfg.varlen else None
     for c0, nf, prefix, prefd in reversed(saved):
         st, sd = _segment_states(cfg, k1, k2, v1, v2, c0, nf, prefix, prefd)
         TS = nf * F
-        if ct_host is None:
-            t0 = c0 * F
-            r1 = min(T, t0 + TS)
-        else:
-            t0, r1 = ct_host[0][c0], ct_host[1][c0 + nf - 1]
-        feats = []
-        for x, h, qw, sc in ((q, HQ, 1, scale), (k1, HK, 0, 1.0), (k2, HK, 0, 1.0)):
-            u = torch.empty(B, TS, h, KP, **f32)
-            _feat_kernel[(-(-TS // RF), B * h, cfg.NKB)](x, u, cfg.ia, cfg.ib, cfg.wq, T, t0, r1, TS, h, KP, sc, D=D,
-                                                         R=RF, BK=BK, QW=qw, DEG=cfg.degree,
-                                                         num_warps=TUNE["WARPS_FEAT"])
-            feats.append(u)
+        t0, r1 = _segment_rows(cfg, c0, nf, ct_host)
+        feats = _segment_features(cfg, q, k1, k2, t0, r1, TS, scale)
         rs = torch.empty(B * HQ, nf + 1, 2, KP, cfg.DVP, **f32)
         rd = torch.empty(B * HQ, nf + 1, 2, KP, **f32)
         rs[:, 0] = carry
         rd[:, 0] = carryd
         args = (cfg.ct_arg, T, t0, c0, cfg.NF, nf + 1, HQ, cfg.G, KP)
-        (nb1, kw1), (nb2, kw2) = cfg.walk
-        _bwd_kernel[(nf, B * HQ, nb1)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, rs, rs, rs, rs, 0, *args, MODE=1,
-                                       VARLEN=cfg.varlen, **kw1)
+        (nb1, kw1), (nb2, kw2) = cfg.walk[:2]
+        _bwd_kernel[cfg.walk_grid(nf, nb1)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, rs, rs, rs, rs, 0, *args,
+                                            MODE=1, VARLEN=cfg.varlen, **kw1)
         flags = cfg.flags(c0, nf, backward=True)
         _chunk_cumsum_(rs, flags, 2)
         _chunk_cumsum_(rd, flags, 2)
         dus = [torch.empty(B, TS, HQ, KP, **f32) for _ in range(3)]
         gv = torch.zeros(2, B, TS, HQ, DV, **f32)
-        _bwd_kernel[(nf, B * HQ, nb2)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, *dus, gv, gv[0].numel(), *args,
-                                       MODE=2, VARLEN=cfg.varlen, **kw2)
+        _bwd_kernel[cfg.walk_grid(nf, nb2)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, *dus, gv, gv[0].numel(),
+                                            *args, MODE=2, VARLEN=cfg.varlen, **kw2)
         carry, carryd = rs[:, nf].clone(), rd[:, nf].clone()
         del st, sd, rs, rd, feats
         for x, du, dx, h, g, qw, sc in ((q, dus[0], dq, HQ, 1, 1, scale), (k1, dus[1], dk1, HK, cfg.G, 0, 1.0),
