@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     env = {k: v for k, v in os.environ.items() if k.startswith("TENSORATTN_EXACT")}
     # the switches in effect (their defaults change between versions; the environment shows only what was set)
     env["effective"] = dict(ROW1=exact_fwd.ROW1, FAST=exact_fwd.FAST, STAGES=exact_fwd.STAGES, ROWG=exact_bwd.ROWG,
-                            K2Q=exact_bwd.K2Q, BWD_BNQ=exact_bwd.BNQ, BWD_STAGES=exact_bwd.BWD_STAGES)
+                            BWD_BNQ=exact_bwd.BNQ, BWD_STAGES=exact_bwd.BWD_STAGES)
     for name in [c for c in args.configs.split(",") if c]:
         if name not in CONFIGS:
             print(f"unknown config {name!r}; choose from {list(CONFIGS)}", file=sys.stderr)

@@ -56,11 +56,6 @@ BWD_STAGES = dict(num_stages=int(_bst)) if _bst else {}
 # (512, 32), D 64, Hq 16, Hkv 1 (4 tokens x 16 heads) on an H200. Head dims <= 64 only, as measured (its float32
 # [token, head, lane] views of q and dO add registers, which D = 128 lacks). TENSORATTN_EXACT_ROWG=0 gathers (A/B).
 ROWG = os.environ.get("TENSORATTN_EXACT_ROWG", "1") != "0"
-# The key-major kernel where the outer row is broadcast (ROW1): its factors applied after the products,
-# dk2 += (dS^T @ q) * k1[j1] and dv2 += (P^T @ dO) * v1[j1], so that the products' second operands, q and dO, stay the
-# same for every outer step of a query block instead of being formed (and staged) at each one; one more [BN, D]
-# float32 product result per step. TENSORATTN_EXACT_K2Q=1 turns it on; off until measured on a GPU.
-K2Q = os.environ.get("TENSORATTN_EXACT_K2Q", "0") != "0"
 
 
 @triton.jit
@@ -180,7 +175,7 @@ def _bwd_k2_kernel(
     T, S1, S2, Hkv, G, D, Dv, W1, W2, scale,
     MODE: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr, ROW1: tl.constexpr, FAST: tl.constexpr, ROWG: tl.constexpr, K2Q: tl.constexpr,
+    VARLEN: tl.constexpr, ROW1: tl.constexpr, FAST: tl.constexpr, ROWG: tl.constexpr,
 ):
     M: tl.constexpr = BT * GP
     pid_n = tl.program_id(0)
@@ -237,8 +232,6 @@ def _bwd_k2_kernel(
         r0, n_outer, _lo2, hi2, doc_lo, doc_hi = _query_loops(DOC_LO, DOC_HI, i0, tok, row_ok, T, S1, S2, W1, W2,
                                                               BT, MODE, VARLEN)
         vis2 = _pair_mask(row_ok[:, None] & ok2[None, :], j2, tok, W2, doc_lo, doc_hi, MODE, VARLEN)
-        if K2Q:  # the scaled q: the operand of every outer step's dk2 product
-            qs = (q.to(tl.float32) * (scale * LOG2E)).to(DOT_DTYPE)
         if ROWG:  # the block's rows as [token, head, lane]
             q3 = tl.reshape(q, (BT, GP, BD)).to(tl.float32)
             do3 = tl.reshape(do, (BT, GP, BDV)).to(tl.float32)
@@ -267,13 +260,8 @@ def _bwd_k2_kernel(
                 p = tl.where(vis2 & ok1[:, None], p, 0.0)
             dp = tl.dot(dov1, tl.trans(v2), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
-            if K2Q:  # the broadcast row's factors after the products
-                dk2 += tl.dot(tl.trans(ds.to(DOT_DTYPE)), qs, input_precision=PRECISION) * k1.to(tl.float32)
-                pdo = tl.dot(tl.trans(p.to(DOT_DTYPE)), do.to(DOT_DTYPE), input_precision=PRECISION)
-                dv2 += pdo * v1.to(tl.float32)
-            else:
-                dk2 = tl.dot(tl.trans(ds.to(DOT_DTYPE)), qk1, acc=dk2, input_precision=PRECISION)
-                dv2 = tl.dot(tl.trans(p.to(DOT_DTYPE)), dov1, acc=dv2, input_precision=PRECISION)
+            dk2 = tl.dot(tl.trans(ds.to(DOT_DTYPE)), qk1, acc=dk2, input_precision=PRECISION)
+            dv2 = tl.dot(tl.trans(p.to(DOT_DTYPE)), dov1, acc=dv2, input_precision=PRECISION)
 
     dk2 = dk2 * LN2  # qk1 carried log2(e) on top of the scale
     tl.store(DK2 + b64 * sdk_b + hk * sdk_h + j2[:, None] * sdk_t + d[None, :] * sdk_d,
@@ -341,7 +329,6 @@ def exact_bwd(do, q, k1, k2, v1, v2, o, lse, *, scale: float, causal: bool, wind
     # 1.5-4.5 % slower with windows (H200, benchmarks/NOTES_exact.md)
     common["FAST"] = FAST and mode == MODE_CAUSAL
     common["ROWG"] = ROWG and mode == MODE_WINDOW and BT > 1 and GP > 1 and max(BD, BDV) <= 64
-    common["K2Q"] = K2Q and common["ROW1"]
     COMPILED['_bwd_k2_kernel'] = _bwd_k2_kernel[(triton.cdiv(S2, BN), B * Hkv)](
         q, k1, k2, v1, v2, do, lse, delta, dk2, dv2, lo, hi, *head, *dk2.stride(), *dv2.stride(),
         T, S1, S2, Hkv, G, D, Dv, w1, w2, scale, **common)
