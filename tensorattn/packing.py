@@ -15,7 +15,7 @@ Two ways to run a packed row:
   so autograd gives all five gradients; one set of launches per document).
 
 Either way the boundaries are read on the host once per call (a GPU synchronisation, and a graph break under
-``torch.compile``); the fused polynomial backward reads its chunk table on the host once more.
+``torch.compile``); the fused polynomial forward and backward each read its chunk table on the host once more.
 """
 from __future__ import annotations
 

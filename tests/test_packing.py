@@ -251,7 +251,8 @@ g = torch.Generator().manual_seed(0)
 out = {}
 # (lengths, state-chunk length F, segment budget): documents shorter than a chunk, spanning three chunks, a
 # multiple of the chunk, of length 1; the budget gives backward segments of two chunks: one boundary falls
-# inside the long document (the suffix states carried over it), the others on document boundaries
+# inside the long document (the suffix states carried over it), the others on document boundaries (one forward
+# segment: packed documents over several forward segments are not covered here, for the interpreter's time)
 for lengths, F, seg in (([5, 40, 16, 1], 16, 350_000),):
     tp.TUNE["F"], tp.SEG_BYTES = F, seg or (1 << 30)
     T = sum(lengths)

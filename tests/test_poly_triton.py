@@ -15,8 +15,8 @@ pytest.importorskip("triton")
 #  backward passes, other TUNE settings)
 INTERP_CASES = [
     (1, 1, 1, 1, 16, 16, 64, 0, 32, {}),  # one position: o = v1 ∘ v2, zero q/k gradients
-    (1, 7, 1, 1, 16, 8, 64, 0, 32, {}),  # shorter than a sub-chunk
-    (1, 63, 2, 1, 16, 20, 32, 0, 32, {}),  # GQA, Dv not a power of two, several sub-chunks and chunks
+    (1, 7, 1, 1, 16, 8, 64, 0, 32, {}),  # shorter than the feature kernels' row blocks
+    (1, 63, 2, 1, 16, 20, 32, 0, 32, {}),  # GQA, Dv not a power of two, several chunks, the last one partial
     (1, 45, 4, 2, 16, 12, 16, 0, 32, {}),  # GQA with two kv heads: each query head must read its own
     (2, 150, 2, 2, 16, 40, 32, 50_000, 32, {}),  # B = 2, Dv padded to 64, one chunk per segment
     (1, 63, 2, 1, 16, 20, 32, 300_000, 32, {}),  # one forward segment of two chunks, two backward segments of one
@@ -28,8 +28,7 @@ INTERP_CASES = [
     # the chunk scan in tiles of 2 chunks x 16 columns (4 chunks: two tiles, a carry between them), and torch's
     (1, 60, 2, 1, 16, 20, 16, 0, 32, {"SCAN_U": 2, "SCAN_BW": 16}),
     (1, 60, 2, 1, 16, 20, 16, 0, 32, {"SCAN_U": 0}),
-    # the forward walk in blocks of 32 features over two warps (its reduction over features crosses warps) and
-    # in blocks of 8
+    # the forward walk in blocks of 32 features and of 8 (the warps matter on a GPU only: the interpreter has none)
     (1, 40, 2, 1, 16, 20, 32, 0, 32, {"BK_FWD": 32, "WARPS_FWD": 2}),
     (1, 30, 1, 1, 16, 8, 16, 0, 32, {"BK_FWD": 8}),
 ]
@@ -239,7 +238,9 @@ _PREFIX_SCRIPT = textwrap.dedent("""
     from tensorattn.poly.fused import fused_attn_from_prefix
     from tensorattn.poly.scan import _scan_attn
     tp.TUNE["F"] = 16
-    tp.SEG_BYTES = 200_000  # several forward and backward segments at T = 40
+    # T = 40: two forward segments (2 + 1 chunks, the state carried between them) and backward segments of one chunk
+    # (two inside the first forward segment)
+    tp.SEG_BYTES = 100_000
     g = torch.Generator().manual_seed(0)
     B, T, Hq, Hkv, D, Dv = 2, 40, 2, 1, 16, 8
     xs = [0.5 * torch.randn(B, T, Hq if i == 0 else Hkv, D if i < 3 else Dv, generator=g) for i in range(5)]

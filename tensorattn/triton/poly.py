@@ -240,8 +240,9 @@ def padded_dims(D: int, DV: int, degree: int = 2):
 def _seg_chunks(B: int, HQ: int, HK: int, KP: int, DVP: int, DV: int, F: int, NF: int, backward: bool,
                 seg_bytes: int) -> int:
     """State chunks per segment so that a segment's buffers fit ``seg_bytes`` (:data:`SEG_BYTES` by default).
-    Forward: the states (per kv head) ``[2, KP, DVP + 1]`` per chunk (its walk's buffers take the backward's
-    segment length at a time, within the backward's budget). Backward: the forward states and the suffix states
+    Forward: the states (per kv head) ``[2, KP, DVP + 1]`` per chunk; its walk's buffers (features, numerator) come
+    on top, the backward's segment length at a time, within the backward's budget: the forward holds up to twice
+    ``seg_bytes``. Backward: the forward states and the suffix states
     (per query head), plus the features and their gradients (``4 Hq + 2 Hkv`` rows of ``KP``) and the value
     gradients (``2 Hq`` rows of ``Dv``) per position."""
     per_chunk = 4 * B * HK * 2 * KP * (DVP + 1)

@@ -7,7 +7,6 @@ import triton
 import triton.language as tl
 
 
-
 # --------------------------------------------------------------------------------------------------
 # Device helpers
 # --------------------------------------------------------------------------------------------------
@@ -291,6 +290,23 @@ def _walk_ids(NB):
     return p // NB, tl.program_id(1).to(tl.int64), p % NB
 
 
+@triton.jit
+def _walk_rows(u1_ptr, u2_ptr, u3_ptr, ct_ptr, NFT, c0, n, t0, T, b, h, hk, HQ, HK, TS, KP, m, F: tl.constexpr,
+               VARLEN: tl.constexpr):
+    """A walk's chunk: its first row ``r0``, its first row in the segment's buffers ``tq``, its row count ``nt`` (rows
+    before T, or the chunk table's), and the pointers to feature block ``m`` of its first row in the feature
+    buffers ``u1 [B, TS, Hq, KP]``, ``u2``, ``u3 [B, TS, Hkv, KP]``."""
+    r0, r1 = _chunk_rows(ct_ptr, NFT, c0, n, t0, T, F, VARLEN)
+    if VARLEN:
+        tq = (r0 - t0).to(tl.int32)
+        nt = (r1 - r0).to(tl.int32)
+    else:
+        tq = n * F
+        nt = tl.minimum(T - t0 - n * F, F)
+    return (r0, tq, nt, u1_ptr + ((b * TS + tq) * HQ + h) * KP + m, u2_ptr + ((b * TS + tq) * HK + hk) * KP + m,
+            u3_ptr + ((b * TS + tq) * HK + hk) * KP + m)
+
+
 @triton.jit(do_not_specialize=["c0", "NFT"])  # read only with packed documents
 def _fwd_walk_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, num_ptr, den_ptr, ct_ptr, T, t0, c0, NFT,
                      NS1, TS, HQ, GROUPS, KP, DV: tl.constexpr, DVP: tl.constexpr, F: tl.constexpr, BK: tl.constexpr,
@@ -315,16 +331,8 @@ def _fwd_walk_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, st_ptr, sd_ptr, num
     l3 = tl.load(sdb + KP + m)
     v1b = v1_ptr + b * T * sv + hk * DV
     v2b = v2_ptr + b * T * sv + hk * DV
-    r0, r1 = _chunk_rows(ct_ptr, NFT, c0, n, t0, T, F, VARLEN)
-    if VARLEN:  # this chunk's first row in the segment's buffers, and its row count
-        tq = (r0 - t0).to(tl.int32)
-        nt = (r1 - r0).to(tl.int32)
-    else:
-        tq = n * F
-        nt = tl.minimum(T - t0 - n * F, F)  # rows before T
-    u1b = u1_ptr + ((b * TS + tq) * HQ + h) * KP + m
-    u2b = u2_ptr + ((b * TS + tq) * HK + hk) * KP + m
-    u3b = u3_ptr + ((b * TS + tq) * HK + hk) * KP + m
+    r0, tq, nt, u1b, u2b, u3b = _walk_rows(u1_ptr, u2_ptr, u3_ptr, ct_ptr, NFT, c0, n, t0, T, b, h, hk, HQ, HK, TS, KP,
+                                           m, F, VARLEN)
     ob = num_ptr + ((b * TS + tq) * HQ + h) * DV + cols
     db = den_ptr + (b * TS + tq) * HQ + h
     for t in range(nt):
@@ -392,16 +400,8 @@ def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_p
     v2b = v2_ptr + b * T * sv + hk * DV
     dob = do_ptr + b * T * so + h * DV
     rb = b * T * HQ + h
-    r0, r1 = _chunk_rows(ct_ptr, NFT, c0, n, t0, T, F, VARLEN)
-    if VARLEN:  # this chunk's first row in the segment's buffers, and its row count
-        tq = (r0 - t0).to(tl.int32)
-        nt = (r1 - r0).to(tl.int32)
-    else:
-        tq = n * F
-        nt = tl.minimum(T - t0 - n * F, F)  # rows before T
-    u1b = u1_ptr + ((b * TS + tq) * HQ + h) * KP + m
-    u2b = u2_ptr + ((b * TS + tq) * HK + hk) * KP + m
-    u3b = u3_ptr + ((b * TS + tq) * HK + hk) * KP + m
+    r0, tq, nt, u1b, u2b, u3b = _walk_rows(u1_ptr, u2_ptr, u3_ptr, ct_ptr, NFT, c0, n, t0, T, b, h, hk, HQ, HK, TS, KP,
+                                           m, F, VARLEN)
     gub = ((b * TS + tq) * HQ + h) * KP + m
     gvb = ((b * TS + tq) * HQ + h) * DV + cols
     for t in range(nt):
