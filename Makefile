@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 OUT ?= reports/quick
+# test processes (pytest-xdist): one per core; the interpreter tests are single-threaded Python
+TEST_WORKERS ?= auto
 
 .PHONY: demo test check venv clean
 
@@ -31,7 +33,7 @@ check: $(STAMP)
 	$(VENV)/bin/tensorattn check
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -8,6 +11,11 @@ torch.set_num_threads(int(os.environ.get("TENSORATTN_TEST_THREADS", "1")))
 # inductor (the compile tests) compiles in this process instead of keeping a pool of compile workers alive beside
 # the spawned gloo ranks of the distributed tests
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+# a fresh inductor cache for each test process (and the interpreter subprocesses it starts): a compiled graph cached
+# by another version of this library (another custom-op fake, another kernel) is never reused by the tests
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tensorattn-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ INTERP_CASES = [
     (1, 7, 1, 1, 16, 8, 64, 0, 32, {}),  # shorter than the feature kernels' row blocks
     (1, 63, 2, 1, 16, 20, 32, 0, 32, {}),  # GQA, Dv not a power of two, several chunks, the last one partial
     (1, 45, 4, 2, 16, 12, 16, 0, 32, {}),  # GQA with two kv heads: each query head must read its own
-    (2, 150, 2, 2, 16, 40, 32, 50_000, 32, {}),  # B = 2, Dv padded to 64, one chunk per segment
+    (2, 96, 2, 2, 16, 40, 32, 50_000, 32, {}),  # B = 2, Dv padded to 64, one chunk per segment
     (1, 63, 2, 1, 16, 20, 32, 300_000, 32, {}),  # one forward segment of two chunks, two backward segments of one
     (1, 70, 2, 1, 16, 40, 32, 0, 16, {}),  # the backward in feature blocks of 16
     (1, 40, 1, 1, 32, 16, 16, 0, 32, {}),  # Dk = 32 (rank 561): more feature blocks
