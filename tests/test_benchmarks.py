@@ -344,3 +344,24 @@ def test_poly_tune_reports_the_kernels_that_exist():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.KERNELS and all(isinstance(getattr(tp, k, None), triton.runtime.JITFunction) for k in mod.KERNELS)
+
+
+def test_poly_sass_counts_the_walks_loops_without_a_gpu(tmp_path):
+    """benchmarks/poly_sass.py compiles the three walks for sm_90 with Triton's own ptxas (no GPU) and counts their
+    inner loops: three rows, each loop longer than its float32 arithmetic, the second pass the longest; and a
+    variant module (here the same kernels from another path) counts the same."""
+    pytest.importorskip("triton")
+    src = ROOT / "tensorattn" / "triton" / "poly_kernels.py"
+    for name, extra in (("base", []), ("variant", ["--module", str(src)])):
+        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "poly_sass.py"), "--out", str(tmp_path),
+                            "--name", name, *extra], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        if r.returncode != 0 and "cuobjdump" in r.stderr:
+            pytest.skip("no cuobjdump with this Triton build")
+        assert r.returncode == 0, r.stderr[-3000:]
+    rows = {n: json.loads((tmp_path / f"{n}.json").read_text())["rows"] for n in ("base", "variant")}
+    assert [r["kernel"] for r in rows["base"]] == ["forward walk", "pass 1", "pass 2"]
+    for r in rows["base"]:
+        assert 0 < r["fp32"] < r["loop"] and r["regs"] and r["regs"] <= 255, r
+    assert max(rows["base"], key=lambda r: r["loop"])["kernel"] == "pass 2"
+    assert [r["loop"] for r in rows["variant"]] == [r["loop"] for r in rows["base"]]
+    assert "| forward walk |" in (tmp_path / "base.md").read_text()

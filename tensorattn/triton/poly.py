@@ -61,10 +61,11 @@ import triton.language as tl
 from ..dispatch import triton_interpret
 from ..features import multi_indices
 from ..poly.common import EPS
-from .poly_kernels import (_bwd_kernel, _feat_kernel, _fwd_walk_kernel, _proj_kernel, _scan_kernel, _state_kernel,
-                           _totals_bwd_kernel)
+from .poly_kernels import (_bwd_kernel, _feat_kernel, _fwd_walk_kernel, _normalize_kernel, _proj_kernel, _rowdot_kernel,
+                           _scan_kernel, _state_kernel, _totals_bwd_kernel)
 
 BK = 32  # features per block of the state, feature and projection kernels (the feature padding)
+_R_ROWS = 32  # (row, head) pairs per program of the row-wise kernels (_normalize_kernel, _rowdot_kernel)
 # The states of one segment (forward states, plus suffix states in the backward) take at most this many bytes.
 SEG_BYTES = 1 << 30
 # Tunables (the benchmark sweeps them): state-chunk length F, the feature blocks of the forward walk (BK_FWD) and of
@@ -349,7 +350,8 @@ def _walk_forward(cfg: _Cfg, q, k1, k2, v1, v2, st, sd, ns1: int, c0: int, nf: i
                   ct_host) -> None:
     """Output rows and normaliser of chunks ``c0 .. c0 + nf - 1`` by :func:`_fwd_walk_kernel`, from the states
     before each chunk (``st``, ``sd`` start at chunk c0's slot; ``ns1`` slots per kv head): the segment's features,
-    the float32 numerator and normaliser summed over feature blocks, then ``o = num / (den + EPS)`` in o's dtype."""
+    the float32 numerator and normaliser summed over feature blocks, then ``o = num / (den + EPS)`` in o's dtype
+    (:func:`_normalize_kernel`, one pass over the sums)."""
     TS = nf * cfg.F
     t0, r1 = _segment_rows(cfg, c0, nf, ct_host)
     feats = _segment_features(cfg, q, k1, k2, t0, r1, TS, scale)
@@ -359,10 +361,9 @@ def _walk_forward(cfg: _Cfg, q, k1, k2, v1, v2, st, sd, ns1: int, c0: int, nf: i
     _fwd_walk_kernel[cfg.walk_grid(nf, nkb)](*feats, v1, v2, st, sd, num, dsum, cfg.ct_arg, cfg.T, t0, c0, cfg.NF,
                                              ns1, TS, cfg.HQ, cfg.G, cfg.KP, VARLEN=cfg.varlen, **kw)
     del feats
-    n = r1 - t0
-    d = dsum[:, :n] + EPS
-    den[:, t0:r1] = d
-    o[:, t0:r1] = (num[:, :n] / d[..., None]).to(o.dtype)
+    nr = (r1 - t0) * cfg.HQ
+    _normalize_kernel[(-(-nr // _R_ROWS), cfg.B)](num, dsum, o, den, nr, TS, cfg.T, t0, cfg.HQ, EPS, DV=cfg.DV,
+                                                   DVP=cfg.DVP, R=_R_ROWS, num_warps=4)
 
 
 def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: bool = True, prefix=None,
@@ -426,7 +427,10 @@ def poly_bwd_saved(do, q, k1, k2, v1, v2, o, saved, scale: float, F: int, seg_by
         raise ValueError(f"poly_tensor_attn (triton): {len(states)} saved states for {len(ranges)} backward "
                          f"segments (expected {2 * len(ranges)})")
     segs = [(c0, nf, states[2 * i], states[2 * i + 1]) for i, (c0, nf) in enumerate(ranges)]
-    delta = (do.float() * o.float()).sum(-1).contiguous()  # <dO, o> per row: [B, T, Hq]
+    o = o.contiguous()
+    delta = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)  # <dO, o> per (row, head), float32
+    _rowdot_kernel[(-(-B * T * HQ // _R_ROWS),)](do, o, delta, B * T * HQ, DV=v1.shape[3],
+                                                  DVP=padded_dims(D, v1.shape[3], degree)[1], R=_R_ROWS, num_warps=4)
     return poly_bwd(q, k1, k2, v1, v2, do, den, delta, segs, scale, F, seg_bytes, prefix_grad=prefix_grad,
                     chunks=chunks, degree=degree)
 

@@ -445,6 +445,39 @@ def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_p
 
 
 @triton.jit
+def _normalize_kernel(num_ptr, dsum_ptr, o_ptr, den_ptr, NR, TS, T, t0, HQ, eps, DV: tl.constexpr,
+                      DVP: tl.constexpr, R: tl.constexpr):
+    """The forward walk's end for ``R`` of a segment's ``NR = rows x Hq`` (row, head) pairs of batch ``b``:
+    ``den = Σ + eps`` into ``den [B, T, Hq]`` and ``o = num / den`` into ``o [B, T, Hq, Dv]`` (o's dtype) at the
+    segment's rows from ``t0``, from the float32 sums ``num [B, TS, Hq, Dv]``, ``Σ = dsum [B, TS, Hq]``."""
+    r = tl.program_id(0) * R + tl.arange(0, R)
+    b = tl.program_id(1).to(tl.int64)
+    rm = r < NR
+    cols = tl.arange(0, DVP)
+    d = tl.load(dsum_ptr + b * TS * HQ + r, mask=rm, other=1.0) + eps
+    x = tl.load(num_ptr + (b * TS * HQ + r)[:, None] * DV + cols[None, :], mask=rm[:, None] & (cols < DV)[None, :],
+                other=0.0)
+    out = (b * T + t0) * HQ + r  # int64: T * H * Dv may pass 2^31
+    tl.store(den_ptr + out, d, mask=rm)
+    tl.store(o_ptr + out[:, None] * DV + cols[None, :], (x / d[:, None]).to(o_ptr.dtype.element_ty),
+             mask=rm[:, None] & (cols < DV)[None, :])
+
+
+@triton.jit
+def _rowdot_kernel(a_ptr, b_ptr, out_ptr, N, DV: tl.constexpr, DVP: tl.constexpr, R: tl.constexpr):
+    """``out[r] = Σ_d a[r, d] b[r, d]`` in float32 for ``R`` of the ``N`` rows of ``a, b [N, DV]`` (any float
+    dtype): the backward's ``<dO, o>`` per (row, head), without float32 copies of the two."""
+    r = tl.program_id(0) * R + tl.arange(0, R).to(tl.int64)
+    rm = r < N
+    cols = tl.arange(0, DVP)
+    msk = rm[:, None] & (cols < DV)[None, :]
+    off = r[:, None] * DV + cols[None, :]
+    x = tl.load(a_ptr + off, mask=msk, other=0.0).to(tl.float32)
+    y = tl.load(b_ptr + off, mask=msk, other=0.0).to(tl.float32)
+    tl.store(out_ptr + r, tl.sum(x * y, axis=1), mask=rm)
+
+
+@triton.jit
 def _seg_add(a, fa, b, fb):
     """Combine of a segmented sum: ``b`` alone where it starts a segment (flag ``fb``), else ``a + b``."""
     return tl.where(fb != 0, b, a + b), fa | fb

@@ -1,0 +1,120 @@
+"""Where a fused polynomial forward + backward spends its wall time on a GPU: kernels, host launches, or idle.
+
+For each T: the device time of one call between two CUDA events (what `tensorattn bench poly` reports), the
+host time to enqueue it (the call returning, no synchronisation: the Python and launch overhead), the sum of the
+kernels' device time (torch profiler), the kernel launches, and the same call replayed from a CUDA graph (no
+host work: the GPU-only time). ``idle = events - kernels``: the GPU waiting on the host or on launch gaps.
+JSON + markdown.
+
+    python benchmarks/poly_overhead.py --out benchmarks/results --T 16384 65536
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tensorattn.bench.harness import attn_shapes, guarded, machine_info, randn_inputs, time_fn, write_report
+
+
+def _kernels(fn):
+    """(device ms summed over kernels, kernel launches) of one ``fn()`` (after it ran once)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ms, n = 0.0, 0
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t:
+            ms += t / 1e3
+            n += ev.count
+    return ms, n
+
+
+def _host_ms(fn, rep=5):
+    """Median host time (ms) for ``fn()`` to return without a synchronisation, the queue drained before each."""
+    out = []
+    for _ in range(rep):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(out)[len(out) // 2]
+
+
+def _graph_ms(fn, rep=5):
+    """Device time (ms) of ``fn`` replayed from a CUDA graph (captured after two warm-up calls)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return time_fn(g.replay, device="cuda", warmup=1, rep=rep, max_time_s=20)["ms"]
+
+
+def _measure(op, T: int, dk: int) -> list:
+    """The rows of one length: the forward (no gradients) and the forward + backward."""
+    xs = randn_inputs(attn_shapes(1, T, 16, 16, dk, 64), dtype=torch.bfloat16, device="cuda", seed=0,
+                      requires_grad=True)
+    do = torch.randn(1, T, 16, 64, device="cuda", dtype=torch.bfloat16)
+    calls = {
+        "fwd": lambda: op(*[x.detach() for x in xs], causal=True, backend="triton"),
+        "fwd+bwd": lambda: torch.autograd.grad(op(*xs, causal=True, backend="triton"), xs, do),
+    }
+    rows = []
+    for what, fn in calls.items():
+        row = dict(T=T, Dk=dk, call=what)
+        ev = guarded(lambda: time_fn(fn, device="cuda", warmup=2, rep=5, max_time_s=20), device="cuda")
+        row["events_ms"] = ev.get("ms")
+        row["host_ms"] = _host_ms(fn)
+        row["kernels_ms"], row["launches"] = _kernels(fn)
+        row["idle_ms"] = row["events_ms"] - row["kernels_ms"] if row["events_ms"] else None
+        try:
+            row["graph_ms"] = _graph_ms(fn)
+        except Exception as e:  # a call that cannot be captured is a note, not a crash
+            row["graph_ms"] = None
+            row["note"] = f"graph: {type(e).__name__}: {str(e)[:120]}"
+        rows.append(row)
+        print(row, flush=True)
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default="poly_overhead")
+    ap.add_argument("--T", type=int, nargs="+", default=[16384, 65536])
+    ap.add_argument("--dk", type=int, default=16)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA device", file=sys.stderr)
+        return 2
+    from tensorattn.poly import poly_tensor_attn
+
+    rows = [row for T in args.T for row in _measure(poly_tensor_attn, T, args.dk)]
+    meta = machine_info("cuda")
+    meta["command"] = "python benchmarks/poly_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(out / args.name, title="Polynomial op: kernels, host and idle time (bf16, causal, B=1, H=16, Dv=64)",
+                 rows=rows, meta=meta,
+                 columns=["T", "Dk", "call", "events_ms", "host_ms", "kernels_ms", "launches", "idle_ms", "graph_ms",
+                          "note"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
