@@ -50,6 +50,23 @@ def _host_ms(fn, rep=5):
     return sorted(out)[len(out) // 2]
 
 
+def _host_profile(fn, top: int = 25) -> str:
+    """cProfile of one ``fn()`` enqueue (after a drained queue): the ``top`` functions by own time, as text."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
 def _graph_ms(fn, rep=5):
     """Device time (ms) of ``fn`` replayed from a CUDA graph (captured after two warm-up calls)."""
     s = torch.cuda.Stream()
@@ -64,7 +81,7 @@ def _graph_ms(fn, rep=5):
     return time_fn(g.replay, device="cuda", warmup=1, rep=rep, max_time_s=20)["ms"]
 
 
-def _measure(op, T: int, dk: int) -> list:
+def _measure(op, T: int, dk: int, profiles: list) -> list:
     """The rows of one length: the forward (no gradients) and the forward + backward."""
     xs = randn_inputs(attn_shapes(1, T, 16, 16, dk, 64), dtype=torch.bfloat16, device="cuda", seed=0,
                       requires_grad=True)
@@ -86,6 +103,8 @@ def _measure(op, T: int, dk: int) -> list:
         except Exception as e:  # a call that cannot be captured is a note, not a crash
             row["graph_ms"] = None
             row["note"] = f"graph: {type(e).__name__}: {str(e)[:120]}"
+        if profiles is not None:
+            profiles.append(f"## T = {T}, {what}\n\n" + _host_profile(fn))
         rows.append(row)
         print(row, flush=True)
     torch.cuda.empty_cache()
@@ -98,13 +117,16 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="poly_overhead")
     ap.add_argument("--T", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--dk", type=int, default=16)
+    ap.add_argument("--host-profile", action="store_true",
+                    help="also write NAME_host.txt: cProfile's top functions (own time) of one enqueue per row")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
         return 2
     from tensorattn.poly import poly_tensor_attn
 
-    rows = [row for T in args.T for row in _measure(poly_tensor_attn, T, args.dk)]
+    profiles = [] if args.host_profile else None
+    rows = [row for T in args.T for row in _measure(poly_tensor_attn, T, args.dk, profiles)]
     meta = machine_info("cuda")
     meta["command"] = "python benchmarks/poly_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
@@ -113,6 +135,10 @@ def main(argv=None) -> int:
                  rows=rows, meta=meta,
                  columns=["T", "Dk", "call", "events_ms", "host_ms", "kernels_ms", "launches", "idle_ms", "graph_ms",
                           "note"])
+    if profiles:
+        from tensorattn._io import atomic_write_text
+
+        atomic_write_text(str(out / f"{args.name}_host.txt"), "\n\n".join(profiles))
     return 0
 
 
