@@ -6,8 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 OUT ?= reports/quick
-# test processes (pytest-xdist): one per core; the interpreter tests are single-threaded Python
-TEST_WORKERS ?= auto
+# test processes (pytest-xdist): one per core (the interpreter tests are single-threaded Python), at most 4 where a
+# GPU is there (one CUDA context each); a module with a module-scoped fixture runs in one worker (--dist loadgroup)
+TEST_WORKERS ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 4 || echo auto)
 
 .PHONY: demo test check venv clean
 
@@ -33,7 +34,7 @@ check: $(STAMP)
 	$(VENV)/bin/tensorattn check
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

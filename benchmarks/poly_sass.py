@@ -2,8 +2,9 @@
 
 Compiles ``_fwd_walk_kernel`` and both passes of ``_bwd_kernel`` for compute capability 9.0 with the
 specialisation the runtime gives them (16-byte aligned pointers, the sizes divisible by 16), disassembles them
-(``cuobjdump``: on PATH, else the one Triton ships) and counts the instructions of each kernel's innermost loop,
-that is one row of one program: the figure to set against the arithmetic a row needs. Needs no GPU (Triton's
+(``cuobjdump``: on PATH, else the one Triton ships) and counts the instructions of each kernel's row loop (taken
+to be the body of the last backward branch, which it is in these kernels), that is one row of one program: the
+figure to set against the arithmetic a row needs. Needs Triton >= 3.3 (its ``ASTSource`` signature). Needs no GPU (Triton's
 own ``ptxas``), so a layout or block change can be counted before device time is spent on it. JSON + markdown.
 
     python benchmarks/poly_sass.py --out benchmarks/results
@@ -72,7 +73,7 @@ def loop_counts(kernel) -> dict:
     group = lambda *p: sum(c for o, c in ops.items() if o.startswith(p))  # noqa: E731
     return dict(loop=len(body), regs=int(regs.group(1)) if regs else None, fp32=group("FFMA", "FMUL", "FADD"),
                 loads=group("LDG", "LDS"), shuffles=group("SHFL"), barriers=group("BAR"), spills=group("LDL", "STL"),
-                atomics=group("RED", "ATOM"))
+                red=group("RED"), atom=group("ATOM"))
 
 
 def main(argv=None) -> int:
@@ -81,9 +82,15 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="poly_sass")
     ap.add_argument("--module", default=None, help="a variant of tensorattn/triton/poly_kernels.py to count instead")
     ap.add_argument("--dv", type=int, default=64)
-    ap.add_argument("--blocks", default="16:1,32:4,16:1",
-                    help="features:warps of the forward walk, pass 1 and pass 2 (TUNE's BK_FWD:WARPS_FWD, ...)")
+    ap.add_argument("--blocks", default=None,
+                    help="features:warps of the forward walk, pass 1 and pass 2 (default: TUNE's BK_FWD:WARPS_FWD, "
+                         "BK_BWD1:WARPS_BWD1, BK_BWD:WARPS_BWD)")
     args = ap.parse_args(argv)
+    from tensorattn.triton.poly import TUNE
+
+    if args.blocks is None:
+        args.blocks = ",".join(f"{TUNE[b]}:{TUNE[w]}" for b, w in (("BK_FWD", "WARPS_FWD"), ("BK_BWD1", "WARPS_BWD1"),
+                                                                    ("BK_BWD", "WARPS_BWD")))
     if args.module:
         spec = importlib.util.spec_from_file_location("poly_kernels_variant", args.module)
         pk = importlib.util.module_from_spec(spec)
@@ -92,7 +99,7 @@ def main(argv=None) -> int:
         from tensorattn.triton import poly_kernels as pk
     (fb, fw), (b1, w1), (b2, w2) = [tuple(int(x) for x in s.split(":")) for s in args.blocks.split(",")]
     dvp = max(16, triton.next_power_of_2(args.dv))
-    base = dict(DV=args.dv, DVP=dvp, F=64, VARLEN=False)
+    base = dict(DV=args.dv, DVP=dvp, F=int(TUNE["F"]), VARLEN=False)
     rows = []
     for name, fn, sig, consts, warps in (
             ("forward walk", pk._fwd_walk_kernel, FWD_SIG, dict(base, BK=fb), fw),
@@ -111,9 +118,10 @@ def main(argv=None) -> int:
     write_report(out / args.name, title=f"Polynomial walks: instructions per row (sm_90, Dv {args.dv}, bf16 values)",
                  rows=rows, meta=meta,
                  columns=["kernel", "features", "warps", "loop", "per_feature", "fp32", "loads", "shuffles",
-                          "barriers", "atomics", "spills", "regs"],
+                          "barriers", "red", "atom", "spills", "regs"],
                  preamble="`loop`: instructions of the innermost loop (one row of one program, per warp); "
-                          "`per_feature`: loop x warps / features.")
+                          "`per_feature`: loop x warps / features; `red`: atomic adds without a return value, "
+                          "`atom`: with one.")
     return 0
 
 

@@ -11,8 +11,9 @@ torch.set_num_threads(int(os.environ.get("TENSORATTN_TEST_THREADS", "1")))
 # inductor (the compile tests) compiles in this process instead of keeping a pool of compile workers alive beside
 # the spawned gloo ranks of the distributed tests
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-# a fresh inductor cache for each test process (and the interpreter subprocesses it starts): a compiled graph cached
-# by another version of this library (another custom-op fake, another kernel) is never reused by the tests
+# a fresh inductor cache for each pytest run, shared by its xdist workers and the interpreter subprocesses (they
+# inherit the variable): a graph cached by another version of this library (another custom-op fake, another kernel)
+# is never reused by the tests. A cache directory set by the caller is kept.
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tensorattn-tests-inductor-")
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
