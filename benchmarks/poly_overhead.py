@@ -17,25 +17,8 @@ from pathlib import Path
 
 import torch
 
-from tensorattn.bench.harness import attn_shapes, guarded, machine_info, randn_inputs, time_fn, write_report
-
-
-def _kernels(fn):
-    """(device ms summed over kernels, kernel launches) of one ``fn()`` (after it ran once)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    ms, n = 0.0, 0
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if t:
-            ms += t / 1e3
-            n += ev.count
-    return ms, n
+from tensorattn.bench.harness import (attn_shapes, cuda_kernel_times, guarded, machine_info, randn_inputs, time_fn,
+                                      write_report)
 
 
 def _host_ms(fn, rep=5):
@@ -96,7 +79,8 @@ def _measure(op, T: int, dk: int, profiles: list) -> list:
         ev = guarded(lambda: time_fn(fn, device="cuda", warmup=2, rep=5, max_time_s=20), device="cuda")
         row["events_ms"] = ev.get("ms")
         row["host_ms"] = _host_ms(fn)
-        row["kernels_ms"], row["launches"] = _kernels(fn)
+        ks = cuda_kernel_times(fn)
+        row["kernels_ms"], row["launches"] = sum(k["ms"] for k in ks), sum(k["count"] for k in ks)
         row["idle_ms"] = row["events_ms"] - row["kernels_ms"] if row["events_ms"] else None
         try:
             row["graph_ms"] = _graph_ms(fn)

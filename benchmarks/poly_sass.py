@@ -4,8 +4,9 @@ Compiles ``_fwd_walk_kernel`` and both passes of ``_bwd_kernel`` for compute cap
 specialisation the runtime gives them (16-byte aligned pointers, the sizes divisible by 16), disassembles them
 (``cuobjdump``: on PATH, else the one Triton ships) and counts the instructions of each kernel's row loop (taken
 to be the body of the last backward branch, which it is in these kernels), that is one row of one program: the
-figure to set against the arithmetic a row needs. Needs Triton >= 3.3 (its ``ASTSource`` signature). Needs no GPU (Triton's
-own ``ptxas``), so a layout or block change can be counted before device time is spent on it. JSON + markdown.
+figure to set against the arithmetic a row needs. Needs Triton >= 3.3 (its ``ASTSource`` signature) and no GPU
+(Triton's own ``ptxas``), so a layout or block change can be counted before device time is spent on it.
+JSON + markdown.
 
     python benchmarks/poly_sass.py --out benchmarks/results
     python benchmarks/poly_sass.py --module path/to/variant_kernels.py   # a modified copy of poly_kernels.py

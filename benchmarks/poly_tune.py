@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from tensorattn.bench.harness import attn_shapes, guarded, machine_info, randn_inputs, time_fn, write_report
+from tensorattn.bench.harness import (attn_shapes, cuda_kernel_times, guarded, machine_info, randn_inputs, time_fn,
+                                      write_report)
 
 
 KERNELS = ("_state_kernel", "_fwd_walk_kernel", "_bwd_kernel")
@@ -39,23 +40,6 @@ def _check(dtype):
     gref = torch.autograd.grad((ref * w.double()).sum(), xd)
     rel = lambda a, b: float((a.detach().double() - b).norm() / b.norm())  # noqa: E731
     return max([rel(out, ref)] + [rel(a, b) for a, b in zip(grads, gref)])
-
-
-def _profile(fn):
-    """CUDA time per kernel name of one call of ``fn`` (after it ran once), largest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    out = []
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if t:
-            out.append(dict(name=ev.key, ms=t / 1e3, count=ev.count))
-    return sorted(out, key=lambda r: -r["ms"])[:12]
 
 
 def main(argv=None) -> int:
@@ -120,7 +104,7 @@ def main(argv=None) -> int:
             except Exception as e:
                 row[kname] = f"? ({type(e).__name__})"
         if args.profile == "all" or not profiles:  # where the time goes: device time per kernel of one fwd+bwd
-            profiles.append(dict(variant=spec, kernels=_profile(fwdbwd)))
+            profiles.append(dict(variant=spec, kernels=cuda_kernel_times(fwdbwd)[:12]))
             print("profile of", spec, flush=True)
             for k in profiles[-1]["kernels"][:6]:
                 print(f"  {k['name'][:60]:60s} {k['ms']:9.2f} ms  x{k['count']}", flush=True)

@@ -19,6 +19,15 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
 
 
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (``--dist loadgroup``, the Makefile) the tests of a module that uses a module-scoped fixture
+    run in one worker, so the fixture (gloo ranks, a training run, a report) is built once."""
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        if defs and any(d.scope == "module" for fd in defs.name2fixturedefs.values() for d in fd):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)

@@ -106,11 +106,6 @@ def _all_worker(rank, world, tmpdir, outdir):
         json.dump(report, f)
 
 
-# under pytest-xdist, the module-scoped fixture below is built once: every test of this module runs in one
-# worker (`--dist loadgroup`, the Makefile)
-pytestmark = pytest.mark.xdist_group("test_distributed")
-
-
 @pytest.fixture(scope="module")
 def gloo_report(tmp_path_factory):
     """Mismatches found by each rank in each part: ``{part: [messages]}`` over all ranks."""

@@ -10,11 +10,6 @@ from tensorattn.bench.harness import loglog_slope
 from tensorattn.reproduce.common import _taylor_bound_degree
 
 
-# under pytest-xdist, the module-scoped fixture below is built once: every test of this module runs in one
-# worker (`--dist loadgroup`, the Makefile)
-pytestmark = pytest.mark.xdist_group("test_reproduce")
-
-
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("rep")

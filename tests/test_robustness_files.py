@@ -51,11 +51,6 @@ def _one_line_error(capsys, prog="tensorattn train"):
     return err
 
 
-# under pytest-xdist, the module-scoped fixture below is built once: every test of this module runs in one
-# worker (`--dist loadgroup`, the Makefile)
-pytestmark = pytest.mark.xdist_group("test_robustness_files")
-
-
 @pytest.fixture(scope="module")
 def good_ckpt(tmp_path_factory):
     """The bytes of a real two-step checkpoint (and its run directory)."""

@@ -12,11 +12,6 @@ KJV = dict(task="kjv", pattern="SP", n_layer=2, dim=32, n_heads=2, p_key_dim=4, 
            steps=3, eval_every=3, eval_batches=1, log_every=1, progress=False, pos="rope", kjv_val_books=["Ruth"])
 
 
-# under pytest-xdist, the module-scoped fixture below is built once: every test of this module runs in one
-# worker (`--dist loadgroup`, the Makefile)
-pytestmark = pytest.mark.xdist_group("test_sample")
-
-
 @pytest.fixture(scope="module")
 def kjv_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "kjv"

@@ -97,11 +97,6 @@ def _worker(rank, world, store, root):
         td.cleanup()
 
 
-# under pytest-xdist, the module-scoped fixture below is built once: every test of this module runs in one
-# worker (`--dist loadgroup`, the Makefile)
-pytestmark = pytest.mark.xdist_group("test_train_distributed")
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """``(root, reports)``: the run directories and each rank's report."""

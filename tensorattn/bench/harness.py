@@ -136,6 +136,24 @@ def peak_memory(fn: Callable[[], Any], *, device="cpu") -> float:
         return float("nan")
 
 
+def cuda_kernel_times(fn: Callable[[], Any]) -> List[Dict[str, Any]]:
+    """Device time of each CUDA kernel (by name) in one ``fn()`` after a warm-up call, largest first:
+    ``[{"name", "ms", "count"}]`` (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t:
+            out.append(dict(name=ev.key, ms=t / 1e3, count=ev.count))
+    return sorted(out, key=lambda r: -r["ms"])
+
+
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
