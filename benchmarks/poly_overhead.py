@@ -50,6 +50,24 @@ def _host_profile(fn, top: int = 25) -> str:
     return buf.getvalue()
 
 
+def _host_api(fn, top: int = 25) -> str:
+    """torch profiler (CPU) of one ``fn()`` after a drained queue: the ``top`` operators and CUDA runtime calls by
+    their own host time (allocations, launches, synchronisations), and the caching allocator's device allocations
+    and frees during the call (each one a cudaMalloc/cudaFree), as text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    after = torch.cuda.memory_stats()
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries",
+                                                             "num_sync_all_streams")}
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)
+    return f"allocator during the call: {delta}\n\n{table}"
+
+
 def _graph_ms(fn, rep=5):
     """Device time (ms) of ``fn`` replayed from a CUDA graph (captured after two warm-up calls)."""
     s = torch.cuda.Stream()
@@ -88,7 +106,7 @@ def _measure(op, T: int, dk: int, profiles: list) -> list:
             row["graph_ms"] = None
             row["note"] = f"graph: {type(e).__name__}: {str(e)[:120]}"
         if profiles is not None:
-            profiles.append(f"## T = {T}, {what}\n\n" + _host_profile(fn))
+            profiles.append(f"## T = {T}, {what}\n\n" + _host_profile(fn) + "\n" + _host_api(fn))
         rows.append(row)
         print(row, flush=True)
     torch.cuda.empty_cache()
@@ -102,7 +120,8 @@ def main(argv=None) -> int:
     ap.add_argument("--T", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--dk", type=int, default=16)
     ap.add_argument("--host-profile", action="store_true",
-                    help="also write NAME_host.txt: cProfile's top functions (own time) of one enqueue per row")
+                    help="also write NAME_host.txt: cProfile's top functions (own time) of one enqueue per row, "
+                         "and the torch profiler's host-side operators and CUDA runtime calls")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)

@@ -103,8 +103,10 @@ class _TritonBackend(Backend):
     name = "triton"
 
     def not_supported_reasons(self, *, device, dtype, degree, causal, head_dim, value_dim, from_prefix=False,
-                              **_) -> List[str]:
+                              batch_heads: Optional[int] = None, **_) -> List[str]:
         r = triton_device_reasons(device, dtype)  # with the interpreter's float32-only rule
+        if batch_heads is not None and batch_heads > 65535:  # the walks' grid axis 1 (CUDA's limit on it)
+            r.append(f"batch x query heads must be at most 65535 for the fused kernels, got {batch_heads}")
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             r.append(f"dtype {dtype} is not supported (float16, bfloat16, float32)")
         if degree not in (2, 4):
@@ -280,7 +282,7 @@ def poly_tensor_attn(q, k1, k2, v1, v2, *, degree: int = 2, causal: bool = False
     bounds = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, max_seqlen, B=B, T=T, S1=S1, S2=S2,
                                                                    device=q.device)
     be = choose(list(BACKENDS.values()), backend, dict(device=q.device, dtype=q.dtype, degree=degree, causal=causal,
-                                         head_dim=D, value_dim=Dv), op="poly_tensor_attn")
+                                         head_dim=D, value_dim=Dv, batch_heads=B * Hq), op="poly_tensor_attn")
     packed = bounds is not None and len(bounds) > 2
     if packed and be.name != "triton":  # the torch backend runs once per document
         o = run_per_document(lambda *xs: poly_tensor_attn(*xs, degree=degree, causal=causal, scale=scale,

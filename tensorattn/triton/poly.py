@@ -32,7 +32,12 @@ Parallel over the sequence, in two levels:
   row's feature gradients (stored: each row's block belongs to one program) and value gradients (atomics over
   feature blocks) from the forward state (by addition) and the inclusive suffix (by subtraction of the row's own
   part). :func:`_proj_kernel` takes the feature gradients through the monomials to dq, dk1, dk2 (one-hot
-  products), summing GQA groups first.
+  products) and writes dv1, dv2, summing GQA groups first.
+* **launches**: the three inputs' features are one :func:`_feat_kernel` launch, a segment's two chunk scans (states
+  and normaliser vectors) one :func:`_scan_kernel` launch that also takes the segment's initial state and writes its
+  final one, the three projections one :func:`_proj_kernel` launch: 6 launches per forward segment, 8 per backward
+  segment (21 before; at 16K tokens the host's enqueue time fell from 4.0 to 3.0 ms for a forward + backward that
+  runs 9.3 ms on an H200, ``benchmarks/NOTES_poly.md``).
 
 Packed documents (``cu_seqlens``, batch 1): :func:`chunk_table` cuts every document into its own chunks of ``F``
 rows (its last one shorter), so no chunk straddles a boundary; the state and walk kernels read each chunk's rows
@@ -71,7 +76,7 @@ SEG_BYTES = 1 << 30
 # Tunables (the benchmark sweeps them): state-chunk length F, the feature blocks of the forward walk (BK_FWD) and of
 # the backward walk's two passes (BK_BWD1 for the first, BK_BWD for the second), warps per kernel, a register cap
 # for the walk's second pass (MAXNREG_BWD, 0: none), rows per program of the projection and feature kernels, the
-# chunk scan's tile (SCAN_U chunks x SCAN_BW columns; 0 for SCAN_U: torch's cumsum_ instead).
+# chunk scan's tile (SCAN_U chunks x SCAN_BW columns).
 # PROJ_X3: the chain rule's one-hot products as three bf16 tensor-core products on CUDA (1; float32-accurate, not
 # bitwise the ieee product) or one float32 FMA product (0, and always under the interpreter); measured
 # (poly_tune_sweep15.md): _proj_kernel 3.56 -> 1.75 ms, fwd+bwd 46.8 -> 44.7 ms at 64K.
@@ -90,25 +95,26 @@ for _k in list(TUNE):  # TENSORATTN_POLY_<KEY> overrides a default (benchmark sw
 _TABLES = {}
 
 
-def _chunk_cumsum_(x: torch.Tensor, flags: Optional[torch.Tensor] = None, seg: int = 0) -> torch.Tensor:
-    """``x.cumsum_(1)`` for a contiguous float32 ``[BH, N, ...]`` (the chunk states) with :func:`_scan_kernel`:
-    every element read and written once, ``U`` chunks of loads in flight per program (``TUNE["SCAN_U"]``,
-    ``TUNE["SCAN_BW"]``). With ``flags`` (int32 ``[N]``, packed documents) the sum restarts where they are
-    nonzero: at zero (``seg=1``) or at the slot's own value (``seg=2``); segmented scans always take the kernel
-    (``SCAN_U=0`` then means 8)."""
+def _chunk_scan_(st: torch.Tensor, sd: torch.Tensor, init: tuple, fin: Optional[tuple] = None,
+                 flags: Optional[torch.Tensor] = None, seg: int = 0) -> None:
+    """In place, the prefix sums over the chunk axis of a segment's two float32 buffers ``st [BH, N, ...]`` and
+    ``sd [BH, N, ...]`` (contiguous; the states and the normaliser's vectors), one :func:`_scan_kernel` launch
+    for both: slot 0 becomes ``init`` (``(for st [BH, ...], for sd)``) and slot n ``init`` plus slots 1..n; with
+    ``fin`` (two buffers like init) the last slot is written there too. Every element read and written once,
+    ``TUNE["SCAN_U"]`` chunks of loads in flight per program, ``TUNE["SCAN_BW"]`` columns. With ``flags`` (int32
+    ``[N]``, packed documents) the sums restart where they are nonzero: at zero (``seg=1``) or at the slot's own
+    value (``seg=2``)."""
     U, BW = int(TUNE["SCAN_U"]), int(TUNE["SCAN_BW"])
-    if U == 0 and flags is None:  # the sweeps' baseline
-        return x.cumsum_(1)
-    U = U or 8
-    if U & (U - 1) or BW < 16 or BW & (BW - 1):
-        raise ValueError(f"TUNE['SCAN_U'] must be 0 or a power of two and TUNE['SCAN_BW'] a power of two >= 16, got "
-                         f"{U} and {BW}")
-    BH, N = x.shape[0], x.shape[1]
-    W = x.numel() // max(1, BH * N)
-    BW = min(BW, max(16, triton.next_power_of_2(W)))
-    _scan_kernel[(BH, triton.cdiv(W, BW))](x, x if flags is None else flags, N, W, U=U, BW=BW,
-                                           SEG=0 if flags is None else seg, num_warps=4)
-    return x
+    if U < 1 or U & (U - 1) or BW < 16 or BW & (BW - 1):
+        raise ValueError(f"TUNE['SCAN_U'] and TUNE['SCAN_BW'] must be powers of two, SCAN_BW >= 16, got {U} and {BW}")
+    BH, N = st.shape[0], st.shape[1]
+    WX, WY = st.numel() // max(1, BH * N), sd.numel() // max(1, BH * N)
+    BW = min(BW, max(16, triton.next_power_of_2(max(WX, WY))))
+    nbx = triton.cdiv(WX, BW)
+    fo = init if fin is None else fin
+    _scan_kernel[(BH, nbx + triton.cdiv(WY, BW))](st, init[0], fo[0], sd, init[1], fo[1],
+                                                  st if flags is None else flags, N, WX, WY, nbx, U=U, BW=BW,
+                                                  SEG=0 if flags is None else seg, FIN=fin is not None, num_warps=4)
 
 
 def chunk_table(cu_seqlens: torch.Tensor, T: int, F: int) -> torch.Tensor:
@@ -160,6 +166,9 @@ class _Cfg:
         self.B, self.T, self.HQ, self.D = q.shape
         self.HK, self.DV = k1.shape[2], v1.shape[3]
         self.G = self.HQ // self.HK
+        if self.B * self.HQ > 65535:  # the walks' grid axis 1 (CUDA's limit on it)
+            raise ValueError(f"poly_tensor_attn (triton): batch x query heads must be at most 65535, got "
+                             f"{self.B} x {self.HQ} = {self.B * self.HQ} (split the batch)")
         if degree not in (2, 4):
             raise ValueError(f"poly_tensor_attn (triton): degree must be 2 or 4, got {degree}")
         self.degree = degree
@@ -277,15 +286,14 @@ def _chunk_contributions(cfg: _Cfg, k1, k2, v1, v2, c0: int, nf: int):
     return st, sd
 
 
-def _segment_states(cfg: _Cfg, k1, k2, v1, v2, c0: int, nf: int, prefix, prefd):
-    """Forward states before each of chunks ``c0 .. c0 + nf - 1`` (slots 0..nf-1) and after them (slot nf)."""
+def _segment_states(cfg: _Cfg, k1, k2, v1, v2, c0: int, nf: int, prefix, prefd, fin: bool = False):
+    """Forward states before each of chunks ``c0 .. c0 + nf - 1`` (slots 0..nf-1) and after them (slot nf), from
+    the states ``prefix``, ``prefd`` before chunk c0; with ``fin`` also the states after the segment as two new
+    tensors (the next segment's prefix): ``(st, sd, (after, after_d) or None)``."""
     st, sd = _chunk_contributions(cfg, k1, k2, v1, v2, c0, nf)
-    st[:, 0] = prefix
-    sd[:, 0] = prefd
-    flags = cfg.flags(c0, nf, backward=False)
-    _chunk_cumsum_(st, flags, 1)
-    _chunk_cumsum_(sd, flags, 1)
-    return st, sd
+    out = (torch.empty_like(prefix), torch.empty_like(prefd)) if fin else None
+    _chunk_scan_(st, sd, (prefix, prefd), out, cfg.flags(c0, nf, backward=False), 1)
+    return st, sd, out
 
 
 def poly_totals(k1, k2, v1, v2, F: int, seg_bytes: int):
@@ -334,15 +342,12 @@ def _segment_rows(cfg: _Cfg, c0: int, nf: int, ct_host) -> tuple:
 
 def _segment_features(cfg: _Cfg, q, k1, k2, t0: int, r1: int, TS: int, scale: float) -> list:
     """The features ``U1`` (query weights and scale in), ``U2``, ``U3`` of a segment's rows ``[t0, r1)``: float32
-    ``[B, TS, H, KP]`` each (:func:`_feat_kernel`), zero from row ``r1 - t0`` on."""
+    ``[B, TS, H, KP]`` each, zero from row ``r1 - t0`` on (one :func:`_feat_kernel` launch for the three)."""
     RF = int(TUNE["R_FEAT"])
-    feats = []
-    for x, h, qw, sc in ((q, cfg.HQ, 1, scale), (k1, cfg.HK, 0, 1.0), (k2, cfg.HK, 0, 1.0)):
-        u = torch.empty(cfg.B, TS, h, cfg.KP, dtype=torch.float32, device=q.device)
-        _feat_kernel[(-(-TS // RF), cfg.B * h, cfg.NKB)](x, u, cfg.ia, cfg.ib, cfg.wq, cfg.T, t0, r1, TS, h, cfg.KP,
-                                                         sc, D=cfg.D, R=RF, BK=BK, QW=qw, DEG=cfg.degree,
-                                                         num_warps=TUNE["WARPS_FEAT"])
-        feats.append(u)
+    feats = [torch.empty(cfg.B, TS, h, cfg.KP, dtype=torch.float32, device=q.device) for h in (cfg.HQ, cfg.HK, cfg.HK)]
+    _feat_kernel[(cfg.B * (cfg.HQ + 2 * cfg.HK), -(-TS // RF), cfg.NKB)](
+        q, k1, k2, *feats, cfg.ia, cfg.ib, cfg.wq, cfg.T, t0, r1, TS, cfg.B, cfg.HQ, cfg.HK, cfg.KP, scale, D=cfg.D,
+        R=RF, BK=BK, DEG=cfg.degree, num_warps=TUNE["WARPS_FEAT"])
     return feats
 
 
@@ -355,8 +360,9 @@ def _walk_forward(cfg: _Cfg, q, k1, k2, v1, v2, st, sd, ns1: int, c0: int, nf: i
     TS = nf * cfg.F
     t0, r1 = _segment_rows(cfg, c0, nf, ct_host)
     feats = _segment_features(cfg, q, k1, k2, t0, r1, TS, scale)
-    num = torch.zeros(cfg.B, TS, cfg.HQ, cfg.DV, dtype=torch.float32, device=q.device)
-    dsum = torch.zeros(cfg.B, TS, cfg.HQ, dtype=torch.float32, device=q.device)
+    nn = cfg.B * TS * cfg.HQ
+    sums = torch.zeros(nn * (cfg.DV + 1), dtype=torch.float32, device=q.device)  # one fill for both
+    num, dsum = sums[:nn * cfg.DV].view(cfg.B, TS, cfg.HQ, cfg.DV), sums[nn * cfg.DV:].view(cfg.B, TS, cfg.HQ)
     nkb, kw = cfg.walk[2]
     _fwd_walk_kernel[cfg.walk_grid(nf, nkb)](*feats, v1, v2, st, sd, num, dsum, cfg.ct_arg, cfg.T, t0, c0, cfg.NF,
                                              ns1, TS, cfg.HQ, cfg.G, cfg.KP, VARLEN=cfg.varlen, **kw)
@@ -393,15 +399,17 @@ def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: b
     ct_host = cfg.ct.cpu().tolist() if cfg.varlen else None  # one host sync, as in the backward
     for c0 in range(0, cfg.NF, seg):
         nf = min(seg, cfg.NF - c0)
-        st, sd = _segment_states(cfg, k1, k2, v1, v2, c0, nf, prefix, prefd)
-        if save:  # the order of _saved_ranges
-            for j in range(0, nf, segb):
+        st, sd, after = _segment_states(cfg, k1, k2, v1, v2, c0, nf, prefix, prefd, fin=c0 + nf < cfg.NF)
+        if save:  # the order of _saved_ranges; the first is the segment's prefix itself (never written)
+            saved.append((c0, min(segb, nf), prefix, prefd))
+            for j in range(segb, nf, segb):
                 saved.append((c0 + j, min(segb, nf - j), st[:, j].clone(), sd[:, j].clone()))
         for j in range(0, nf, segb):  # the backward's segment length at a time: its buffers fit that budget
             _walk_forward(cfg, q, k1, k2, v1, v2, st[:, j:], sd[:, j:], nf + 1, c0 + j, min(segb, nf - j), o, den,
                           scale, ct_host)
-        prefix, prefd = st[:, nf].clone(), sd[:, nf].clone()
         del st, sd
+        if after is not None:
+            prefix, prefd = after
     return o, den, saved
 
 
@@ -457,39 +465,31 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg
     # packed documents: each segment's chunks cover the rows [t0, r1) (read once from the table: one host sync)
     ct_host = cfg.ct.cpu().tolist() if cfg.varlen else None
     for c0, nf, prefix, prefd in reversed(saved):
-        st, sd = _segment_states(cfg, k1, k2, v1, v2, c0, nf, prefix, prefd)
+        st, sd, _ = _segment_states(cfg, k1, k2, v1, v2, c0, nf, prefix, prefd)
         TS = nf * F
         t0, r1 = _segment_rows(cfg, c0, nf, ct_host)
         feats = _segment_features(cfg, q, k1, k2, t0, r1, TS, scale)
         rs = torch.empty(B * HQ, nf + 1, 2, KP, cfg.DVP, **f32)
         rd = torch.empty(B * HQ, nf + 1, 2, KP, **f32)
-        rs[:, 0] = carry
-        rd[:, 0] = carryd
         args = (cfg.ct_arg, T, t0, c0, cfg.NF, nf + 1, HQ, cfg.G, KP)
         (nb1, kw1), (nb2, kw2) = cfg.walk[:2]
         _bwd_kernel[cfg.walk_grid(nf, nb1)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, rs, rs, rs, rs, 0, *args,
                                             MODE=1, VARLEN=cfg.varlen, **kw1)
-        flags = cfg.flags(c0, nf, backward=True)
-        _chunk_cumsum_(rs, flags, 2)
-        _chunk_cumsum_(rd, flags, 2)
+        # the suffixes: slot 0 the carry from the later segments, the last slot the carry to the earlier ones
+        after = (torch.empty_like(carry), torch.empty_like(carryd))
+        _chunk_scan_(rs, rd, (carry, carryd), after, cfg.flags(c0, nf, backward=True), 2)
+        carry, carryd = after
         dus = [torch.empty(B, TS, HQ, KP, **f32) for _ in range(3)]
         gv = torch.zeros(2, B, TS, HQ, DV, **f32)
         _bwd_kernel[cfg.walk_grid(nf, nb2)](*feats, v1, v2, do, den, delta, st, sd, rs, rd, *dus, gv, gv[0].numel(),
                                             *args, MODE=2, VARLEN=cfg.varlen, **kw2)
-        carry, carryd = rs[:, nf].clone(), rd[:, nf].clone()
         del st, sd, rs, rd, feats
-        for x, du, dx, h, g, qw, sc in ((q, dus[0], dq, HQ, 1, 1, scale), (k1, dus[1], dk1, HK, cfg.G, 0, 1.0),
-                                        (k2, dus[2], dk2, HK, cfg.G, 0, 1.0)):
-            _proj_kernel[(-(-TS // RP), B * h)](x, du, dx, cfg.ia, cfg.ib, cfg.wq, T, t0, r1, TS, h, HQ, g, KP,
-                                               cfg.NKB, sc, D=D, R=RP, BK=BK, QW=qw, DEG=cfg.degree, X3=cfg.x3,
-                                               num_warps=TUNE["WARPS_PROJ"])
-        del dus
-        n = r1 - t0
-        for dst, src in ((dv1, gv[0]), (dv2, gv[1])):
-            src = src[:, :n]
-            if cfg.G > 1:
-                src = src.view(B, n, HK, cfg.G, DV).sum(3)
-            dst[:, t0:r1] = src
+        # dq, dk1, dk2 and dv1, dv2 (GQA groups summed) of the segment's rows, one launch
+        _proj_kernel[(B * (HQ + 2 * HK), -(-TS // RP))](q, k1, k2, *dus, dq, dk1, dk2, gv, dv1, dv2, gv[0].numel(),
+                                                       cfg.ia, cfg.ib, cfg.wq, T, t0, r1, TS, B, HQ, HK, cfg.G, KP,
+                                                       cfg.NKB, scale, D=D, DV=DV, DVP=cfg.DVP, R=RP, BK=BK,
+                                                       DEG=cfg.degree, X3=cfg.x3, num_warps=TUNE["WARPS_PROJ"])
+        del dus, gv
     if prefix_grad:
         G = cfg.G
         return (dq, dk1, dk2, dv1, dv2, carry.view(B * HK, G, 2, KP, cfg.DVP).sum(1),

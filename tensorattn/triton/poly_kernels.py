@@ -188,13 +188,31 @@ def _state_one(kp, vp, st_out, sd_out, rows, rmask, sk, sv, ia, ib, ix_ptr, m, K
 # registers, the features from a segment's buffers (_feat_kernel); the backward's chain rule (_proj_kernel)
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _feat_kernel(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, H, KP, scale, D: tl.constexpr,
-                 R: tl.constexpr, BK: tl.constexpr, QW: tl.constexpr, DEG: tl.constexpr):
-    """Features ``ya yb`` (times the query weights when ``QW``) of the segment's rows ``t0 + [0, TS)`` of
-    ``x [B, T, H, D]`` -> ``u [B, TS, H, KP]`` float32, zero from row TE (the segment's end) on: one ``[R, BK]``
-    block per program."""
-    rb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+def _feat_kernel(q_ptr, k1_ptr, k2_ptr, u1_ptr, u2_ptr, u3_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, B, HQ, HK, KP,
+                 scale, D: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, DEG: tl.constexpr):
+    """The features of a segment's rows ``t0 + [0, TS)``, zero from row TE (the segment's end) on, of the three
+    inputs in one launch (:func:`_feat_rows`): programs ``(p, row block, feature block)`` with ``p < B Hq`` write
+    ``U1`` (query weights and ``scale`` in) of q into ``u1 [B, TS, Hq, KP]``, the next ``B Hkv`` ``U2`` of k1
+    into ``u2``, the last ``B Hkv`` ``U3`` of k2 into ``u3`` (float32)."""
+    p = tl.program_id(0)
+    if p < B * HQ:
+        _feat_rows(q_ptr, u1_ptr, ia_ptr, ib_ptr, wq_ptr, p, T, t0, TE, TS, HQ, KP, scale, D, R, BK, True, DEG)
+    elif p < B * (HQ + HK):
+        _feat_rows(k1_ptr, u2_ptr, ia_ptr, ib_ptr, wq_ptr, p - B * HQ, T, t0, TE, TS, HK, KP, 1.0, D, R, BK, False,
+                   DEG)
+    else:
+        _feat_rows(k2_ptr, u3_ptr, ia_ptr, ib_ptr, wq_ptr, p - B * (HQ + HK), T, t0, TE, TS, HK, KP, 1.0, D, R, BK,
+                   False, DEG)
+
+
+@triton.jit
+def _feat_rows(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, bh, T, t0, TE, TS, H, KP, scale, D: tl.constexpr,
+               R: tl.constexpr, BK: tl.constexpr, QW: tl.constexpr, DEG: tl.constexpr):
+    """Features ``ya yb`` (times the query weights when ``QW``) of the segment's rows of head ``bh`` (batch x head)
+    of ``x [B, T, H, D]`` -> ``u [B, TS, H, KP]``: one ``[R, BK]`` block (row block and feature block: the grid's
+    axes 1 and 2)."""
+    bh = bh.to(tl.int64)
+    rb = tl.program_id(1)
     kb = tl.program_id(2)
     b = bh // H
     h = bh % H
@@ -210,15 +228,37 @@ def _feat_kernel(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, H, KP, sca
 
 
 @triton.jit
-def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, HX, HQ, GROUPS, KP, NKB, scale,
-                 D: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, QW: tl.constexpr, DEG: tl.constexpr,
+def _proj_kernel(q_ptr, k1_ptr, k2_ptr, du1_ptr, du2_ptr, du3_ptr, dq_ptr, dk1_ptr, dk2_ptr, gv_ptr, dv1_ptr, dv2_ptr,
+                 GV2, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, B, HQ, HK, GROUPS, KP, NKB, scale, D: tl.constexpr,
+                 DV: tl.constexpr, DVP: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, DEG: tl.constexpr,
                  X3: tl.constexpr):
+    """The backward's end for a segment, the three inputs in one launch (:func:`_proj_rows`): programs ``(p, row
+    block)`` with ``p < B Hq`` take ``du1`` to dq, the next ``B Hkv`` ``du2`` to dk1 and the value gradients
+    ``gv[0]`` to dv1, the last ``B Hkv`` ``du3`` to dk2 and ``gv[1]`` (``GV2`` elements on) to dv2."""
+    p = tl.program_id(0)
+    if p < B * HQ:
+        _proj_rows(q_ptr, du1_ptr, dq_ptr, gv_ptr, dv1_ptr, ia_ptr, ib_ptr, wq_ptr, p, T, t0, TE, TS, HQ, HQ, 1, KP,
+                   NKB, scale, D, DV, DVP, R, BK, True, False, DEG, X3)
+    elif p < B * (HQ + HK):
+        _proj_rows(k1_ptr, du2_ptr, dk1_ptr, gv_ptr, dv1_ptr, ia_ptr, ib_ptr, wq_ptr, p - B * HQ, T, t0, TE, TS, HK,
+                   HQ, GROUPS, KP, NKB, 1.0, D, DV, DVP, R, BK, False, True, DEG, X3)
+    else:
+        _proj_rows(k2_ptr, du3_ptr, dk2_ptr, gv_ptr + GV2, dv2_ptr, ia_ptr, ib_ptr, wq_ptr, p - B * (HQ + HK), T, t0,
+                   TE, TS, HK, HQ, GROUPS, KP, NKB, 1.0, D, DV, DVP, R, BK, False, True, DEG, X3)
+
+
+@triton.jit
+def _proj_rows(x_ptr, du_ptr, dx_ptr, gv_ptr, dv_ptr, ia_ptr, ib_ptr, wq_ptr, bh, T, t0, TE, TS, HX, HQ, GROUPS, KP,
+               NKB, scale, D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
+               QW: tl.constexpr, VW: tl.constexpr, DEG: tl.constexpr, X3: tl.constexpr):
     """Chain rule through the features (:func:`_chain`; times the query weights and the scale when ``QW``) for
-    ``R`` of the segment's rows ``t0 + [0, TS)`` before ``TE`` (the segment's end) of one head ``hx`` of
-    ``x [B, T, HX, D]``, the feature gradients ``du [B, TS, HQ, KP]`` summed over the ``GROUPS`` query heads of
-    ``hx`` first; written into ``dx`` (x's layout and dtype)."""
-    rb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    ``R`` of the segment's rows ``t0 + [0, TS)`` before ``TE`` (the segment's end; the row block: the grid's axis
+    1) of one head ``bh`` (batch x head ``hx``) of ``x [B, T, HX, D]``, the feature gradients ``du [B, TS, HQ,
+    KP]`` summed over the ``GROUPS`` query heads of ``hx`` first; written into ``dx`` (x's layout and dtype). With
+    ``VW`` also the same rows' value gradients ``gv [B, TS, HQ, DV]`` (float32) summed over the group into ``dv
+    [B, T, HX, DV]`` (its dtype)."""
+    bh = bh.to(tl.int64)
+    rb = tl.program_id(1)
     b = bh // HX
     hx = bh % HX
     rl = rb * R + tl.arange(0, R)
@@ -241,6 +281,15 @@ def _proj_kernel(x_ptr, du_ptr, dx_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, H
         acc = _chain(acc, du, xt, ya, yb, ia, ib, ia_ptr, m, KP, D, scale, DEG, X3)
     tl.store(dx_ptr + (b * T + rows)[:, None] * HX * D + hx * D + dk[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=rmask[:, None])
+    if VW:
+        cols = tl.arange(0, DVP)
+        vm = rmask[:, None] & (cols < DV)[None, :]
+        gv = tl.zeros((R, DVP), tl.float32)
+        for g in range(GROUPS):
+            gv += tl.load(gv_ptr + ((b * TS + rl)[:, None] * HQ + hx * GROUPS + g) * DV + cols[None, :], mask=vm,
+                          other=0.0)
+        tl.store(dv_ptr + ((b * T + rows)[:, None] * HX + hx) * DV + cols[None, :], gv.to(dv_ptr.dtype.element_ty),
+                 mask=vm)
 
 
 @triton.jit
@@ -484,25 +533,40 @@ def _seg_add(a, fa, b, fb):
 
 
 @triton.jit
-def _scan_kernel(x_ptr, f_ptr, N, W, U: tl.constexpr, BW: tl.constexpr, SEG: tl.constexpr):
+def _scan_kernel(x_ptr, xi_ptr, xo_ptr, y_ptr, yi_ptr, yo_ptr, f_ptr, N, WX, WY, NBX, U: tl.constexpr,
+                 BW: tl.constexpr, SEG: tl.constexpr, FIN: tl.constexpr):
+    """Two chunk scans in one launch: programs ``(bh, c)`` with ``c < NBX`` scan ``BW`` columns of ``x [BH, N, WX]``,
+    the others of ``y [BH, N, WY]`` (:func:`_scan_cols`; the states and the normaliser's vectors of one segment)."""
+    bh = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    if c < NBX:
+        _scan_cols(x_ptr, xi_ptr, xo_ptr, f_ptr, bh, c, N, WX, U, BW, SEG, FIN)
+    else:
+        _scan_cols(y_ptr, yi_ptr, yo_ptr, f_ptr, bh, c - NBX, N, WY, U, BW, SEG, FIN)
+
+
+@triton.jit
+def _scan_cols(x_ptr, i_ptr, o_ptr, f_ptr, bh, c, N, W, U: tl.constexpr, BW: tl.constexpr, SEG: tl.constexpr,
+               FIN: tl.constexpr):
     """In place, the inclusive prefix sum over the chunk axis of ``x [BH, N, W]`` (float32) for ``BW`` columns of
-    one ``bh``: ``U`` chunks per step as one ``[U, BW]`` tile (``U * BW`` loads in flight, a scan inside the
-    tile), the running sum carried in registers from one step to the next.
+    one ``bh``, started from ``init [BH, W]`` (``i_ptr``): slot 0 becomes the initial value (what it held is not
+    read) and slot n the initial value plus slots 1..n. ``U`` chunks per step as one ``[U, BW]`` tile (``U * BW``
+    loads in flight, a scan inside the tile), the running sum carried in registers from one step to the next; with
+    ``FIN`` the last slot is also written to ``o [BH, W]`` (the next segment's initial value).
 
     Segmented (packed documents): where ``f [N]`` (int32) is nonzero the sum restarts, at zero (``SEG == 1``:
     the slot becomes 0, the forward states before a document's first chunk) or at the slot's own value
     (``SEG == 2``: the backward's suffixes at a document's last chunk)."""
-    bh = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BW + tl.arange(0, BW)
+    cols = c * BW + tl.arange(0, BW)
     cm = cols < W
     r = tl.arange(0, U)
     base = x_ptr + bh * N * W + cols[None, :]
-    acc = tl.zeros((BW,), tl.float32)
+    acc = tl.load(i_ptr + bh * W + cols, mask=cm, other=0.0)
     for n0 in range(0, N, U):
         rows = n0 + r
         msk = (rows < N)[:, None] & cm[None, :]
         ptr = base + rows.to(tl.int64)[:, None] * W
-        x = tl.load(ptr, mask=msk, other=0.0)
+        x = tl.load(ptr, mask=msk & (rows > 0)[:, None], other=0.0)  # slot 0: the initial value, in acc
         if SEG == 0:
             cs = tl.cumsum(x, axis=0) + acc[None, :]
         else:
@@ -513,3 +577,5 @@ def _scan_kernel(x_ptr, f_ptr, N, W, U: tl.constexpr, BW: tl.constexpr, SEG: tl.
             cs = tl.where(fs != 0, cs, cs + acc[None, :])  # the carry reaches the rows before the tile's first restart
         tl.store(ptr, cs, mask=msk)
         acc = tl.sum(tl.where(r[:, None] == U - 1, cs, 0.0), axis=0)  # the tile's last row (zero rows past N)
+    if FIN:
+        tl.store(o_ptr + bh * W + cols, acc, mask=cm)
