@@ -29,9 +29,6 @@ INTERP_CASES = [
     # vectors in several column blocks each), and of one chunk (a carry at every step)
     (1, 60, 2, 1, 16, 20, 16, 0, 32, {"SCAN_U": 2, "SCAN_BW": 16}),
     (1, 60, 2, 1, 16, 20, 16, 0, 32, {"SCAN_U": 1}),
-    # forward segments of 3 chunks, backward segments of 1: each segment's final state (written by the scan) starts
-    # the next one, and the saved states inside a forward segment start the backward's
-    (1, 100, 2, 1, 16, 20, 16, 150_000, 32, {}),
     # the forward walk in blocks of 32 features and of 8 (the warps matter on a GPU only: the interpreter has none)
     (1, 40, 2, 1, 16, 20, 32, 0, 32, {"BK_FWD": 32, "WARPS_FWD": 2}),
     (1, 30, 1, 1, 16, 8, 16, 0, 32, {"BK_FWD": 8}),

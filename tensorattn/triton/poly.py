@@ -345,7 +345,7 @@ def _segment_features(cfg: _Cfg, q, k1, k2, t0: int, r1: int, TS: int, scale: fl
     ``[B, TS, H, KP]`` each, zero from row ``r1 - t0`` on (one :func:`_feat_kernel` launch for the three)."""
     RF = int(TUNE["R_FEAT"])
     feats = [torch.empty(cfg.B, TS, h, cfg.KP, dtype=torch.float32, device=q.device) for h in (cfg.HQ, cfg.HK, cfg.HK)]
-    _feat_kernel[(cfg.B * (cfg.HQ + 2 * cfg.HK), -(-TS // RF), cfg.NKB)](
+    _feat_kernel[(cfg.B * (cfg.HQ + 2 * cfg.HK) * -(-TS // RF), cfg.NKB)](
         q, k1, k2, *feats, cfg.ia, cfg.ib, cfg.wq, cfg.T, t0, r1, TS, cfg.B, cfg.HQ, cfg.HK, cfg.KP, scale, D=cfg.D,
         R=RF, BK=BK, DEG=cfg.degree, num_warps=TUNE["WARPS_FEAT"])
     return feats
@@ -485,7 +485,7 @@ def poly_bwd(q, k1, k2, v1, v2, do, den, delta, saved, scale: float, F: int, seg
                                             *args, MODE=2, VARLEN=cfg.varlen, **kw2)
         del st, sd, rs, rd, feats
         # dq, dk1, dk2 and dv1, dv2 (GQA groups summed) of the segment's rows, one launch
-        _proj_kernel[(B * (HQ + 2 * HK), -(-TS // RP))](q, k1, k2, *dus, dq, dk1, dk2, gv, dv1, dv2, gv[0].numel(),
+        _proj_kernel[(B * (HQ + 2 * HK) * -(-TS // RP),)](q, k1, k2, *dus, dq, dk1, dk2, gv, dv1, dv2, gv[0].numel(),
                                                        cfg.ia, cfg.ib, cfg.wq, T, t0, r1, TS, B, HQ, HK, cfg.G, KP,
                                                        cfg.NKB, scale, D=D, DV=DV, DVP=cfg.DVP, R=RP, BK=BK,
                                                        DEG=cfg.degree, X3=cfg.x3, num_warps=TUNE["WARPS_PROJ"])

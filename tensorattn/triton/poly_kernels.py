@@ -191,29 +191,30 @@ def _state_one(kp, vp, st_out, sd_out, rows, rmask, sk, sv, ia, ib, ix_ptr, m, K
 def _feat_kernel(q_ptr, k1_ptr, k2_ptr, u1_ptr, u2_ptr, u3_ptr, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, B, HQ, HK, KP,
                  scale, D: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, DEG: tl.constexpr):
     """The features of a segment's rows ``t0 + [0, TS)``, zero from row TE (the segment's end) on, of the three
-    inputs in one launch (:func:`_feat_rows`): programs ``(p, row block, feature block)`` with ``p < B Hq`` write
-    ``U1`` (query weights and ``scale`` in) of q into ``u1 [B, TS, Hq, KP]``, the next ``B Hkv`` ``U2`` of k1
-    into ``u2``, the last ``B Hkv`` ``U3`` of k2 into ``u3`` (float32)."""
-    p = tl.program_id(0)
+    inputs in one launch (:func:`_feat_rows`): grid ``(B (Hq + 2 Hkv) x row blocks, feature blocks)``, the heads
+    fastest; head ``p < B Hq`` writes ``U1`` (query weights and ``scale`` in) of q into ``u1 [B, TS, Hq, KP]``, the
+    next ``B Hkv`` ``U2`` of k1 into ``u2``, the last ``B Hkv`` ``U3`` of k2 into ``u3`` (float32)."""
+    NH = B * (HQ + 2 * HK)
+    p = tl.program_id(0) % NH
+    rb = tl.program_id(0) // NH
     if p < B * HQ:
-        _feat_rows(q_ptr, u1_ptr, ia_ptr, ib_ptr, wq_ptr, p, T, t0, TE, TS, HQ, KP, scale, D, R, BK, True, DEG)
+        _feat_rows(q_ptr, u1_ptr, ia_ptr, ib_ptr, wq_ptr, p, rb, T, t0, TE, TS, HQ, KP, scale, D, R, BK, True, DEG)
     elif p < B * (HQ + HK):
-        _feat_rows(k1_ptr, u2_ptr, ia_ptr, ib_ptr, wq_ptr, p - B * HQ, T, t0, TE, TS, HK, KP, 1.0, D, R, BK, False,
-                   DEG)
-    else:
-        _feat_rows(k2_ptr, u3_ptr, ia_ptr, ib_ptr, wq_ptr, p - B * (HQ + HK), T, t0, TE, TS, HK, KP, 1.0, D, R, BK,
+        _feat_rows(k1_ptr, u2_ptr, ia_ptr, ib_ptr, wq_ptr, p - B * HQ, rb, T, t0, TE, TS, HK, KP, 1.0, D, R, BK,
                    False, DEG)
+    else:
+        _feat_rows(k2_ptr, u3_ptr, ia_ptr, ib_ptr, wq_ptr, p - B * (HQ + HK), rb, T, t0, TE, TS, HK, KP, 1.0, D, R,
+                   BK, False, DEG)
 
 
 @triton.jit
-def _feat_rows(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, bh, T, t0, TE, TS, H, KP, scale, D: tl.constexpr,
+def _feat_rows(x_ptr, u_ptr, ia_ptr, ib_ptr, wq_ptr, bh, rb, T, t0, TE, TS, H, KP, scale, D: tl.constexpr,
                R: tl.constexpr, BK: tl.constexpr, QW: tl.constexpr, DEG: tl.constexpr):
     """Features ``ya yb`` (times the query weights when ``QW``) of the segment's rows of head ``bh`` (batch x head)
-    of ``x [B, T, H, D]`` -> ``u [B, TS, H, KP]``: one ``[R, BK]`` block (row block and feature block: the grid's
-    axes 1 and 2)."""
+    of ``x [B, T, H, D]`` -> ``u [B, TS, H, KP]``: one ``[R, BK]`` block (row block ``rb``, feature block: the
+    grid's axis 1)."""
     bh = bh.to(tl.int64)
-    rb = tl.program_id(1)
-    kb = tl.program_id(2)
+    kb = tl.program_id(1)
     b = bh // H
     h = bh % H
     rl = rb * R + tl.arange(0, R)
@@ -232,33 +233,35 @@ def _proj_kernel(q_ptr, k1_ptr, k2_ptr, du1_ptr, du2_ptr, du3_ptr, dq_ptr, dk1_p
                  GV2, ia_ptr, ib_ptr, wq_ptr, T, t0, TE, TS, B, HQ, HK, GROUPS, KP, NKB, scale, D: tl.constexpr,
                  DV: tl.constexpr, DVP: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, DEG: tl.constexpr,
                  X3: tl.constexpr):
-    """The backward's end for a segment, the three inputs in one launch (:func:`_proj_rows`): programs ``(p, row
-    block)`` with ``p < B Hq`` take ``du1`` to dq, the next ``B Hkv`` ``du2`` to dk1 and the value gradients
-    ``gv[0]`` to dv1, the last ``B Hkv`` ``du3`` to dk2 and ``gv[1]`` (``GV2`` elements on) to dv2."""
-    p = tl.program_id(0)
+    """The backward's end for a segment, the three inputs in one launch (:func:`_proj_rows`): grid ``(B (Hq + 2
+    Hkv) x row blocks,)``, the heads fastest; head ``p < B Hq`` takes ``du1`` to dq, the next ``B Hkv`` ``du2`` to
+    dk1 and the value gradients ``gv[0]`` to dv1, the last ``B Hkv`` ``du3`` to dk2 and ``gv[1]`` (``GV2``
+    elements on) to dv2."""
+    NH = B * (HQ + 2 * HK)
+    p = tl.program_id(0) % NH
+    rb = tl.program_id(0) // NH
     if p < B * HQ:
-        _proj_rows(q_ptr, du1_ptr, dq_ptr, gv_ptr, dv1_ptr, ia_ptr, ib_ptr, wq_ptr, p, T, t0, TE, TS, HQ, HQ, 1, KP,
-                   NKB, scale, D, DV, DVP, R, BK, True, False, DEG, X3)
+        _proj_rows(q_ptr, du1_ptr, dq_ptr, gv_ptr, dv1_ptr, ia_ptr, ib_ptr, wq_ptr, p, rb, T, t0, TE, TS, HQ, HQ, 1,
+                   KP, NKB, scale, D, DV, DVP, R, BK, True, False, DEG, X3)
     elif p < B * (HQ + HK):
-        _proj_rows(k1_ptr, du2_ptr, dk1_ptr, gv_ptr, dv1_ptr, ia_ptr, ib_ptr, wq_ptr, p - B * HQ, T, t0, TE, TS, HK,
-                   HQ, GROUPS, KP, NKB, 1.0, D, DV, DVP, R, BK, False, True, DEG, X3)
+        _proj_rows(k1_ptr, du2_ptr, dk1_ptr, gv_ptr, dv1_ptr, ia_ptr, ib_ptr, wq_ptr, p - B * HQ, rb, T, t0, TE, TS,
+                   HK, HQ, GROUPS, KP, NKB, 1.0, D, DV, DVP, R, BK, False, True, DEG, X3)
     else:
-        _proj_rows(k2_ptr, du3_ptr, dk2_ptr, gv_ptr + GV2, dv2_ptr, ia_ptr, ib_ptr, wq_ptr, p - B * (HQ + HK), T, t0,
-                   TE, TS, HK, HQ, GROUPS, KP, NKB, 1.0, D, DV, DVP, R, BK, False, True, DEG, X3)
+        _proj_rows(k2_ptr, du3_ptr, dk2_ptr, gv_ptr + GV2, dv2_ptr, ia_ptr, ib_ptr, wq_ptr, p - B * (HQ + HK), rb, T,
+                   t0, TE, TS, HK, HQ, GROUPS, KP, NKB, 1.0, D, DV, DVP, R, BK, False, True, DEG, X3)
 
 
 @triton.jit
-def _proj_rows(x_ptr, du_ptr, dx_ptr, gv_ptr, dv_ptr, ia_ptr, ib_ptr, wq_ptr, bh, T, t0, TE, TS, HX, HQ, GROUPS, KP,
-               NKB, scale, D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
+def _proj_rows(x_ptr, du_ptr, dx_ptr, gv_ptr, dv_ptr, ia_ptr, ib_ptr, wq_ptr, bh, rb, T, t0, TE, TS, HX, HQ, GROUPS,
+               KP, NKB, scale, D: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
                QW: tl.constexpr, VW: tl.constexpr, DEG: tl.constexpr, X3: tl.constexpr):
     """Chain rule through the features (:func:`_chain`; times the query weights and the scale when ``QW``) for
-    ``R`` of the segment's rows ``t0 + [0, TS)`` before ``TE`` (the segment's end; the row block: the grid's axis
-    1) of one head ``bh`` (batch x head ``hx``) of ``x [B, T, HX, D]``, the feature gradients ``du [B, TS, HQ,
+    ``R`` of the segment's rows ``t0 + [0, TS)`` before ``TE`` (the segment's end; row block ``rb``) of one head
+    ``bh`` (batch x head ``hx``) of ``x [B, T, HX, D]``, the feature gradients ``du [B, TS, HQ,
     KP]`` summed over the ``GROUPS`` query heads of ``hx`` first; written into ``dx`` (x's layout and dtype). With
     ``VW`` also the same rows' value gradients ``gv [B, TS, HQ, DV]`` (float32) summed over the group into ``dv
     [B, T, HX, DV]`` (its dtype)."""
     bh = bh.to(tl.int64)
-    rb = tl.program_id(1)
     b = bh // HX
     hx = bh % HX
     rl = rb * R + tl.arange(0, R)
