@@ -232,7 +232,7 @@ def cp_poly_tensor_attn(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1:
     if causal:
         be = choose(list(POLY_BACKENDS.values()), backend, dict(device=q.device, dtype=q.dtype, degree=degree,
                                                                  causal=True, head_dim=D, value_dim=Dv,
-                                                                 from_prefix=True),
+                                                                 from_prefix=True, batch_heads=q.shape[0] * Hq),
                     op="cp_poly_tensor_attn")
         if be.name == "triton":  # the shard's totals from the fused state kernel, the rows from the earlier ranks'
             prefix = _combine_states(fused_shard_totals(k1, k2, v1, v2), True, group)

@@ -392,7 +392,8 @@ def poly_fwd(q, k1, k2, v1, v2, scale: float, F: int, seg_bytes: int, *, save: b
         prefix = torch.zeros(cfg.B * cfg.HK, 2, cfg.KP, cfg.DVP, dtype=torch.float32, device=dev)
         prefd = torch.zeros(cfg.B * cfg.HK, 2, cfg.KP, dtype=torch.float32, device=dev)
     else:
-        prefix, prefd = prefix
+        # the scan reads them as contiguous float32 rows and they are saved as they are: private copies
+        prefix, prefd = (t.detach().to(torch.float32).contiguous().clone() for t in prefix)
     seg = cfg.seg_chunks(backward=False)
     segb = cfg.seg_chunks(backward=True)  # the backward's segments are shorter: each starts from a saved state
     saved = []

@@ -416,7 +416,7 @@ def _bwd_kernel(u1_ptr, u2_ptr, u3_ptr, v1_ptr, v2_ptr, do_ptr, den_ptr, delta_p
     * ``MODE == 2`` (input gradients): suffix states (inclusive, from the reversed cumsum) less each row's own
       part; the feature gradients ``du1..3`` of every row stored into ``[B, TS, Hq, KP]`` (each row's block
       belongs to this program alone), the value gradients added into ``gv [2, B, TS, Hq, Dv]`` (``GV2`` apart)
-      by atomics (feature blocks add up; the launcher sums GQA groups). With one warp per program (the default
+      by atomics (feature blocks add up; :func:`_proj_kernel` sums GQA groups). With one warp per program (the default
       of this pass) every reduction stays inside the warp: no exchange through shared memory per row.
 
     Only the chunk's rows (:func:`_chunk_rows`) are walked: past its end nothing is read or written (their
